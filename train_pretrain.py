@@ -1,0 +1,127 @@
+"""Stage 1, pretraining: teach a randomly initialised TinyMind to predict the next token of plain text.
+
+    python train_pretrain.py                                  # demo corpus, tiny model, a few minutes on a CPU
+    python train_pretrain.py --data_path dataset/pretrain_hq.jsonl --preset small --batch_size 32   # MiniMind data
+    torchrun --nproc_per_node 8 train_pretrain.py --data_path dataset/pretrain_hq.jsonl             # 8 GPUs
+
+Reads MiniMind's pretraining format ({"text": ...} per line), tokenizes it once into a cached memmap, packs the
+documents into full windows and minimises next-token cross-entropy. Writes out/pretrain_<hidden>[_moe].pth
+(+ its config JSON), a resume checkpoint, and a metrics log in out/logs/pretrain.jsonl.
+"""
+import argparse
+import math
+import os
+
+import torch
+from torch.utils.data import Subset
+from transformers import AutoTokenizer
+
+from model.dataset import BadInput, PretrainDataset
+from model.train_utils import (Trainer, TrainingDiverged, add_common_args, barrier, build_model, cleanup,
+                               default_device, evaluate_lm_loss, init_runtime, print0)
+
+SAMPLE_PROMPTS = ["《静夜思》 李白\n", "To be, or not to be"]
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    on_gpu = default_device() == "cuda"
+    add_common_args(parser, "pretrain", batch_size=32 if on_gpu else 16, learning_rate=5e-4 if on_gpu else 2e-3,
+                    max_seq_len=512 if on_gpu else 256, eval_interval=100, save_interval=200)
+    g = parser.add_argument_group("data")
+    g.add_argument("--data_path", default="dataset/demo_pretrain.jsonl", help="jsonl with a 'text' field per line")
+    g.add_argument("--val_data_path", default=None,
+                   help="held-out jsonl (default: <data>_val.jsonl beside the data if it exists, else --val_fraction)")
+    g.add_argument("--val_fraction", type=float, default=0.01,
+                   help="share of training windows held out when there is no validation file")
+    g.add_argument("--tokenizer_path", default="model", help="directory with tokenizer.json / tokenizer_config.json")
+    g.add_argument("--skip_bad_lines", type=int, default=0, choices=[0, 1],
+                   help="1: skip malformed lines (counted and reported) instead of stopping at the first")
+    g.add_argument("--cache_dir", default=None, help="where token caches go (default: <data dir>/.cache)")
+    g.add_argument("--sample_tokens", type=int, default=60, help="length of the sample continuation printed at the end")
+    args = parser.parse_args(argv)
+    if args.preset is None and args.hidden_size is None and args.from_weight == "none":
+        args.preset = "small" if on_gpu else "tiny"
+    return args
+
+
+def default_val_path(data_path: str) -> str | None:
+    root, ext = os.path.splitext(data_path)
+    candidate = f"{root}_val{ext}"
+    return candidate if os.path.exists(candidate) else None
+
+
+def load_datasets(args, tokenizer, runtime):
+    """Rank 0 tokenizes (once; later runs reuse the cache), the other ranks wait and then open the cache."""
+    val_path = args.val_data_path or default_val_path(args.data_path)
+    datasets = None
+    for turn in ("main", "others"):
+        if (turn == "main") == runtime.is_main:
+            train = PretrainDataset(args.data_path, tokenizer, args.max_seq_len, args.cache_dir,
+                                    bool(args.skip_bad_lines), show_progress=runtime.is_main)
+            if val_path:
+                val = PretrainDataset(val_path, tokenizer, args.max_seq_len, args.cache_dir,
+                                      bool(args.skip_bad_lines), show_progress=runtime.is_main)
+            else:
+                held_out = max(1, int(len(train) * args.val_fraction))
+                val = Subset(train, range(len(train) - held_out, len(train)))
+                train = Subset(train, range(len(train) - held_out))
+            datasets = train, val
+        barrier(runtime)
+    return datasets
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    runtime = init_runtime(args.device, args.dtype, args.seed, args.num_threads)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path)
+    try:
+        train_set, val_set = load_datasets(args, tokenizer, runtime)
+    except (BadInput, FileNotFoundError) as error:
+        raise SystemExit(f"error: {error}")
+    corpus = train_set.dataset if isinstance(train_set, Subset) else train_set
+    print0(f"data: {corpus.summary['documents']:,} documents, {corpus.summary['tokens']:,} tokens -> "
+           f"{len(train_set):,} train / {len(val_set):,} held-out windows of {args.max_seq_len}; per-document padding "
+           f"(MiniMind style) would waste {100 * corpus.padding_fraction_if_padded():.1f}% of positions, packing 0%")
+
+    model, _ = build_model(args, vocab_size=len(tokenizer))
+    if len(tokenizer) > model.config.vocab_size:
+        raise SystemExit(f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {model.config.vocab_size}")
+
+    def loss_fn(model, batch):
+        out = model(batch["input_ids"], labels=batch["labels"])
+        if out.aux_loss is None:
+            return out.loss, {}
+        return out.loss + out.aux_loss, {"lm_loss": out.loss.detach(), "aux_loss": out.aux_loss.detach()}
+
+    def evaluate(model):
+        loss = evaluate_lm_loss(model, val_set, runtime, args.batch_size, args.eval_batches)
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50))}
+
+    trainer = Trainer(args, model, runtime, "pretrain")
+    before = None if trainer.resumed else trainer.evaluate(evaluate, 0)
+    try:
+        after = trainer.fit(train_set, loss_fn, evaluate=evaluate)
+    except TrainingDiverged as error:
+        raise SystemExit(f"error: {error}")
+    if before is not None:
+        print0(f"held-out loss {before['val_loss']:.4f} -> {after['val_loss']:.4f}")
+    if runtime.is_main and args.sample_tokens > 0:
+        show_samples(model, tokenizer, runtime, args.sample_tokens)
+    cleanup(runtime)
+
+
+@torch.no_grad()
+def show_samples(model, tokenizer, runtime, max_new_tokens):
+    model.eval()
+    for prompt in SAMPLE_PROMPTS:
+        ids = tokenizer(tokenizer.bos_token + prompt, return_tensors="pt", add_special_tokens=False).to(runtime.device)
+        with runtime.autocast():
+            out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=True, temperature=0.8, top_p=0.9,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        text = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+        print0(f"sample | {prompt.strip()} -> {text!r}")
+
+
+if __name__ == "__main__":
+    main()
