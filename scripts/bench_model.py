@@ -1,0 +1,102 @@
+"""Model benchmark: training throughput (forward + backward), peak memory, and decode speed with and without the
+KV cache, for a preset on a device/dtype. MoE/MLA variants via --use_moe / --use_mla.
+
+    python scripts/bench_model.py --preset small --device cpu                  # the issue's CPU figures
+    python scripts/bench_model.py --preset base --device cuda --dtype bfloat16
+
+Random weights: speed does not depend on what the model knows. Prints one line per measurement.
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from model import PRESETS, TinyMindConfig, TinyMindForCausalLM, describe  # noqa: E402
+from model.train_utils import DTYPES, default_device, default_dtype, device_peak_flops, peak_memory_gb  # noqa: E402
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_train(model, device, dtype, batch, seq, steps, warmup):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    ids = torch.randint(3, model.config.vocab_size, (batch, seq), device=device)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    for i in range(warmup + steps):
+        if i == warmup:
+            sync(device)
+            start = time.perf_counter()
+        with autocast:
+            loss = model(ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    sync(device)
+    return batch * seq * steps / (time.perf_counter() - start)
+
+
+@torch.no_grad()
+def bench_decode(model, device, dtype, prompt_len, new_tokens, use_cache, batch=1):
+    ids = torch.randint(3, model.config.vocab_size, (batch, prompt_len), device=device)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    with autocast:
+        model.generate(ids, max_new_tokens=4, do_sample=False, use_cache=use_cache, pad_token_id=0, eos_token_id=None)
+        sync(device)
+        start = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                             use_cache=use_cache, pad_token_id=0, eos_token_id=None)
+        sync(device)
+    assert out.shape[1] == prompt_len + new_tokens
+    return batch * new_tokens / (time.perf_counter() - start)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="small", choices=sorted(PRESETS), help="model size")
+    parser.add_argument("--use_moe", type=int, default=0, choices=[0, 1], help="MoE feed-forward layers")
+    parser.add_argument("--use_mla", type=int, default=0, choices=[0, 1], help="multi-head latent attention")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: best available)")
+    parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="autocast dtype (default: fastest)")
+    parser.add_argument("--batch_size", type=int, default=8, help="training micro-batch")
+    parser.add_argument("--seq_len", type=int, default=340, help="training sequence length")
+    parser.add_argument("--train_steps", type=int, default=5, help="timed training steps")
+    parser.add_argument("--prompt_len", type=int, default=16, help="decode benchmark prompt length")
+    parser.add_argument("--new_tokens", type=int, default=256, help="tokens generated in the decode benchmark")
+    parser.add_argument("--skip", default="", help="comma list of parts to skip: train,decode,nocache")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device or default_device())
+    dtype = DTYPES[args.dtype or default_dtype(device.type)]
+    torch.manual_seed(0)
+    config = TinyMindConfig(**PRESETS[args.preset], use_moe=bool(args.use_moe), use_mla=bool(args.use_mla))
+    model = TinyMindForCausalLM(config).to(device)
+    print(f"{describe(model)} | device {device} ({torch.get_num_threads()} threads) | dtype {dtype}")
+    skip = set(args.skip.split(","))
+    if "train" not in skip:
+        model.train()
+        tokens_per_sec = bench_train(model, device, dtype, args.batch_size, args.seq_len, args.train_steps, 2)
+        line = (f"train  batch {args.batch_size} x seq {args.seq_len}: {tokens_per_sec:,.0f} tokens/s, "
+                f"peak memory {peak_memory_gb(device):.2f} GB")
+        peak = device_peak_flops(device)
+        if peak:
+            line += f", MFU {100 * model.flops_per_token(args.seq_len) * tokens_per_sec / peak:.1f}%"
+        print(line, flush=True)
+    if "decode" not in skip:
+        model.eval()
+        cached = bench_decode(model, device, dtype, args.prompt_len, args.new_tokens, use_cache=True)
+        print(f"decode {args.new_tokens} new tokens, KV cache:    {cached:,.1f} tokens/s", flush=True)
+        if "nocache" not in skip:
+            uncached = bench_decode(model, device, dtype, args.prompt_len, args.new_tokens, use_cache=False)
+            print(f"decode {args.new_tokens} new tokens, no cache:    {uncached:,.1f} tokens/s  "
+                  f"(cache speed-up {cached / uncached:.1f}x)", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,226 @@
+"""LoRA (model/lora.py) against its definition and against Hugging Face PEFT (the oracle, used only here).
+
+PEFT is imported inside the two tests that need it (about 5 s), so the rest of the file stays fast.
+"""
+import copy
+import json
+import math
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from model.lora import (MLA_TARGETS, DEFAULT_TARGETS, LoRALinear, apply_lora, export_peft, load_lora,
+                        lora_config_dict, lora_layers, lora_state_dict, merge_lora, remove_lora, save_lora,
+                        unmerge_lora)
+
+
+def tiny_llama(seed: int = 0):
+    """A random 2-layer transformers Llama (no downloads): a real model with q/k/v/o/gate/up/down projections."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=False)
+    return LlamaForCausalLM(config).eval()
+
+
+def randomize_lora(model: nn.Module, seed: int = 1, std: float = 0.2) -> None:
+    """B starts at zero (the update is 0); give A and B random values so the adapter actually does something."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in lora_layers(model).values():
+            m.lora_A.weight.copy_(torch.randn(m.lora_A.weight.shape, generator=g) * std)
+            m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * std)
+
+
+def logits_of(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+IDS = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(123))
+
+
+class ToyBlock(nn.Module):
+    """Module names of our other architectures: MLA projections, MoE experts + router, and a near-miss name."""
+
+    def __init__(self):
+        super().__init__()
+        self.q_a_proj, self.q_b_proj = nn.Linear(8, 4), nn.Linear(4, 8)
+        self.kv_a_proj_with_mqa, self.kv_b_proj = nn.Linear(8, 6), nn.Linear(6, 8)
+        self.o_proj = nn.Linear(8, 8)
+        self.gate = nn.Linear(8, 3, bias=False)  # MoE router: must NOT match "gate_proj"
+        self.experts = nn.ModuleList(nn.ModuleDict(dict(gate_proj=nn.Linear(8, 5), up_proj=nn.Linear(8, 5),
+                                                        down_proj=nn.Linear(5, 8))) for _ in range(2))
+        self.my_q_proj_norm = nn.LayerNorm(8)  # not a Linear: never wrapped
+
+
+def test_init_is_exactly_the_base_model():
+    base = tiny_llama()
+    reference = logits_of(base, IDS)
+    model = apply_lora(copy.deepcopy(base), r=4, alpha=8)
+    assert len(lora_layers(model)) == 2 * 7  # 7 projections per layer
+    assert torch.equal(logits_of(model, IDS), reference)  # B = 0, so the update is exactly zero
+
+
+def test_only_lora_parameters_train_and_base_is_bitwise_unchanged():
+    model = apply_lora(tiny_llama(), r=4, alpha=8)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    model.train()
+    loss = model(input_ids=IDS, labels=IDS).loss
+    loss.backward()
+    opt.step()
+    for n, p in model.named_parameters():
+        if n in trainable and ".lora_B." in n:
+            assert not torch.equal(p, before[n]), n  # B gets a gradient through A at step 1 (A gets none: B = 0)
+        if n not in trainable:
+            assert torch.equal(p, before[n]), n
+            assert p.grad is None, n
+
+
+def test_merge_unmerge_and_weight_property():
+    model = apply_lora(tiny_llama(), r=4, alpha=8)
+    randomize_lora(model)
+    base_weights = {n: m.base_layer.weight.detach().clone() for n, m in lora_layers(model).items()}
+    unmerged = logits_of(model, IDS)
+    layer = next(iter(lora_layers(model).values()))
+    x = torch.randn(3, layer.in_features)
+    # .weight is the effective weight W + sBA, for code that reads the matrix directly (MLA absorption)
+    torch.testing.assert_close(nn.functional.linear(x, layer.weight), layer(x), atol=1e-6, rtol=0)
+    merge_lora(model)
+    assert all(m.merged for m in lora_layers(model).values())
+    torch.testing.assert_close(logits_of(model, IDS), unmerged, atol=1e-6, rtol=0)
+    torch.testing.assert_close(nn.functional.linear(x, layer.weight), layer(x), atol=1e-6, rtol=0)
+    unmerge_lora(model)
+    for n, m in lora_layers(model).items():
+        torch.testing.assert_close(m.base_layer.weight, base_weights[n], atol=1e-6, rtol=0)
+    torch.testing.assert_close(logits_of(model, IDS), unmerged, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_alpha_scales_the_update_linearly(use_rslora):
+    torch.manual_seed(0)
+    base = nn.Linear(16, 12)
+    x = torch.randn(5, 16)
+    layers = [LoRALinear(copy.deepcopy(base), r=4, alpha=a, use_rslora=use_rslora) for a in (8, 16)]
+    for m in layers:  # same A and B in both
+        m.load_state_dict(layers[0].state_dict())
+        nn.init.normal_(m.lora_B.weight, generator=torch.Generator().manual_seed(3))
+    delta1, delta2 = (m(x) - base(x) for m in layers)
+    torch.testing.assert_close(delta2, 2 * delta1, atol=1e-6, rtol=0)
+    assert layers[0].scale == (8 / math.sqrt(4) if use_rslora else 8 / 4)
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_matches_peft_lora_linear(use_rslora):
+    from peft import LoraConfig
+    from peft.tuners.lora.layer import Linear as PeftLinear
+
+    torch.manual_seed(0)
+    base = nn.Linear(16, 12)
+    ours = LoRALinear(copy.deepcopy(base), r=4, alpha=8, use_rslora=use_rslora)
+    nn.init.normal_(ours.lora_B.weight, generator=torch.Generator().manual_seed(3))
+    peft_layer = PeftLinear(copy.deepcopy(base), "default", LoraConfig(r=4, lora_alpha=8, use_rslora=use_rslora),
+                            r=4, lora_alpha=8)
+    with torch.no_grad():
+        peft_layer.lora_A["default"].weight.copy_(ours.lora_A.weight)
+        peft_layer.lora_B["default"].weight.copy_(ours.lora_B.weight)
+    assert peft_layer.scaling["default"] == ours.scale
+    x = torch.randn(3, 7, 16)
+    torch.testing.assert_close(ours(x), peft_layer(x), atol=1e-6, rtol=0)
+    ours.merge()
+    peft_layer.merge()
+    torch.testing.assert_close(ours.base_layer.weight, peft_layer.base_layer.weight, atol=1e-6, rtol=0)
+
+
+def test_export_peft_loads_in_peft_and_reproduces_our_logits(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the test must never touch the network
+    from peft import PeftModel
+
+    base = tiny_llama()
+    ours = apply_lora(copy.deepcopy(base), r=4, alpha=12, use_rslora=True)
+    randomize_lora(ours)
+    export_peft(ours, tmp_path, base_model_name_or_path="tiny-random-llama")
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["task_type"] == "CAUSAL_LM" and config["bias"] == "none"
+    assert (config["r"], config["lora_alpha"], config["use_rslora"]) == (4, 12, True)
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    n_peft = sum(1 for n, _ in peft_model.named_parameters() if ".lora_A." in n)
+    assert n_peft == len(lora_layers(ours))
+    reference = logits_of(base, IDS)
+    ours_logits = logits_of(ours, IDS)
+    assert (ours_logits - reference).abs().max() > 1e-2  # the adapter really changes the output
+    torch.testing.assert_close(logits_of(peft_model, IDS), ours_logits, atol=1e-6, rtol=0)
+
+
+def test_save_load_round_trip_holds_only_adapter_tensors(tmp_path):
+    model = apply_lora(tiny_llama(), r=4, alpha=8, dropout=0.1)
+    randomize_lora(model)
+    expected = logits_of(model.eval(), IDS)
+    path = tmp_path / "sub" / "adapter.pt"
+    save_lora(model, path)
+    assert not [f for f in os.listdir(path.parent) if f != "adapter.pt"]  # no temporary file left behind
+    payload = torch.load(path, weights_only=True)
+    assert set(payload) == {"lora", "config"}
+    assert set(payload["lora"]) == set(lora_state_dict(model))
+    assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in payload["lora"])
+    assert payload["config"] == dict(r=4, alpha=8.0, dropout=0.1, targets=list(DEFAULT_TARGETS), use_rslora=False)
+
+    fresh = tiny_llama()  # same seed: same base weights; load_lora applies LoRA with the stored settings
+    load_lora(fresh, path)
+    assert lora_config_dict(fresh) == payload["config"]
+    torch.testing.assert_close(logits_of(fresh.eval(), IDS), expected, atol=0, rtol=0)
+
+    with pytest.raises(ValueError, match="r=8"):  # an adapter of a different rank is refused clearly
+        load_lora(apply_lora(tiny_llama(), r=8, alpha=8, verbose=False), path)
+    bad = {"lora": dict(payload["lora"]), "config": payload["config"]}
+    bad["lora"]["model.layers.9.self_attn.q_proj.lora_A.weight"] = torch.zeros(4, 32)
+    with pytest.raises(KeyError, match="unexpected 1"):
+        load_lora(tiny_llama(), bad)
+
+
+def test_remove_lora_gives_plain_model():
+    base = tiny_llama()
+    original_keys = set(base.state_dict())
+    model = apply_lora(copy.deepcopy(base), r=4, alpha=8)
+    randomize_lora(model)
+    adapted = logits_of(model, IDS)
+    merged = remove_lora(copy.deepcopy(model), merge=True)
+    assert not lora_layers(merged) and set(merged.state_dict()) == original_keys
+    assert all(p.requires_grad for p in merged.parameters())  # trainability restored as it was
+    torch.testing.assert_close(logits_of(merged, IDS), adapted, atol=1e-6, rtol=0)
+    dropped = remove_lora(model, merge=False)
+    assert torch.equal(logits_of(dropped, IDS), logits_of(base, IDS))  # never merged: base weights untouched
+
+
+def test_target_matching_mla_moe_and_errors(capsys):
+    toy = apply_lora(ToyBlock(), r=2, alpha=4, target_modules=DEFAULT_TARGETS + MLA_TARGETS)
+    wrapped = set(lora_layers(toy))
+    assert wrapped == {"q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"} | {
+        f"experts.{i}.{p}" for i in range(2) for p in ("gate_proj", "up_proj", "down_proj")}
+    assert "trainable" in capsys.readouterr().out
+    assert not any(p.requires_grad for n, p in toy.named_parameters() if "lora_" not in n)
+
+    # a regex string must match the whole module name (PEFT's rule): only expert 1's projections here
+    toy = apply_lora(ToyBlock(), r=2, alpha=4, target_modules=r"experts\.1\..*_proj", verbose=False)
+    assert set(lora_layers(toy)) == {"experts.1.gate_proj", "experts.1.up_proj", "experts.1.down_proj"}
+
+    # "q_proj" is a whole-component suffix: it does not pick up q_a_proj / q_b_proj, and a typo is an error
+    with pytest.raises(ValueError, match="no nn.Linear matches"):
+        apply_lora(ToyBlock(), target_modules=("q_proj", "k_proj"), verbose=False)
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(10, 4)
+            self.lm_head = nn.Linear(4, 10, bias=False)
+            self.lm_head.weight = self.embed.weight
+
+    with pytest.raises(ValueError, match="tied"):
+        apply_lora(Tied(), target_modules=("lm_head",), verbose=False)
