@@ -157,3 +157,292 @@ class PretrainDataset(Dataset):
         max_seq_len on its own, as MiniMind does. Packing makes this zero."""
         lengths = np.minimum(np.asarray(self.summary["lengths"]), self.max_seq_len)
         return float(1 - lengths.sum() / (len(lengths) * self.max_seq_len))
+
+
+# ================================================================================================ chat data
+#
+# Conversations ({"conversations": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}) are rendered with
+# the tokenizer's ChatML template. The loss mask comes from the template itself: its {% generation %} blocks mark
+# each assistant reply and its closing <|im_end|>, and transformers returns that as `assistant_masks`, token by
+# token. No searching for marker strings in text, which breaks as soon as a reply quotes one.
+
+ROLES = {"system", "user", "assistant", "tool"}
+
+
+def check_conversation(messages) -> str | None:
+    """Why a conversation cannot be trained on, or None."""
+    if not isinstance(messages, list) or not messages:
+        return '"conversations" must be a non-empty list of messages'
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            return f"message {i} is not an object"
+        if message.get("role") not in ROLES:
+            return f"message {i} has role {message.get('role')!r}; expected one of {sorted(ROLES)}"
+        if not isinstance(message.get("content", ""), str):
+            return f"message {i} content must be a string"
+        if "tool_calls" in message and message["role"] == "assistant":
+            return f"message {i} has tool_calls, which the demo chat template does not render; flatten them first"
+    if not any(m["role"] == "assistant" for m in messages):
+        return "no assistant message to learn from"
+    return None
+
+
+def _require_conversation(obj) -> str | None:
+    if "conversations" not in obj:
+        return 'missing the "conversations" field'
+    return check_conversation(obj["conversations"])
+
+
+def encode_chat(tokenizer, messages: list[dict], **template_kwargs) -> tuple[list[int], list[int]]:
+    """(token ids, assistant mask) of a rendered conversation; mask is 1 on reply tokens and their <|im_end|>."""
+    encoded = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                            return_assistant_tokens_mask=True, **template_kwargs)
+    return list(encoded["input_ids"]), list(encoded["assistant_masks"])
+
+
+def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
+    """The conversation so far plus the header that asks the model for the next assistant turn."""
+    return list(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
+                                              return_dict=True)["input_ids"])
+
+
+class SFTDataset(Dataset):
+    """Tokenized conversations with assistant-only labels.
+
+    Samples longer than max_seq_len are dropped (`truncation="drop"`, the default: a cut reply teaches the model
+    to stop mid-sentence without <|im_end|>) or cut to their first max_seq_len tokens (`"keep_prefix"`)."""
+
+    def __init__(self, data_path: str, tokenizer, max_seq_len: int, skip_bad_lines: bool = False,
+                 truncation: str = "drop", show_progress: bool = True, max_samples: int | None = None):
+        from tqdm import tqdm
+        if truncation not in ("drop", "keep_prefix"):
+            raise ValueError(f"truncation must be 'drop' or 'keep_prefix', not {truncation!r}")
+        self.max_seq_len = max_seq_len
+        self.samples: list[tuple[np.ndarray, np.ndarray]] = []
+        self.stats = {"bad_lines": 0, "dropped_too_long": 0, "truncated": 0, "no_target_tokens": 0}
+        dtype = np.uint16 if len(tokenizer) <= 65536 else np.uint32
+        progress = tqdm(total=os.path.getsize(data_path) if os.path.exists(data_path) else 0, unit="B",
+                        unit_scale=True, desc=f"tokenizing {os.path.basename(data_path)}", disable=not show_progress)
+        for _, obj in iter_jsonl(data_path, skip_bad_lines, self.stats, _require_conversation, progress.update):
+            ids, mask = encode_chat(tokenizer, obj["conversations"])
+            if len(ids) > max_seq_len:
+                if truncation == "drop":
+                    self.stats["dropped_too_long"] += 1
+                    continue
+                ids, mask = ids[:max_seq_len], mask[:max_seq_len]
+                self.stats["truncated"] += 1
+            if not any(mask):
+                self.stats["no_target_tokens"] += 1
+                continue
+            self.samples.append((np.asarray(ids, dtype=dtype), np.asarray(mask, dtype=np.uint8)))
+            if max_samples and len(self.samples) >= max_samples:
+                break
+        progress.close()
+        if not self.samples:
+            raise BadInput(f"{data_path}: no usable conversations ({self.stats})")
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        ids, mask = self.samples[index]
+        input_ids = torch.from_numpy(ids.astype(np.int64))
+        labels = input_ids.masked_fill(torch.from_numpy(mask) == 0, -100)
+        return {"input_ids": input_ids, "labels": labels}
+
+    def lengths(self) -> np.ndarray:
+        return np.asarray([len(ids) for ids, _ in self.samples])
+
+
+def pad_collate(batch: list[dict], pad_token_id: int = 0, pad_to: int | None = None) -> dict:
+    """Right-pad to the longest sample (or to `pad_to`, as MiniMind does with max_seq_len); padding gets label -100
+    and attention_mask 0."""
+    length = pad_to or max(len(item["input_ids"]) for item in batch)
+    input_ids = torch.full((len(batch), length), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(batch), length), -100, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), length), dtype=torch.long)
+    for row, item in enumerate(batch):
+        n = len(item["input_ids"])
+        input_ids[row, :n], labels[row, :n], attention_mask[row, :n] = item["input_ids"], item["labels"], 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+class PackedDataset(Dataset):
+    """Groups variable-length samples into bins of at most max_seq_len tokens (first-fit over a seeded shuffle), so a
+    batch of bins carries almost no padding. Each bin becomes one row: samples concatenated, position ids restarting
+    at 0 for each sample, and a block-diagonal causal mask so no sample attends to another. The loss per sample is
+    exactly what it would be unpacked (tested)."""
+
+    def __init__(self, dataset, max_seq_len: int, seed: int = 0):
+        self.dataset, self.max_seq_len = dataset, max_seq_len
+        lengths = dataset.lengths()
+        order = np.random.default_rng(seed).permutation(len(lengths))
+        self.bins: list[list[int]] = []
+        free: list[int] = []  # remaining room of each open bin
+        for index in order:
+            n = int(lengths[index])
+            for b, room in enumerate(free):  # first fit among the last few bins keeps this O(n)
+                if room >= n and b >= len(free) - 8:
+                    self.bins[b].append(int(index))
+                    free[b] -= n
+                    break
+            else:
+                self.bins.append([int(index)])
+                free.append(max_seq_len - n)
+
+    def __len__(self):
+        return len(self.bins)
+
+    def __getitem__(self, index):
+        items = [self.dataset[i] for i in self.bins[index]]
+        return {"input_ids": torch.cat([it["input_ids"] for it in items]),
+                "labels": torch.cat([it["labels"] for it in items]),
+                "position_ids": torch.cat([torch.arange(len(it["input_ids"])) for it in items]),
+                "segment_ids": torch.cat([torch.full((len(it["input_ids"]),), k) for k, it in enumerate(items)])}
+
+    def fill_ratio(self) -> float:
+        return float(self.dataset.lengths().sum() / (len(self.bins) * self.max_seq_len))
+
+
+def packed_collate(batch: list[dict], pad_token_id: int = 0) -> dict:
+    """Pad bins to the longest one and build the [B, 1, T, T] block-diagonal causal mask from segment ids."""
+    length = max(len(item["input_ids"]) for item in batch)
+    n = len(batch)
+    input_ids = torch.full((n, length), pad_token_id, dtype=torch.long)
+    labels = torch.full((n, length), -100, dtype=torch.long)
+    position_ids = torch.zeros((n, length), dtype=torch.long)
+    segments = torch.full((n, length), -1, dtype=torch.long)
+    for row, item in enumerate(batch):
+        k = len(item["input_ids"])
+        input_ids[row, :k], labels[row, :k] = item["input_ids"], item["labels"]
+        position_ids[row, :k], segments[row, :k] = item["position_ids"], item["segment_ids"]
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    same_segment = segments[:, :, None] == segments[:, None, :]
+    mask = (same_segment & causal)[:, None] | torch.eye(length, dtype=torch.bool)  # padding rows see themselves
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "attention_mask": mask}
+
+
+# ================================================================================================ preference pairs
+
+
+def _split_prompt(messages):
+    """Everything before the final assistant turn is the prompt; the final assistant turn is the completion."""
+    if not messages or messages[-1].get("role") != "assistant":
+        return None, None
+    return messages[:-1], messages[-1]
+
+
+def _require_pair(obj) -> str | None:
+    for side in ("chosen", "rejected"):
+        if side not in obj:
+            return f'missing the "{side}" field'
+        reason = check_conversation(obj[side])
+        if reason:
+            return f"{side}: {reason}"
+        if obj[side][-1].get("role") != "assistant":
+            return f"{side}: the last message must be the assistant's answer"
+    chosen_prompt, _ = _split_prompt(obj["chosen"])
+    rejected_prompt, _ = _split_prompt(obj["rejected"])
+    if chosen_prompt != rejected_prompt:
+        return "chosen and rejected have different prompts (all turns before the last assistant turn must match)"
+    return None
+
+
+def final_turn_labels(ids: list[int], mask: list[int]) -> list[int]:
+    """Labels covering only the LAST assistant reply (DPO compares completions, not the shared history)."""
+    labels = [-100] * len(ids)
+    end = len(mask)
+    while end > 0 and not mask[end - 1]:
+        end -= 1
+    start = end
+    while start > 0 and mask[start - 1]:
+        start -= 1
+    labels[start:end] = ids[start:end]
+    return labels
+
+
+class DPODataset(Dataset):
+    """MiniMind's DPO format: {"chosen": [messages], "rejected": [messages]} with identical prompts. Pairs longer
+    than max_seq_len keep their start (TRL's keep_start), so the prompt survives; a pair whose completion is cut
+    away entirely is dropped."""
+
+    def __init__(self, data_path: str, tokenizer, max_seq_len: int, skip_bad_lines: bool = False,
+                 show_progress: bool = True):
+        from tqdm import tqdm
+        self.pairs = []
+        self.stats = {"bad_lines": 0, "dropped_no_completion": 0, "truncated": 0}
+        progress = tqdm(total=os.path.getsize(data_path) if os.path.exists(data_path) else 0, unit="B",
+                        unit_scale=True, desc=f"tokenizing {os.path.basename(data_path)}", disable=not show_progress)
+        for _, obj in iter_jsonl(data_path, skip_bad_lines, self.stats, _require_pair, progress.update):
+            sides = []
+            for side in ("chosen", "rejected"):
+                ids, mask = encode_chat(tokenizer, obj[side])
+                labels = final_turn_labels(ids, mask)
+                if len(ids) > max_seq_len:
+                    ids, labels = ids[:max_seq_len], labels[:max_seq_len]
+                    self.stats["truncated"] += 1
+                sides.append((ids, labels))
+            if all(any(l != -100 for l in labels[1:]) for _, labels in sides):
+                self.pairs.append(sides)
+            else:
+                self.stats["dropped_no_completion"] += 1
+        progress.close()
+        if not self.pairs:
+            raise BadInput(f"{data_path}: no usable preference pairs ({self.stats})")
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getitem__(self, index):
+        (chosen_ids, chosen_labels), (rejected_ids, rejected_labels) = self.pairs[index]
+        return {"chosen_input_ids": torch.tensor(chosen_ids), "chosen_labels": torch.tensor(chosen_labels),
+                "rejected_input_ids": torch.tensor(rejected_ids), "rejected_labels": torch.tensor(rejected_labels)}
+
+
+def dpo_collate(batch: list[dict], pad_token_id: int = 0) -> dict:
+    """One batch [chosen_1..chosen_B; rejected_1..rejected_B], right-padded, so one forward scores both."""
+    rows = [{"input_ids": b["chosen_input_ids"], "labels": b["chosen_labels"]} for b in batch]
+    rows += [{"input_ids": b["rejected_input_ids"], "labels": b["rejected_labels"]} for b in batch]
+    return pad_collate(rows, pad_token_id)
+
+
+# ================================================================================================ RL prompts
+
+
+class PromptDataset(Dataset):
+    """Prompts for on-policy training (GRPO): the conversation (ending with a user turn; a trailing assistant turn,
+    as in MiniMind's rlaif files, is dropped) plus every other field of the line (e.g. "answer"), which reward
+    functions receive as keyword arguments, as in TRL."""
+
+    def __init__(self, data_path: str, tokenizer, max_prompt_len: int, skip_bad_lines: bool = False):
+        self.items = []
+        self.stats = {"bad_lines": 0, "dropped_too_long": 0}
+
+        def validate(obj):
+            if "conversations" not in obj:
+                return 'missing the "conversations" field'
+            messages = obj["conversations"]
+            if not isinstance(messages, list) or not messages:
+                return '"conversations" must be a non-empty list'
+            return None
+
+        for line_number, obj in iter_jsonl(data_path, skip_bad_lines, self.stats, validate):
+            messages = [dict(m) for m in obj["conversations"]]
+            if messages[-1].get("role") == "assistant":
+                messages = messages[:-1]
+            if not messages:
+                continue
+            prompt_ids = encode_prompt(tokenizer, messages)
+            if len(prompt_ids) > max_prompt_len:
+                self.stats["dropped_too_long"] += 1
+                continue
+            columns = {k: v for k, v in obj.items() if k != "conversations"}
+            self.items.append({"prompt": messages, "prompt_ids": prompt_ids, "columns": columns})
+        if not self.items:
+            raise BadInput(f"{data_path}: no usable prompts ({self.stats})")
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        return self.items[index]

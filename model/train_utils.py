@@ -505,8 +505,11 @@ class Trainer:
     MoE balancing biases updated. Every log_interval steps a log line and a JSONL record; every eval_interval
     steps the held-out evaluation; every save_interval steps the weights and a resume checkpoint, both atomic."""
 
-    def __init__(self, args, model, runtime: Runtime, stage: str, params=None):
+    def __init__(self, args, model, runtime: Runtime, stage: str, params=None, save_weights_fn=None):
+        """`params`: train only these (e.g. LoRA adapters). `save_weights_fn(model)`: how to write the stage's
+        output instead of the full weights file (e.g. adapter-only for LoRA); the resume checkpoint is unchanged."""
         self.args, self.runtime, self.stage = args, runtime, stage
+        self.save_weights_fn = save_weights_fn
         self.raw_model = model.to(runtime.device)
         self.config = model.config
         self.weights_file = weight_path(args.save_dir, args.save_weight, self.config)
@@ -567,7 +570,10 @@ class Trainer:
             client = {"train_state": vars(self.state), "rng": rng_state(), "wandb_id": self.log.wandb_id}
             self.deepspeed_engine.save_checkpoint(self.resume_file[:-len(".pth")] + "_ds", client_state=client)
         if self.runtime.is_main:
-            save_weights(self.raw_model, self.weights_file)
+            if self.save_weights_fn is not None:
+                self.save_weights_fn(unwrap(self.raw_model))
+            else:
+                save_weights(self.raw_model, self.weights_file)
             if self.deepspeed_engine is None:
                 atomic_torch_save({"model": unwrap(self.raw_model).state_dict(), "optimizer": self.optimizer.state_dict(),
                                    "scaler": self.scaler.state_dict(), "train_state": vars(self.state),
@@ -602,9 +608,14 @@ class Trainer:
         return True
 
     # ---- one optimizer step ----------------------------------------------------------------------------------
-    def backward(self, loss: torch.Tensor):
+    def backward(self, loss: torch.Tensor, lr: float | None = None):
         if self.deepspeed_engine is not None:
+            # DeepSpeed counts micro-batches itself: step() after every backward, it updates only at the boundary.
+            if lr is not None:
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
             self.deepspeed_engine.backward(loss)
+            self.deepspeed_engine.step()
         else:
             self.scaler.scale(loss / self.args.accumulation_steps).backward()
 
@@ -615,7 +626,6 @@ class Trainer:
         if self.deepspeed_engine is not None:
             if not torch.isfinite(loss_sum):
                 raise TrainingDiverged(f"loss is {loss_sum.item()} at step {self.state.step}")
-            self.deepspeed_engine.step()
             norm = self.deepspeed_engine.get_global_grad_norm()
             grad_norm = float(norm) if norm is not None else float("nan")
         else:
@@ -685,9 +695,10 @@ class Trainer:
                 last_micro = (micro_step + 1) % args.accumulation_steps == 0
                 batch = {k: v.to(runtime.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
                          for k, v in batch.items()}
+                lr = lr_at(self.state.step, total_steps, args.learning_rate, warmup, args.min_lr_ratio)
                 with self.no_sync(last_micro), runtime.autocast():
                     loss, metrics = loss_fn(self.model, batch)
-                self.backward(loss)
+                self.backward(loss, lr)
                 micro_step += 1
                 loss_sum += loss.detach().float()
                 tokens = metrics.pop("tokens", None)
@@ -698,7 +709,6 @@ class Trainer:
                     metric_sums[k] = metric_sums.get(k, 0.0) + (v.detach().float() if isinstance(v, torch.Tensor) else v)
                 if not last_micro:
                     continue
-                lr = lr_at(self.state.step, total_steps, args.learning_rate, warmup, args.min_lr_ratio)
                 grad_norm = self.optimizer_step(lr, loss_sum)
                 self.state.step += 1
                 self.state.samples_into_epoch += args.batch_size * args.accumulation_steps
