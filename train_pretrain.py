@@ -18,7 +18,7 @@ from transformers import AutoTokenizer
 
 from model.dataset import BadInput, PretrainDataset
 from model.train_utils import (Trainer, TrainingDiverged, add_common_args, barrier, build_model, cleanup,
-                               default_device, evaluate_lm_loss, init_runtime, print0)
+                               default_device, evaluate_lm_loss, init_runtime, print0, write_summary)
 
 SAMPLE_PROMPTS = ["《静夜思》 李白\n", "To be, or not to be"]
 
@@ -106,21 +106,29 @@ def main(argv=None):
         raise SystemExit(f"error: {error}")
     if before is not None:
         print0(f"held-out loss {before['val_loss']:.4f} -> {after['val_loss']:.4f}")
-    if runtime.is_main and args.sample_tokens > 0:
-        show_samples(model, tokenizer, runtime, args.sample_tokens)
+    samples = show_samples(model, tokenizer, runtime, args.sample_tokens) if runtime.is_main else {}
+    summary = {"stage": "pretrain", "weights": trainer.weights_file, "steps": trainer.state.step,
+               "seconds": trainer.state.elapsed, "tokens": trainer.state.tokens_seen,
+               "val_loss_before": before and before["val_loss"], "val_loss_after": after["val_loss"],
+               "samples": samples}
+    write_summary(args.save_dir, args.save_weight, summary, runtime)
     cleanup(runtime)
+    return summary
 
 
 @torch.no_grad()
-def show_samples(model, tokenizer, runtime, max_new_tokens):
+def show_samples(model, tokenizer, runtime, max_new_tokens) -> dict:
     model.eval()
-    for prompt in SAMPLE_PROMPTS:
+    samples = {}
+    for prompt in SAMPLE_PROMPTS if max_new_tokens > 0 else []:
         ids = tokenizer(tokenizer.bos_token + prompt, return_tensors="pt", add_special_tokens=False).to(runtime.device)
         with runtime.autocast():
             out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=True, temperature=0.8, top_p=0.9,
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
         text = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
         print0(f"sample | {prompt.strip()} -> {text!r}")
+        samples[prompt] = text
+    return samples
 
 
 if __name__ == "__main__":

@@ -453,6 +453,16 @@ class MetricsLog:
             self.wandb.finish()
 
 
+def write_summary(save_dir: str, name: str, summary: dict, runtime: Runtime | None = None):
+    """A stage's headline numbers (held-out metrics before/after, wall time, paths) as
+    <save_dir>/summaries/<name>.json, for scripts/report.py and the pipeline."""
+    if runtime is not None and not runtime.is_main:
+        return
+    clean = {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in summary.items()}
+    atomic_write_text(json.dumps(clean, indent=2, ensure_ascii=False, default=str),
+                      os.path.join(save_dir, "summaries", f"{name}.json"))
+
+
 # ================================================================================================ the loop
 
 

@@ -112,7 +112,7 @@ def test_nan_loss_stops_before_the_update_and_keeps_the_checkpoint(tmp_path):
 
 
 def test_kill_9_then_resume_reproduces_the_uninterrupted_run(tmp_path):
-    steps = 16
+    steps = 40
     uninterrupted = tmp_path / "a"
     uninterrupted.mkdir()
     train_pretrain.main(base_args(uninterrupted, steps=steps, extra=["--save_interval", "4"]))
