@@ -1,0 +1,151 @@
+"""Turn a run's logs into a report card: out/report.md with loss curves (PNG), per-stage wall time and throughput,
+the held-out numbers each stage measured (before -> after), sample answers, and the environment.
+
+    python scripts/report.py                 # reads out/logs/*.jsonl and out/summaries/*.json
+    python scripts/report.py --save_dir /tmp/run/out
+
+Every training script appends one JSON object per log step to <save_dir>/logs/<stage>.jsonl and writes its
+headline numbers to <save_dir>/summaries/<stage>.json; keys ending in _before/_after are paired in the table.
+"""
+import argparse
+import glob
+import json
+import os
+import platform
+import subprocess
+import sys
+
+STAGE_ORDER = ["pretrain", "full_sft", "lora_identity", "dpo", "teacher_pretrain", "teacher_sft", "distill",
+               "reason", "grpo"]
+
+
+def read_jsonl(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def stage_sort_key(name):
+    return (STAGE_ORDER.index(name) if name in STAGE_ORDER else len(STAGE_ORDER), name)
+
+
+def plot_curves(name, records, image_dir):
+    """One PNG per stage: training loss (and any eval/* series) against optimizer steps."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r and "step" in r]
+    evals = {}
+    for r in records:
+        for key, value in r.items():
+            if key.startswith("eval/") and isinstance(value, (int, float)) and "ppl" not in key:
+                evals.setdefault(key, []).append((r["step"], value))
+    reward = [(r["step"], r["reward"]) for r in records if "reward" in r and "step" in r]
+    if not train and not evals and not reward:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=110)
+    if train:
+        ax.plot(*zip(*train), label="train loss", linewidth=1.2)
+    for key, points in evals.items():
+        ax.plot(*zip(*points), marker="o", markersize=3, label=key, linewidth=1.2)
+    if reward:
+        ax.plot(*zip(*reward), label="reward", linewidth=1.2)
+    ax.set_xlabel("optimizer step")
+    ax.set_title(name)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = os.path.join(image_dir, f"{name}.png")
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def environment():
+    import torch
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except OSError:
+        commit = "unknown"
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    return {"git commit": commit or "unknown", "torch": torch.__version__, "python": platform.python_version(),
+            "device": device, "platform": platform.platform()}
+
+
+def format_value(value):
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def build_report(save_dir: str) -> str:
+    image_dir = os.path.join(save_dir, "report_images")
+    os.makedirs(image_dir, exist_ok=True)
+    logs = {os.path.basename(p)[:-len(".jsonl")]: read_jsonl(p)
+            for p in glob.glob(os.path.join(save_dir, "logs", "*.jsonl"))}
+    summaries = {}
+    for path in glob.glob(os.path.join(save_dir, "summaries", "*.json")):
+        with open(path, encoding="utf-8") as f:
+            summaries[os.path.basename(path)[:-len(".json")]] = json.load(f)
+    stages = sorted(set(logs) | set(summaries), key=stage_sort_key)
+    lines = ["# TinyMind report card", ""]
+    lines += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in environment().items()] + [""]
+
+    lines += ["## Stages", "", "| stage | steps | wall time | tokens/s (mean) | final train loss |", "|---|---|---|---|---|"]
+    for stage in stages:
+        records = [r for r in logs.get(stage, []) if "loss" in r]
+        summary = summaries.get(stage, {})
+        seconds = summary.get("seconds") or (records[-1]["elapsed"] if records and "elapsed" in records[-1] else None)
+        speeds = [r["tokens_per_sec"] for r in records if "tokens_per_sec" in r]
+        steps = summary.get("steps", records[-1]["step"] if records else "-")
+        wall = f"{seconds:.0f} s" if seconds else "-"
+        speed = f"{sum(speeds) / len(speeds):,.0f}" if speeds else "-"
+        final_loss = f"{records[-1]['loss']:.4f}" if records else "-"
+        lines.append(f"| {stage} | {steps} | {wall} | {speed} | {final_loss} |")
+    lines.append("")
+
+    lines += ["## Held-out results (before -> after)", "", "| stage | metric | before | after |", "|---|---|---|---|"]
+    for stage in stages:
+        summary = summaries.get(stage, {})
+        for key in sorted(summary):
+            if key.endswith("_after"):
+                metric = key[:-len("_after")]
+                before = summary.get(f"{metric}_before")
+                lines.append(f"| {stage} | {metric} | {format_value(before) if before is not None else '-'} | "
+                             f"{format_value(summary[key])} |")
+    lines.append("")
+
+    lines += ["## Curves", ""]
+    for stage in stages:
+        image = plot_curves(stage, logs.get(stage, []), image_dir)
+        if image:
+            lines.append(f"![{stage}]({os.path.relpath(image, save_dir)})")
+    lines.append("")
+
+    sample_lines = []
+    for stage in stages:
+        samples = summaries.get(stage, {}).get("samples") or {}
+        for prompt, answer in samples.items():
+            sample_lines.append(f"| {stage} | {prompt.strip()[:80]} | {str(answer).strip()[:160]} |".replace("\n", " "))
+    if sample_lines:
+        lines += ["## Samples", "", "| stage | prompt | answer |", "|---|---|---|"] + sample_lines + [""]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--save_dir", default="out", help="the run's output directory (holds logs/ and summaries/)")
+    parser.add_argument("--output", default=None, help="report path (default: <save_dir>/report.md)")
+    args = parser.parse_args(argv)
+    if not os.path.isdir(os.path.join(args.save_dir, "logs")):
+        sys.exit(f"no logs in {args.save_dir}/logs: run a training stage first")
+    text = build_report(args.save_dir)
+    output = args.output or os.path.join(args.save_dir, "report.md")
+    with open(output, "w", encoding="utf-8") as f:
+        f.write(text)
+    print(f"report -> {output}")
+    return output
+
+
+if __name__ == "__main__":
+    main()
