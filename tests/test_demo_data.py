@@ -1,0 +1,244 @@
+"""The committed demo datasets (dataset/*.jsonl): they parse, have the fields each training stage reads, DPO pairs
+share their prompts, arithmetic is right, and held-out files share nothing with the training files."""
+
+import json
+import re
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+
+DATASET_DIR = Path(__file__).resolve().parents[1] / "dataset"
+
+# name -> format; every name has a <name>.jsonl and a <name>_val.jsonl
+DATASETS = {
+    "demo_pretrain": "text",
+    "demo_sft": "chat",
+    "demo_lora_identity": "chat",
+    "demo_lora_domain": "chat",
+    "demo_dpo": "preference",
+    "demo_reason": "chat",
+    "demo_grpo": "prompt",
+    "demo_grpo_champ": "prompt",
+}
+SPLITS = [(name, suffix) for name in DATASETS for suffix in ("", "_val")]
+THINK_ANSWER = re.compile(r"^<think>\n(?P<reasoning>.+)\n</think>\n<answer>\n(?P<answer>.+)\n</answer>$", re.DOTALL)
+EQUATION_LINE = re.compile(r"^(?P<left>[\d +\-]+?) = (?P<right>[\d +\-]+)[.。]$")
+
+
+@lru_cache(maxsize=None)
+def load(name: str, suffix: str = "") -> tuple:
+    path = DATASET_DIR / f"{name}{suffix}.jsonl"
+    with path.open(encoding="utf-8") as f:
+        return tuple(json.loads(line) for line in f)
+
+
+def conversation(sample: dict) -> list[dict]:
+    return sample.get("conversations") or sample["chosen"]
+
+
+def check_chat(messages: list[dict], must_end_with_assistant: bool = True):
+    assert isinstance(messages, list) and messages
+    roles = [m["role"] for m in messages]
+    if roles[0] == "system":
+        roles = roles[1:]
+    assert roles and roles[0] == "user"
+    assert roles == ["user", "assistant"] * (len(roles) // 2) + ["user"] * (len(roles) % 2), roles
+    if must_end_with_assistant:
+        assert roles[-1] == "assistant"
+    for message in messages:
+        assert set(message) == {"role", "content"}
+        assert isinstance(message["content"], str) and message["content"].strip()
+
+
+def simple_sum(expression: str) -> int:
+    """Evaluate '12 + 5 - 3' (digits, +, - and spaces only)."""
+    tokens = expression.split()
+    total = int(tokens[0])
+    for op, number in zip(tokens[1::2], tokens[2::2]):
+        total = total + int(number) if op == "+" else total - int(number)
+    return total
+
+
+@pytest.mark.parametrize("name, suffix", SPLITS)
+def test_files_parse_and_have_the_fields_their_stage_reads(name, suffix):
+    samples = load(name, suffix)
+    assert len(samples) >= 10
+    kind = DATASETS[name]
+    for sample in samples:
+        if kind == "text":
+            assert set(sample) == {"text"} and sample["text"].strip()
+        elif kind == "chat":
+            assert set(sample) == {"conversations"}
+            check_chat(sample["conversations"])
+        elif kind == "preference":
+            assert set(sample) == {"chosen", "rejected"}
+            check_chat(sample["chosen"])
+            check_chat(sample["rejected"])
+        else:
+            assert {"conversations", "answer"} <= set(sample)
+            check_chat(sample["conversations"], must_end_with_assistant=False)
+            assert [m["role"] for m in sample["conversations"]] == ["user"]
+            assert isinstance(sample["answer"], str) and sample["answer"].strip()
+
+
+@pytest.mark.parametrize("name, suffix", SPLITS)
+def test_no_duplicate_samples(name, suffix):
+    lines = [json.dumps(sample, ensure_ascii=False, sort_keys=True) for sample in load(name, suffix)]
+    assert len(lines) == len(set(lines))
+
+
+@pytest.mark.parametrize("name", DATASETS)
+def test_validation_shares_nothing_with_training(name):
+    """Not a single sample, and for chats not even a prompt (everything before the last reply), is shared."""
+    def keys(samples):
+        if DATASETS[name] == "text":
+            return {sample["text"] for sample in samples}
+        return {json.dumps(conversation(sample)[:-1] if DATASETS[name] != "prompt" else sample["conversations"],
+                           ensure_ascii=False) for sample in samples}
+
+    assert not keys(load(name)) & keys(load(name, "_val"))
+
+
+@pytest.mark.parametrize("suffix", ["", "_val"])
+def test_dpo_pairs_share_the_prompt_and_differ_in_the_reply(suffix):
+    for pair in load("demo_dpo", suffix):
+        chosen, rejected = pair["chosen"], pair["rejected"]
+        assert chosen[:-1] == rejected[:-1]
+        assert chosen[-1]["role"] == rejected[-1]["role"] == "assistant"
+        assert chosen[-1]["content"] != rejected[-1]["content"]
+
+
+@pytest.mark.parametrize("suffix", ["", "_val"])
+def test_dpo_arithmetic_chosen_is_right_and_rejected_is_wrong(suffix):
+    pairs = [p for p in load("demo_dpo", suffix) if re.fullmatch(r"\d+ [+-] \d+ = \d+", p["chosen"][-1]["content"])]
+    assert pairs
+    for pair in pairs:
+        expression, chosen = pair["chosen"][-1]["content"].split(" = ")
+        _, rejected = pair["rejected"][-1]["content"].split(" = ")
+        assert int(chosen) == simple_sum(expression) != int(rejected)
+
+
+@pytest.mark.parametrize("suffix", ["", "_val"])
+def test_reasoning_answers_are_think_then_answer(suffix):
+    for sample in load("demo_reason", suffix):
+        for message in sample["conversations"]:
+            if message["role"] == "assistant":
+                assert THINK_ANSWER.match(message["content"]), message["content"]
+
+
+@pytest.mark.parametrize("name, suffix", [(n, s) for n in ("demo_reason", "demo_sft") for s in ("", "_val")])
+def test_every_equation_in_worked_solutions_is_true(name, suffix):
+    checked = 0
+    for sample in load(name, suffix):
+        reply = sample["conversations"][-1]["content"]
+        match = THINK_ANSWER.match(reply)
+        if not match:
+            continue
+        for line in match["reasoning"].splitlines():
+            if equation := EQUATION_LINE.match(line):
+                assert simple_sum(equation["left"]) == simple_sum(equation["right"]), line
+                checked += 1
+    assert checked > 50
+
+
+@pytest.mark.parametrize("name, suffix", [(n, s) for n in ("demo_reason", "demo_sft") for s in ("", "_val")])
+def test_worked_answers_match_the_question(name, suffix):
+    checked = 0
+    for sample in load(name, suffix):
+        question, reply = sample["conversations"][-2]["content"], sample["conversations"][-1]["content"]
+        match = THINK_ANSWER.match(reply)
+        expression = re.search(r"\d+(?: [+-] \d+)+", question)
+        if match and expression:
+            assert match["answer"] == str(simple_sum(expression.group())), question
+            checked += 1
+    assert checked > 10
+
+
+@pytest.mark.parametrize("suffix", ["", "_val"])
+def test_grpo_answers_are_right(suffix):
+    """Bare sums are evaluated; word problems add on 'gets more' / '又得到' and subtract on 'gives' / '送给'."""
+    for sample in load("demo_grpo", suffix):
+        question = sample["conversations"][0]["content"]
+        assert "<think></think>" in question and "<answer></answer>" in question
+        if bare := re.search(r"\d+ [+-] \d+", question):
+            expected = simple_sum(bare.group())
+        else:
+            a, b = map(int, re.findall(r"\d+", question)[:2])
+            assert ("more" in question or "又得到" in question) != ("gives" in question or "送给" in question)
+            expected = a + b if ("more" in question or "又得到" in question) else a - b
+        assert sample["answer"] == str(expected), question
+        assert 0 <= expected < 40
+
+
+def test_grpo_operands_stay_small():
+    for sample in load("demo_grpo") + load("demo_grpo", "_val"):
+        numbers = [int(n) for n in re.findall(r"\d+", sample["conversations"][0]["content"])]
+        assert all(n < 20 for n in numbers)
+
+
+def test_held_out_sums_are_never_asked_in_training():
+    """A sum asked in demo_grpo_val is asked (or answered as 'a + b = c') in no training file, so GRPO's validation
+    reward measures generalisation. Worked steps of other problems (8 + 2 = 10) may of course use the same facts."""
+    def asked_sums(samples):
+        found = set()
+        for sample in samples:
+            for message in conversation(sample):
+                if message["role"] == "user":
+                    found |= {" ".join(m) for m in re.findall(r"(?<!\d [+-] )\b(\d+) ([+-]) (\d+)\b(?! [+-] \d)",
+                                                              message["content"])}
+                elif re.fullmatch(r"\d+ [+-] \d+ = \d+", message["content"]):
+                    found.add(message["content"].split(" = ")[0])
+        return found
+
+    held_out = asked_sums(load("demo_grpo", "_val"))
+    assert len(held_out) > 20
+    for name in ("demo_grpo", "demo_sft", "demo_reason", "demo_dpo"):
+        leaked = held_out & asked_sums(load(name))
+        assert not leaked, f"{name}: {sorted(leaked)[:5]}"
+
+
+def test_held_out_poems_stay_out_of_every_training_file():
+    """Lines of the poems in demo_pretrain_val are not in any training file (one version of a poem in one
+    collection and a variant in another must not split across train and val). A poem may quote another's line,
+    hence a tolerance of a few lines."""
+    held_out_lines = {line for sample in load("demo_pretrain", "_val") for line in sample["text"].splitlines()[1:]
+                      if len(line) >= 10 and re.search(r"[\u4e00-\u9fff]", line) and not line.startswith(("《", "赏析"))}
+    assert len(held_out_lines) > 200
+    for name in ("demo_pretrain", "demo_sft", "demo_dpo", "demo_reason", "demo_lora_domain"):
+        texts = [sample["text"] for sample in load(name)] if name == "demo_pretrain" else \
+            [m["content"] for sample in load(name) for key in ("conversations", "chosen", "rejected")
+             for m in sample.get(key, [])]
+        training_lines = {line for text in texts for line in text.splitlines()}
+        leaked = held_out_lines & training_lines
+        assert len(leaked) <= len(held_out_lines) // 200, f"{name}: {sorted(leaked)[:5]}"
+
+
+def test_identity_answers_name_tinymind():
+    for suffix in ("", "_val"):
+        samples = load("demo_lora_identity", suffix)
+        replies = [m["content"] for s in samples for m in s["conversations"] if m["role"] == "assistant"]
+        assert sum("TinyMind" in reply for reply in replies) / len(replies) > 0.5
+
+
+def test_some_sft_chats_are_multi_turn_and_some_have_a_system_message():
+    samples = load("demo_sft")
+    assert sum(sum(m["role"] == "user" for m in s["conversations"]) > 1 for s in samples) > 100
+    assert sum(s["conversations"][0]["role"] == "system" for s in samples) > 100
+    assert sum(bool(re.search(r"[\u4e00-\u9fff]", s["conversations"][-1]["content"])) for s in samples) > 1000
+
+
+def test_pretraining_mixes_chinese_and_english():
+    texts = [sample["text"] for sample in load("demo_pretrain")]
+    chinese = sum(bool(re.search(r"[\u4e00-\u9fff]", text)) for text in texts)
+    assert 0.25 < chinese / len(texts) < 0.75
+    assert max(len(text) for text in texts) < 2000
+
+
+def test_committed_data_stays_small_and_documented():
+    files = sorted(DATASET_DIR.glob("demo_*.jsonl"))  # your own datasets may sit beside them
+    assert {f.name for f in files} == {f"{name}{suffix}.jsonl" for name, suffix in SPLITS}
+    assert sum(f.stat().st_size for f in files) < 8_000_000
+    readme = (DATASET_DIR / "README.md").read_text(encoding="utf-8")
+    for f in files:
+        assert f.name in readme, f"{f.name} is not described in dataset/README.md"
