@@ -37,8 +37,12 @@ def yarn_inv_freq(dim: int, base: float, factor: float, original_max_positions: 
     ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
     extrapolation_weight = 1 - ramp
     inv_freq = interpolation * (1 - extrapolation_weight) + extrapolation * extrapolation_weight
-    mscale = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
-    return inv_freq, mscale
+    return inv_freq, yarn_mscale(factor)
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature: sqrt(1/t) = 0.1 * ln(factor) + 1 (times DeepSeek's mscale knob)."""
+    return 0.1 * mscale * math.log(factor) + 1.0 if factor > 1 else 1.0
 
 
 class RotaryEmbedding(nn.Module):
@@ -46,6 +50,12 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, dim: int, rope_parameters: dict):
         super().__init__()
+        self.dim, self.rope_parameters = dim, dict(rope_parameters)
+        self.register_buffer("inv_freq", self.compute_inv_freq(), persistent=False)
+
+    def compute_inv_freq(self) -> torch.Tensor:
+        """Also sets attention_scaling. Not saved in checkpoints, so loaders recompute it (see _init_weights)."""
+        dim, rope_parameters = self.dim, self.rope_parameters
         base = rope_parameters["rope_theta"]
         rope_type = rope_parameters.get("rope_type", "default")
         if rope_type == "default":
@@ -55,11 +65,15 @@ class RotaryEmbedding(nn.Module):
             inv_freq, self.attention_scaling = yarn_inv_freq(
                 dim, base, rope_parameters["factor"], rope_parameters["original_max_position_embeddings"],
                 rope_parameters.get("beta_fast") or 32.0, rope_parameters.get("beta_slow") or 1.0)
+            factor = rope_parameters["factor"]
+            mscale, mscale_all_dim = rope_parameters.get("mscale"), rope_parameters.get("mscale_all_dim")
             if rope_parameters.get("attention_factor") is not None:
                 self.attention_scaling = rope_parameters["attention_factor"]
+            elif mscale and mscale_all_dim:  # DeepSeek: the rest of mscale goes into MLA's softmax scale instead
+                self.attention_scaling = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
         else:
             raise ValueError(f"unsupported rope_type {rope_type!r}: use 'default' or 'yarn'")
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        return inv_freq
 
     @torch.no_grad()
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -129,7 +129,12 @@ class TinyMindPreTrainedModel(PreTrainedModel):
     _keys_to_ignore_on_load_unexpected = [r"expert_load"]
 
     def _init_weights(self, module):
-        """Weights are initialised once, by name, in `TinyMindForCausalLM.reset_parameters` (see module doc)."""
+        """Weights are initialised once, by name, in `TinyMindForCausalLM.reset_parameters` (see module doc). The
+        one thing to redo here: `from_pretrained` builds modules on empty tensors, and RoPE's frequencies are not
+        in any checkpoint, so they must be recomputed."""
+        if isinstance(module, RotaryEmbedding):
+            with torch.no_grad():
+                module.inv_freq.copy_(module.compute_inv_freq().to(module.inv_freq.device))
 
 
 class TinyMindModel(TinyMindPreTrainedModel):
