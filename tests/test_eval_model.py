@@ -1,0 +1,195 @@
+"""eval_model.py scripted and interactive: answers equal direct generation with the right prompt (chat template for
+chat stages, BOS + text for pretrain), history, seeds, LoRA adapters, MoE/MLA checkpoints, and clear errors."""
+import json
+import os
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+import eval_model
+from model import PRESETS, TinyMindConfig, TinyMindForCausalLM
+from model.inference import build_prompt, default_generation_config, trim_history
+from model.train_utils import save_weights
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOKENIZER = os.environ.get("TINYMIND_TEST_TOKENIZER", os.path.join(ROOT, "model"))
+PROMPTS = ["你好，请介绍一下你自己", "What is the capital of France?"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and a busy 2-core CI box makes multi-threaded ops crawl."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(TOKENIZER)
+
+
+def make_checkpoint(out_dir, name, vocab_size, seed=0, **overrides) -> TinyMindForCausalLM:
+    """A tiny random model saved as the training scripts save one: <name>.pth + <name>.json."""
+    torch.manual_seed(seed)
+    model = TinyMindForCausalLM(TinyMindConfig(vocab_size=vocab_size, **{**PRESETS["nano"], **overrides})).eval()
+    save_weights(model, os.path.join(out_dir, f"{name}.pth"))
+    return model
+
+
+@pytest.fixture(scope="module")
+def out_dir(tmp_path_factory, tokenizer):
+    path = tmp_path_factory.mktemp("out")
+    make_checkpoint(path, "pretrain_64", len(tokenizer), seed=0)
+    make_checkpoint(path, "full_sft_64", len(tokenizer), seed=1)
+    return path
+
+
+def run(out_dir, tmp_path, *extra, prompts=PROMPTS):
+    prompt_file = tmp_path / "prompts.txt"
+    prompt_file.write_text("\n".join(prompts) + "\n", encoding="utf-8")
+    output = tmp_path / "answers.jsonl"
+    eval_model.main(["--save_dir", str(out_dir), "--tokenizer_path", TOKENIZER, "--prompts", str(prompt_file),
+                     "--output", str(output), "--max_new_tokens", "8", "--device", "cpu", *extra])
+    return [json.loads(line) for line in output.read_text(encoding="utf-8").splitlines()]
+
+
+def greedy_reference(model, tokenizer, prompt_text, max_new_tokens=8):
+    ids = tokenizer(prompt_text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    config = default_generation_config(tokenizer, temperature=0, repetition_penalty=1.0, max_new_tokens=max_new_tokens)
+    with torch.no_grad():
+        out = model.generate(ids, generation_config=config)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True), ids.shape[1]
+
+
+def load(out_dir, name):
+    state = torch.load(os.path.join(out_dir, f"{name}.pth"), weights_only=True)
+    model = TinyMindForCausalLM(TinyMindConfig.from_json_file(os.path.join(out_dir, f"{name}.json")))
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def test_chat_checkpoint_answers_through_the_chat_template(out_dir, tmp_path, tokenizer, capsys):
+    results = run(out_dir, tmp_path, "--weight", "full_sft", "--temperature", "0", "--repetition_penalty", "1.0")
+    model = load(out_dir, "full_sft_64")
+    for prompt, result in zip(PROMPTS, results, strict=True):
+        chat = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+        answer, prompt_tokens = greedy_reference(model, tokenizer, chat)
+        assert result["answer"] == answer and result["prompt_tokens"] == prompt_tokens
+        assert result["new_tokens"] <= 8 and result["finish_reason"] in ("stop", "length")
+    printed = capsys.readouterr().out
+    assert all(prompt in printed for prompt in PROMPTS) and results[0]["answer"] in printed
+
+
+def test_pretrain_checkpoint_continues_text(out_dir, tmp_path, tokenizer):
+    results = run(out_dir, tmp_path, "--weight", "pretrain", "--temperature", "0", "--repetition_penalty", "1.0")
+    model = load(out_dir, "pretrain_64")
+    for prompt, result in zip(PROMPTS, results, strict=True):
+        answer, prompt_tokens = greedy_reference(model, tokenizer, "<|im_start|>" + prompt)
+        assert result["answer"] == answer and result["prompt_tokens"] == prompt_tokens
+
+
+def test_history_turns_sends_earlier_exchanges(out_dir, tmp_path, tokenizer):
+    alone = run(out_dir, tmp_path, "--weight", "full_sft", "--temperature", "0")
+    with_history = run(out_dir, tmp_path, "--weight", "full_sft", "--temperature", "0", "--history_turns", "1")
+    assert alone[1]["prompt_tokens"] < with_history[1]["prompt_tokens"]
+    conversation = [{"role": "user", "content": PROMPTS[0]},
+                    {"role": "assistant", "content": with_history[0]["answer"]},
+                    {"role": "user", "content": PROMPTS[1]}]
+    expected = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    assert with_history[1]["prompt_tokens"] == len(tokenizer(expected, add_special_tokens=False)["input_ids"])
+
+
+def test_trim_history_keeps_system_and_last_turns():
+    messages = [{"role": "system", "content": "s"}] + [
+        {"role": role, "content": f"{role}{i}"} for i in range(3) for role in ("user", "assistant")] + [
+        {"role": "user", "content": "now"}]
+    assert [m["content"] for m in trim_history(messages, 0)] == ["s", "now"]
+    assert [m["content"] for m in trim_history(messages, 1)] == ["s", "user2", "assistant2", "now"]
+    assert len(trim_history(messages, 10)) == len(messages)
+
+
+def test_sampling_is_reproducible_with_a_seed(out_dir, tmp_path):
+    first = run(out_dir, tmp_path, "--weight", "full_sft", "--temperature", "1.0", "--top_k", "50", "--seed", "7")
+    again = run(out_dir, tmp_path, "--weight", "full_sft", "--temperature", "1.0", "--top_k", "50", "--seed", "7")
+    other = run(out_dir, tmp_path, "--weight", "full_sft", "--temperature", "1.0", "--top_k", "50", "--seed", "8")
+    assert [r["answer"] for r in first] == [r["answer"] for r in again]
+    assert [r["answer"] for r in first] != [r["answer"] for r in other]
+
+
+def test_show_speed_builtin_prompts_and_json_summary(out_dir, tmp_path, capsys):
+    summary_file = tmp_path / "summaries" / "samples_full_sft.json"
+    eval_model.main(["--save_dir", str(out_dir), "--tokenizer_path", TOKENIZER, "--weight", "full_sft", "--prompts",
+                     "builtin", "--max_new_tokens", "4", "--show_speed", "--device", "cpu", "--output",
+                     str(summary_file)])
+    printed = capsys.readouterr().out
+    assert printed.count("tokens/s") == len(eval_model.BUILTIN_CHAT_PROMPTS)
+    summary = json.loads(summary_file.read_text(encoding="utf-8"))  # one object, as scripts/report.py reads it
+    assert summary["model"] == "full_sft_64" and list(summary["samples"]) == eval_model.BUILTIN_CHAT_PROMPTS
+
+
+def test_interactive_chat_reads_until_exit(out_dir, monkeypatch, capsys):
+    typed = iter(["你好", "/clear", "", "再见", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(typed))
+    eval_model.main(["--save_dir", str(out_dir), "--tokenizer_path", TOKENIZER, "--weight", "full_sft",
+                     "--max_new_tokens", "4", "--device", "cpu", "--history_turns", "2"])
+    printed = capsys.readouterr().out
+    assert printed.count("🤖:") == 2 and "(history cleared)" in printed
+
+
+def test_lora_adapter_is_loaded_and_merged(out_dir, tmp_path, tokenizer):
+    from model.lora import apply_lora, remove_lora, save_lora
+    model = apply_lora(load(out_dir, "full_sft_64"), r=4, alpha=8, verbose=False)
+    torch.manual_seed(3)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(std=0.5)  # a trained-looking adapter: B = 0 would change nothing
+    save_lora(model, os.path.join(out_dir, "lora", "lora_test_64.pth"))
+    merged = remove_lora(model, merge=True).eval()
+    results = run(out_dir, tmp_path, "--weight", "full_sft", "--lora_name", "lora_test", "--temperature", "0",
+                  "--repetition_penalty", "1.0")
+    plain = run(out_dir, tmp_path, "--weight", "full_sft", "--temperature", "0", "--repetition_penalty", "1.0")
+    chat = build_prompt(tokenizer, [{"role": "user", "content": PROMPTS[0]}])
+    assert results[0]["answer"] == greedy_reference(merged, tokenizer, chat)[0]
+    assert [r["answer"] for r in results] != [r["answer"] for r in plain]
+    with pytest.raises(SystemExit, match="LoRA adapter not found"):
+        run(out_dir, tmp_path, "--weight", "full_sft", "--lora_name", "nope")
+
+
+@pytest.mark.parametrize("variant", [dict(use_moe=True, num_experts=4, num_experts_per_tok=2),
+                                     dict(use_mla=True, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                                          v_head_dim=16)], ids=["moe", "mla"])
+def test_moe_and_mla_checkpoints_need_no_model_flags(tmp_path, tokenizer, variant):
+    out = tmp_path / "out"
+    suffix = "_moe" if variant.get("use_moe") else "_mla"
+    model = make_checkpoint(out, f"full_sft_64{suffix}", len(tokenizer), seed=2, **variant)
+    results = run(out, tmp_path, "--load_from", str(out / f"full_sft_64{suffix}.pth"), "--temperature", "0",
+                  "--repetition_penalty", "1.0")
+    assert results[0]["answer"] == greedy_reference(model, tokenizer, build_prompt(
+        tokenizer, [{"role": "user", "content": PROMPTS[0]}]))[0]
+    # a stage name finds it too, and --use_moe/--use_mla pick it when a dense file of that stage is beside it
+    make_checkpoint(out, "full_sft_64", len(tokenizer), seed=5)
+    flag = "--use_moe" if variant.get("use_moe") else "--use_mla"
+    picked = run(out, tmp_path, "--weight", "full_sft", flag, "1", "--temperature", "0", "--repetition_penalty", "1.0")
+    assert [r["answer"] for r in picked] == [r["answer"] for r in results]
+    with pytest.raises(SystemExit, match="several 'full_sft' weights"):
+        run(out, tmp_path, "--weight", "full_sft")
+
+
+def test_clear_errors(out_dir, tmp_path):
+    with pytest.raises(SystemExit, match="no 'dpo' weights"):
+        run(out_dir, tmp_path, "--weight", "dpo")
+    lonely = tmp_path / "lonely"
+    lonely.mkdir()
+    torch.save(load(out_dir, "full_sft_64").state_dict(), lonely / "full_sft_64.pth")
+    with pytest.raises(SystemExit, match="config JSON beside it"):
+        run(lonely, tmp_path, "--weight", "full_sft")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "fine"}\n{"oops": 1}\n', encoding="utf-8")
+    with pytest.raises(SystemExit, match=r"bad.jsonl:2: expected an object"):
+        eval_model.main(["--save_dir", str(out_dir), "--tokenizer_path", TOKENIZER, "--prompts", str(bad)])
+    with pytest.raises(SystemExit, match="--prompts file not found"):
+        eval_model.main(["--save_dir", str(out_dir), "--tokenizer_path", TOKENIZER, "--prompts", "nope.txt"])
