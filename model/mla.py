@@ -104,7 +104,9 @@ class MultiHeadLatentAttention(nn.Module):
         q_rope = apply_rotary(q_rope, cos, sin)
         k_rope = apply_rotary(k_rope, cos, sin)
         if cache is not None:
-            c_kv, k_rope = cache.update(c_kv, k_rope, self.layer_idx)
+            # RMSNorm's fp32 gain makes c_kv fp32 under autocast; store it in the compute dtype like the roped key,
+            # or the latent cache costs twice what it should.
+            c_kv, k_rope = cache.update(c_kv.to(k_rope.dtype), k_rope, self.layer_idx)
 
         dropout = self.attention_dropout if self.training else 0.0
         absorb = self.attn_impl == "absorb" or (self.attn_impl == "auto" and cache is not None)

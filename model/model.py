@@ -160,7 +160,12 @@ class TinyMindModel(TinyMindPreTrainedModel):
             else:
                 position_ids = torch.arange(past_len, past_len + query_len, device=inputs_embeds.device)[None]
         mask = build_attention_mask(attention_mask, query_len, past_len, inputs_embeds.device)
-        position_embeddings = self.rotary_emb(position_ids, inputs_embeds.dtype)
+        # Under autocast the projections come out in bf16/fp16: rotate in that dtype too, so roped keys (and the
+        # KV cache that holds them) are not silently promoted back to fp32.
+        device_type = inputs_embeds.device.type
+        rope_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) \
+            else inputs_embeds.dtype
+        position_embeddings = self.rotary_emb(position_ids, rope_dtype)
         hidden = self.dropout(inputs_embeds)
         for layer in self.layers:
             hidden = layer(hidden, position_embeddings, mask, cache)

@@ -55,6 +55,43 @@ def bench_decode(model, device, dtype, prompt_len, new_tokens, use_cache, batch=
     return batch * new_tokens / (time.perf_counter() - start)
 
 
+def kv_cache_bytes_per_token(config: TinyMindConfig, device, dtype) -> float:
+    """Measured, not computed: prefill 64 tokens and count the bytes the cache holds, per token per layer."""
+    model = TinyMindForCausalLM(config).to(device).eval()
+    ids = torch.randint(3, config.vocab_size, (1, 64), device=device)
+    with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        cache = model(ids, use_cache=True).cache
+    total = 0
+    for layer in cache.layers:
+        total += layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+    return total / 64 / config.num_hidden_layers
+
+
+def compare_attention_caches(preset: str, device, dtype):
+    base = PRESETS[preset]
+    variants = {"MHA": dict(base, num_key_value_heads=base["num_attention_heads"]), "GQA": dict(base),
+                "MLA": dict(base, use_mla=True)}
+    for name, settings in variants.items():
+        config = TinyMindConfig(**settings)
+        print(f"KV cache {name}: {kv_cache_bytes_per_token(config, device, dtype):,.0f} bytes per token per layer "
+              f"({str(dtype).replace('torch.', '')})", flush=True)
+
+
+def compare_moe_with_dense(preset: str, device, dtype, batch, seq, steps):
+    """MoE step time against a dense model whose FFN is as wide as the MoE's active experts (equal active params)."""
+    moe_config = TinyMindConfig(**PRESETS[preset], use_moe=True)
+    active_width = (moe_config.num_experts_per_tok + moe_config.n_shared_experts) * moe_config.moe_intermediate_size
+    dense_config = TinyMindConfig(**PRESETS[preset], intermediate_size=active_width)
+    timings = {}
+    for name, config in (("dense", dense_config), ("moe", moe_config)):
+        torch.manual_seed(0)
+        model = TinyMindForCausalLM(config).to(device).train()
+        active = model.num_params(active=True)
+        timings[name] = bench_train(model, device, dtype, batch, seq, steps, 2)
+        print(f"{name:5s} {active / 1e6:.2f}M active params: {timings[name]:,.0f} tokens/s", flush=True)
+    print(f"MoE step time / dense step time at equal active params: {timings['dense'] / timings['moe']:.2f}x")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="small", choices=sorted(PRESETS), help="model size")
@@ -69,6 +106,8 @@ def main():
     parser.add_argument("--new_tokens", type=int, default=256, help="tokens generated in the decode benchmark")
     parser.add_argument("--skip", default="", help="comma list of parts to skip: train,decode,nocache")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    parser.add_argument("--compare", default="", help="comma list: moe (MoE vs dense at equal active params), "
+                                                      "kv (KV-cache bytes per token: MHA vs GQA vs MLA)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -79,6 +118,13 @@ def main():
     model = TinyMindForCausalLM(config).to(device)
     print(f"{describe(model)} | device {device} ({torch.get_num_threads()} threads) | dtype {dtype}")
     skip = set(args.skip.split(","))
+    compare = set(filter(None, args.compare.split(",")))
+    if "kv" in compare:
+        compare_attention_caches(args.preset, device, dtype)
+    if "moe" in compare:
+        compare_moe_with_dense(args.preset, device, dtype, args.batch_size, args.seq_len, args.train_steps)
+    if compare:
+        return
     if "train" not in skip:
         model.train()
         tokens_per_sec = bench_train(model, device, dtype, args.batch_size, args.seq_len, args.train_steps, 2)
