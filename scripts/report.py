@@ -83,10 +83,17 @@ def build_report(save_dir: str) -> str:
     os.makedirs(image_dir, exist_ok=True)
     logs = {os.path.basename(p)[:-len(".jsonl")]: read_jsonl(p)
             for p in glob.glob(os.path.join(save_dir, "logs", "*.jsonl"))}
-    summaries = {}
+    summaries, samples, pipeline_seconds = {}, {}, {}
     for path in glob.glob(os.path.join(save_dir, "summaries", "*.json")):
+        name = os.path.basename(path)[:-len(".json")]
         with open(path, encoding="utf-8") as f:
-            summaries[os.path.basename(path)[:-len(".json")]] = json.load(f)
+            content = json.load(f)
+        if name == "pipeline":  # wall time of each pipeline stage, written by scripts/run_pipeline.py
+            pipeline_seconds = content
+        elif name.startswith("samples_"):  # eval_model.py answers to the same prompts, one file per checkpoint
+            samples[name[len("samples_"):]] = content.get("samples", {})
+        else:
+            summaries[name] = content
     stages = sorted(set(logs) | set(summaries), key=stage_sort_key)
     lines = ["# TinyMind report card", ""]
     lines += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in environment().items()] + [""]
@@ -103,6 +110,10 @@ def build_report(save_dir: str) -> str:
         final_loss = f"{records[-1]['loss']:.4f}" if records else "-"
         lines.append(f"| {stage} | {steps} | {wall} | {speed} | {final_loss} |")
     lines.append("")
+    if pipeline_seconds:
+        total = sum(pipeline_seconds.values())
+        lines += [f"Pipeline wall time {total / 60:.1f} min: " +
+                  ", ".join(f"{k} {v:.0f} s" for k, v in pipeline_seconds.items()), ""]
 
     lines += ["## Held-out results (before -> after)", "", "| stage | metric | before | after |", "|---|---|---|---|"]
     for stage in stages:
@@ -124,8 +135,9 @@ def build_report(save_dir: str) -> str:
 
     sample_lines = []
     for stage in stages:
-        samples = summaries.get(stage, {}).get("samples") or {}
-        for prompt, answer in samples.items():
+        samples.setdefault(stage, summaries.get(stage, {}).get("samples") or {})
+    for stage in sorted(samples, key=stage_sort_key):
+        for prompt, answer in samples[stage].items():
             sample_lines.append(f"| {stage} | {prompt.strip()[:80]} | {str(answer).strip()[:160]} |".replace("\n", " "))
     if sample_lines:
         lines += ["## Samples", "", "| stage | prompt | answer |", "|---|---|---|"] + sample_lines + [""]
