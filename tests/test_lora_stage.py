@@ -1,0 +1,146 @@
+"""train_lora.py end to end on a random nano "SFT model" and tiny generated identity chats: only adapters train, the
+base file stays bitwise unchanged, the adapter file holds only adapter tensors, and base + adapter (or the merged
+checkpoint) reproduces the trained model."""
+import hashlib
+import json
+import os
+import random
+
+import pytest
+import torch
+
+import train_lora
+from model import TinyMindConfig, TinyMindForCausalLM
+from model.lora import DEFAULT_TARGETS, MLA_TARGETS, apply_lora, load_lora
+from model.train_utils import load_weights, save_weights
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOKENIZER = os.environ.get("TINYMIND_TEST_TOKENIZER", os.path.join(ROOT, "model"))
+VOCAB = 6400
+QUESTIONS = ["Who are you?", "What is your name?", "Tell me your name.", "Introduce yourself.", "你是谁？",
+             "你叫什么名字？"]
+ANSWERS = ["I am TinyMind.", "My name is TinyMind.", "I'm TinyMind, a small model.", "我是TinyMind。"]
+
+
+def write_identity(path, count, seed):
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(count):
+            chat = [{"role": "user", "content": rng.choice(QUESTIONS)},
+                    {"role": "assistant", "content": rng.choice(ANSWERS)}]
+            f.write(json.dumps({"conversations": chat}, ensure_ascii=False) + "\n")
+
+
+def write_general(path, count, seed):
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(count):
+            a, b = rng.randint(1, 9), rng.randint(1, 9)
+            chat = [{"role": "user", "content": f"{a} + {b} = ?"}, {"role": "assistant", "content": str(a + b)}]
+            f.write(json.dumps({"conversations": chat}) + "\n")
+
+
+def sha1(path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha1(f.read()).hexdigest()
+
+
+def lora_args(root, steps=40, extra=()):
+    return ["--data_path", str(root / "identity.jsonl"), "--general_val_path", str(root / "general_val.jsonl"),
+            "--tokenizer_path", TOKENIZER, "--save_dir", str(root / "out"), "--max_steps", str(steps),
+            "--batch_size", "2", "--max_seq_len", "128", "--learning_rate", "5e-3", "--lora_r", "4",
+            "--log_interval", "8", "--eval_interval", "0", "--eval_prompts", "6", "--max_new_tokens", "10",
+            "--dtype", "float32", "--num_threads", "1", "--device", "cpu", *extra]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One LoRA run shared by the tests below (it is the slow part): a random nano model stands in for full_sft."""
+    root = tmp_path_factory.mktemp("lora")
+    write_identity(root / "identity.jsonl", 120, seed=0)
+    write_identity(root / "identity_val.jsonl", 16, seed=1)
+    write_general(root / "general_val.jsonl", 16, seed=2)
+    torch.manual_seed(0)
+    base = TinyMindForCausalLM(TinyMindConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2,
+                                              num_attention_heads=4, num_key_value_heads=2))
+    base_file = root / "out" / "full_sft_64.pth"
+    save_weights(base, str(base_file))
+    base_hash = sha1(base_file)
+    results = train_lora.main(lora_args(root, extra=["--merge", "1", "--export_peft", str(root / "peft")]))
+    return {"root": root, "base_file": base_file, "base_hash": base_hash, "results": results}
+
+
+def test_base_weights_on_disk_are_bitwise_unchanged(trained):
+    assert sha1(trained["base_file"]) == trained["base_hash"]
+    assert trained["results"]["adapter"] == str(trained["root"] / "out" / "lora" / "lora_identity_64.pth")
+
+
+def test_adapter_file_holds_only_adapter_tensors_and_their_settings(trained):
+    payload = torch.load(trained["results"]["adapter"], weights_only=True)
+    assert set(payload) == {"lora", "config"}
+    keys = list(payload["lora"])
+    assert keys and all(k.endswith(".lora_A.weight") or k.endswith(".lora_B.weight") for k in keys)
+    assert len(keys) == 2 * 2 * len(DEFAULT_TARGETS)  # A and B for 7 projections in each of 2 layers
+    assert payload["config"]["r"] == 4 and payload["config"]["alpha"] == 16.0
+    assert payload["config"]["targets"] == list(DEFAULT_TARGETS)
+    assert any(v.abs().sum() > 0 for k, v in payload["lora"].items() if "lora_B" in k)  # B left zero: no training
+    base_bytes = os.path.getsize(trained["base_file"])
+    assert os.path.getsize(trained["results"]["adapter"]) < base_bytes / 5
+
+
+def test_base_plus_adapter_reproduces_the_trained_model(trained):
+    out = trained["root"] / "out"
+    ids = torch.randint(3, VOCAB, (2, 20), generator=torch.Generator().manual_seed(0))
+    state, config = load_weights(str(trained["base_file"]))
+
+    def fresh():
+        model = TinyMindForCausalLM(config)
+        model.load_state_dict(state, strict=False)
+        return model.eval()
+
+    # The resume checkpoint holds the trained model exactly as it was in memory (base + adapters).
+    trained_model = apply_lora(fresh(), r=4, alpha=16, verbose=False)
+    trained_model.load_state_dict(torch.load(out / "lora_identity_64_resume.pth", weights_only=True)["model"])
+    reloaded = load_lora(fresh(), trained["results"]["adapter"])
+    with torch.no_grad():
+        expected = trained_model(ids).logits
+        assert not torch.allclose(expected, fresh()(ids).logits, atol=1e-4)  # the adapter does change the model
+        torch.testing.assert_close(reloaded(ids).logits, expected, rtol=0, atol=0)
+        merged_state, merged_config = load_weights(trained["results"]["merged"])
+        merged = TinyMindForCausalLM(merged_config)
+        merged.load_state_dict(merged_state, strict=False)
+        torch.testing.assert_close(merged.eval()(ids).logits, expected, rtol=1e-5, atol=1e-5)
+    assert trained["results"]["merged"] == str(out / "lora_identity_merged_64.pth")
+    assert sorted(os.listdir(trained["root"] / "peft")) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_adapter_learns_the_identity_chats_without_hurting_the_general_ones_much(trained, capsys):
+    results = trained["results"]
+    before, after = results["before"], results["after"]
+    assert after["val_loss"] < before["val_loss"] - 0.5, (before, after)  # a random base learns slowly
+    assert "keyword_rate" in after and results["within_margin"] in (True, False)
+    assert results["general_loss_rise"] == pytest.approx(after["general_val_loss"] - before["general_val_loss"])
+
+
+def test_bad_line_is_reported_with_path_and_line(trained):
+    data = trained["root"] / "bad.jsonl"
+    data.write_text('{"conversations": [{"role": "user", "content": "hi"}]}\n', encoding="utf-8")
+    args = lora_args(trained["root"], extra=["--val_data_path", str(trained["root"] / "identity_val.jsonl")])
+    args[args.index("--data_path") + 1] = str(data)
+    with pytest.raises(SystemExit, match=rf"{data}:1: no assistant message to learn from"):
+        train_lora.main(args)
+
+
+def test_missing_sft_weights_is_a_clear_error(tmp_path):
+    write_identity(tmp_path / "identity.jsonl", 8, seed=0)
+    write_identity(tmp_path / "identity_val.jsonl", 4, seed=1)
+    write_general(tmp_path / "general_val.jsonl", 4, seed=2)
+    with pytest.raises(SystemExit, match="no 'full_sft' weights"):
+        train_lora.main(lora_args(tmp_path))
+
+
+def test_lora_targets_flag():
+    config = TinyMindConfig(use_mla=True)
+    assert train_lora.lora_targets("q_proj, v_proj", config) == ("q_proj", "v_proj")
+    assert train_lora.lora_targets("all", config) == DEFAULT_TARGETS + MLA_TARGETS
+    assert train_lora.lora_targets(r".*layers\.0\..*_proj", config) == r".*layers\.0\..*_proj"

@@ -1,0 +1,261 @@
+"""train_full_sft.py: the assistant-only loss mask, packing that changes no sample's loss, batched generation and
+its end-of-turn metric, bad input, and an end-to-end run that learns tiny generated chats."""
+import json
+import os
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+import train_full_sft
+from model import TinyMindConfig, TinyMindForCausalLM
+from model.dataset import PackedDataset, SFTDataset, encode_chat, packed_collate, pad_collate
+from model.train_utils import init_runtime
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOKENIZER = os.environ.get("TINYMIND_TEST_TOKENIZER", os.path.join(ROOT, "model"))
+THINGS = {"sky": "blue", "grass": "green", "snow": "white", "coal": "black", "sun": "yellow", "rose": "red",
+          "plum": "purple", "orange": "orange"}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(TOKENIZER)
+
+
+def color_chat(rng: random.Random) -> dict:
+    """A chat a nano model can learn in a few dozen steps: fixed facts, varied wording, 1-2 turns."""
+    messages = []
+    if rng.random() < 0.3:
+        messages.append({"role": "system", "content": "Answer in one short sentence."})
+    for _ in range(rng.randint(1, 2)):
+        thing = rng.choice(sorted(THINGS))
+        question = rng.choice(["What color is the {}?", "Tell me the color of the {}.", "{} color?"]).format(thing)
+        messages += [{"role": "user", "content": question},
+                     {"role": "assistant", "content": f"The {thing} is {THINGS[thing]}."}]
+    return {"conversations": messages}
+
+
+def write_chats(path, count: int, seed: int):
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(count):
+            f.write(json.dumps(color_chat(rng), ensure_ascii=False) + "\n")
+
+
+def nano_model(vocab_size: int, seed: int = 0) -> TinyMindForCausalLM:
+    torch.manual_seed(seed)
+    return TinyMindForCausalLM(TinyMindConfig(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2,
+                                              num_attention_heads=4, num_key_value_heads=2)).eval()
+
+
+# ================================================================================================ the loss mask
+
+
+def render_by_hand(messages):
+    """The ChatML text and the character spans the loss must cover (each assistant reply, its <think> block and
+    its <|im_end|>), built here independently of the tokenizer's template."""
+    text, spans = "", []
+    for message in messages:
+        if message["role"] != "assistant":
+            text += f"<|im_start|>{message['role']}\n{message['content']}<|im_end|>\n"
+            continue
+        text += "<|im_start|>assistant\n"
+        start = len(text)
+        if message.get("reasoning_content"):
+            text += f"<think>\n{message['reasoning_content']}\n</think>\n\n"
+        text += message["content"] + "<|im_end|>"
+        spans.append((start, len(text)))
+        text += "\n"
+    return text, spans
+
+
+def test_loss_mask_covers_exactly_the_assistant_tokens(tokenizer, tmp_path):
+    messages = [{"role": "system", "content": "You are terse."},
+                {"role": "user", "content": "Hi there"},
+                {"role": "assistant", "content": "Hello! 你好。", "reasoning_content": "a greeting; greet back"},
+                {"role": "user", "content": "What is 2+2? Say <think> if unsure."},
+                {"role": "assistant", "content": "4\nfour"},
+                {"role": "user", "content": "谢谢"},
+                {"role": "assistant", "content": "不客气"}]
+    text, spans = render_by_hand(messages)
+    assert tokenizer.apply_chat_template(messages, tokenize=False) == text  # reasoning_content is rendered, not lost
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    expected = [int(any(s <= a and b <= e for s, e in spans)) for a, b in encoded["offset_mapping"]]
+    straddling = [(a, b) for a, b in encoded["offset_mapping"] if any(a < s < b or a < e < b for s, e in spans)]
+    assert not straddling, "a token crosses an assistant-span boundary"
+
+    ids, mask = encode_chat(tokenizer, messages)
+    assert ids == encoded["input_ids"]
+    assert mask == expected  # token by token
+    eos = tokenizer.eos_token_id
+    assert sum(1 for i, t in enumerate(ids) if t == eos and mask[i]) == 3  # every reply's <|im_end|> is trained
+
+    # SFTDataset turns that mask into labels; the model shifts them, so position t learns token t+1.
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"conversations": messages}, ensure_ascii=False) + "\n", encoding="utf-8")
+    item = SFTDataset(str(data), tokenizer, 512, show_progress=False)[0]
+    assert item["input_ids"].tolist() == ids
+    assert item["labels"].tolist() == [t if m else -100 for t, m in zip(ids, mask)]
+
+
+def test_truncation_drop_or_keep_prefix(tokenizer, tmp_path):
+    data = tmp_path / "long.jsonl"
+    long_reply = " ".join(["word"] * 200)
+    data.write_text(json.dumps({"conversations": [{"role": "user", "content": "talk"},
+                                                  {"role": "assistant", "content": long_reply}]}) + "\n"
+                    + json.dumps(color_chat(random.Random(0))) + "\n", encoding="utf-8")
+    dropped = SFTDataset(str(data), tokenizer, 64, truncation="drop", show_progress=False)
+    assert len(dropped) == 1 and dropped.stats["dropped_too_long"] == 1
+    kept = SFTDataset(str(data), tokenizer, 64, truncation="keep_prefix", show_progress=False)
+    assert len(kept) == 2 and kept.stats["truncated"] == 1
+    cut = kept[0]
+    assert len(cut["input_ids"]) == 64 and tokenizer.eos_token_id not in cut["labels"].tolist()  # cut mid-reply
+
+
+# ================================================================================================ packing
+
+
+def test_packed_and_padded_batches_give_the_same_loss_per_sample(tokenizer, tmp_path):
+    write_chats(tmp_path / "chats.jsonl", 24, seed=1)
+    dataset = SFTDataset(str(tmp_path / "chats.jsonl"), tokenizer, 128, show_progress=False)
+    model = nano_model(len(tokenizer))
+    alone = []
+    with torch.no_grad():
+        for i in range(len(dataset)):
+            losses, mask, _ = train_full_sft.token_losses(model, pad_collate([dataset[i]]))
+            alone.append(losses.double().sum().item())
+            assert mask.sum() > 0
+
+        packed = PackedDataset(dataset, 128, seed=0)
+        assert len(packed) < len(dataset) / 2  # several conversations really share a row
+        losses, _, _ = train_full_sft.token_losses(model, packed_collate([packed[i] for i in range(len(packed))]))
+        for row, members in enumerate(packed.bins):
+            start = 0
+            for index in members:
+                n = len(dataset[index]["input_ids"])
+                # positions start..start+n-2 predict this sample's tokens 1..n-1; position start+n-1 would predict
+                # the next sample's <|im_start|>, whose label is -100, so nothing leaks across samples.
+                torch.testing.assert_close(losses[row, start:start + n - 1].double().sum().item(), alone[index],
+                                           rtol=1e-5, atol=1e-5)
+                start += n
+            assert losses[row, start - 1:].abs().sum() == 0
+
+        padded, _, _ = train_full_sft.token_losses(model, pad_collate([dataset[i] for i in range(6)]))
+        for i in range(6):
+            torch.testing.assert_close(padded[i].double().sum().item(), alone[i], rtol=1e-5, atol=1e-5)
+
+
+def test_padding_fractions_are_exact_on_a_small_case():
+    fractions = train_full_sft.padding_fractions([100, 100, 300, 12], max_seq_len=512, batch_size=2)
+    assert fractions["pad_to_max_seq_len"] == pytest.approx(1 - 512 / 2048)
+    assert fractions["packed"] == 0.0  # 512 tokens fill exactly one row
+    assert fractions["conversations_per_row"] == 4.0
+    demo_like = train_full_sft.padding_fractions(np.random.default_rng(0).integers(20, 150, 2000), 512, 8)
+    assert demo_like["packed"] < 0.05 < demo_like["pad_to_batch_max"] < demo_like["pad_to_max_seq_len"]
+
+
+# ================================================================================================ generation
+
+
+class ScriptedModel(torch.nn.Module):
+    """Stands in for a model whose greedy replies are known: appends the given tokens to each prompt row."""
+
+    def __init__(self, replies):
+        super().__init__()
+        self.replies, self.calls = replies, []
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, **kwargs):
+        self.calls.append((input_ids, attention_mask))
+        rows = [(reply + [0] * max_new_tokens)[:max_new_tokens] for reply in self.replies[:len(input_ids)]]
+        return torch.cat([input_ids, torch.tensor(rows)], dim=1)
+
+
+def test_end_of_turn_rate_counts_only_replies_that_close_their_turn(tokenizer):
+    runtime = init_runtime("cpu", "float32", 0)
+    eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
+    word = tokenizer.encode("fine", add_special_tokens=False)
+    replies = [word + [eos], word * 8, word + [bos] + word + [eos], [eos]]
+    prompts = [[{"role": "user", "content": "hi"}], [{"role": "user", "content": "a much longer question here"}],
+               [{"role": "user", "content": "x"}], [{"role": "user", "content": "y"}]]
+    model = ScriptedModel(replies)
+    out = train_full_sft.generate_replies(model, tokenizer, prompts, runtime, max_new_tokens=8)
+    assert [r["ended_with_im_end"] for r in out] == [True, False, False, True]
+    assert out[0]["text"] == "fine" and out[0]["tokens"] == len(word)
+    assert train_full_sft.end_of_turn_rate(out) == 0.5
+    input_ids, attention_mask = model.calls[0]
+    assert input_ids[0, 0] == tokenizer.pad_token_id and attention_mask[0, 0] == 0  # left padding
+    assert attention_mask[1].all()
+
+
+def test_batched_greedy_replies_match_one_at_a_time(tokenizer):
+    runtime = init_runtime("cpu", "float32", 0, num_threads=1)
+    model = nano_model(len(tokenizer), seed=3)
+    prompts = [[{"role": "user", "content": "hi"}],
+               [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What color is the sky?"}],
+               [{"role": "user", "content": "谢谢你"}]]
+    batched = train_full_sft.generate_replies(model, tokenizer, prompts, runtime, max_new_tokens=6)
+    single = [train_full_sft.generate_replies(model, tokenizer, [p], runtime, max_new_tokens=6)[0] for p in prompts]
+    assert [r["text"] for r in batched] == [r["text"] for r in single]
+
+
+# ================================================================================================ the script
+
+
+def run_args(tmp_path, steps=40, extra=()):
+    if not (tmp_path / "chats.jsonl").exists():
+        write_chats(tmp_path / "chats.jsonl", 300, seed=0)
+        write_chats(tmp_path / "chats_val.jsonl", 24, seed=1)
+    return ["--data_path", str(tmp_path / "chats.jsonl"), "--tokenizer_path", TOKENIZER,
+            "--save_dir", str(tmp_path / "out"), "--from_weight", "none", "--preset", "nano",
+            "--max_steps", str(steps), "--batch_size", "4", "--max_seq_len", "128", "--learning_rate", "5e-3",
+            "--log_interval", "10", "--eval_interval", "0", "--eval_prompts", "8", "--max_new_tokens", "12",
+            "--dtype", "float32", "--num_threads", "1", "--device", "cpu", *extra]
+
+
+def test_sft_lowers_held_out_assistant_loss(tmp_path, capsys):
+    results = train_full_sft.main(run_args(tmp_path))
+    before, after = results["before"], results["after"]
+    assert after["val_loss"] < before["val_loss"] - 3.0, (before, after)
+    assert after["end_of_turn_rate"] >= before["end_of_turn_rate"]
+    assert (tmp_path / "out" / "full_sft_64.pth").exists()
+    output = capsys.readouterr().out
+    assert f"val_loss {before['val_loss']:.4f} -> {after['val_loss']:.4f}" in output
+    assert "packed" in output and "per-sample to max_seq_len" in output
+
+
+def test_bad_line_is_reported_with_path_and_line(tmp_path):
+    data = tmp_path / "bad.jsonl"
+    good = json.dumps(color_chat(random.Random(0)))
+    data.write_text(good + "\n" + json.dumps({"conversations": [{"role": "bot", "content": "hi"}]}) + "\n")
+    args = run_args(tmp_path, extra=["--val_data_path", str(tmp_path / "chats_val.jsonl")])
+    args[args.index("--data_path") + 1] = str(data)
+    with pytest.raises(SystemExit, match=rf"{data}:2: message 0 has role 'bot'"):
+        train_full_sft.main(args)
+    data.write_text(good + "\n" + good + "\n{not json\n")
+    with pytest.raises(SystemExit, match=rf"{data}:3: not valid JSON"):
+        train_full_sft.main(args)
+
+
+def test_missing_pretrained_weights_is_a_clear_error(tmp_path):
+    args = run_args(tmp_path)
+    args[args.index("--from_weight") + 1] = "pretrain"
+    args.remove("--preset"), args.remove("nano")
+    with pytest.raises(SystemExit, match="no 'pretrain' weights"):
+        train_full_sft.main(args)
+
+
+@pytest.mark.slow
+def test_two_process_gloo_run_keeps_ranks_in_sync(tmp_path):
+    args = run_args(tmp_path, steps=4)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", str(29700 + os.getpid() % 1000), os.path.join(ROOT, "train_full_sft.py"),
+                             *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ranks in sync: yes" in result.stdout and "x 2 ranks" in result.stdout
+    assert "val_loss" in result.stdout and " -> " in result.stdout

@@ -1,0 +1,200 @@
+"""Stage 3, LoRA: teach the chat model something new (who it is, a domain) by training small adapters only.
+
+    python train_lora.py                                # identity chats on out/full_sft_<hidden>.pth, minutes on a CPU
+    python train_lora.py --lora_name lora_domain --data_path dataset/demo_lora_domain.jsonl
+    python train_lora.py --lora_name lora_medical --data_path dataset/lora_medical.jsonl  # MiniMind's LoRA data
+    python train_lora.py --merge 1 --export_peft out/peft/lora_identity                  # + merged model, PEFT copy
+
+Same data, template, loss mask and packing as SFT (train_full_sft.py); what differs is what is trained. Every
+targeted nn.Linear W of the SFT model (by default the attention and MLP projections) gets a low-rank update
+W x + (alpha / r) B A x (model/lora.py); only A and B are trained, the base model stays frozen and its file on disk is
+never written. The result is a small adapter file, out/lora/<lora_name>_<hidden>[_moe].pth, holding the A/B tensors
+and r/alpha/targets; load it on top of the base model (eval_model.py --lora_name ...) or fold it in:
+
+    --merge 1            also write out/<lora_name>_merged_<hidden>.pth, the base with W + (alpha / r) B A folded in
+    --export_peft DIR    also write the adapter in Hugging Face PEFT's format (adapter_model.safetensors + config)
+
+At the end it prints held-out metrics as "metric before -> after": the loss on the adapter's own held-out chats,
+how often greedy replies to those prompts mention --keyword (for the identity set: "TinyMind"), and the loss on the
+general SFT held-out chats, which should stay within --forgetting_margin of the base model's.
+"""
+import argparse
+import os
+
+import numpy as np
+from torch.utils.data import Dataset
+from transformers import AutoTokenizer
+
+from model.lora import DEFAULT_TARGETS, MLA_TARGETS, apply_lora, export_peft, remove_lora, save_lora
+from model.train_utils import (Trainer, TrainingDiverged, add_common_args, build_model, cleanup, default_device,
+                               init_runtime, print0, save_weights, weight_path)
+from train_full_sft import (add_chat_data_args, assistant_token_loss, default_val_path, describe_metrics,
+                            end_of_turn_rate, generate_replies, held_out_prompts, load_chat_dataset, print_changes,
+                            sft_loss, training_batches)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    on_gpu = default_device() == "cuda"
+    # No weight decay: it would pull the adapters towards zero, i.e. towards "no change", which is not a prior we want.
+    add_common_args(parser, "lora", from_weight="full_sft", epochs=6, batch_size=16 if on_gpu else 4,
+                    learning_rate=1e-3 if on_gpu else 3e-3, max_seq_len=512, weight_decay=0.0, eval_interval=50,
+                    save_interval=200, log_interval=5)
+    parser.set_defaults(save_weight=None)
+    g = parser.add_argument_group("LoRA")
+    g.add_argument("--lora_name", default="lora_identity",
+                   help="adapter name: saved as <save_dir>/lora/<lora_name>_<hidden>.pth (MiniMind's naming)")
+    g.add_argument("--lora_r", type=int, default=8, help="rank r of each update B A")
+    g.add_argument("--lora_alpha", type=float, default=16, help="scale: the update is (alpha / r) B A")
+    g.add_argument("--lora_dropout", type=float, default=0.0, help="dropout on the adapter's input")
+    g.add_argument("--lora_targets", default=",".join(DEFAULT_TARGETS),
+                   help="comma-separated Linear names to adapt (e.g. q_proj,v_proj), 'all' (every projection, "
+                        "MLA ones included), or one regular expression matched against the whole module name")
+    g.add_argument("--use_rslora", type=int, default=0, choices=[0, 1], help="1: scale by alpha / sqrt(r) (rsLoRA)")
+    g.add_argument("--merge", type=int, default=0, choices=[0, 1],
+                   help="1: also save the base with the adapter folded in, <save_dir>/<lora_name>_merged_<hidden>.pth")
+    g.add_argument("--export_peft", default=None, help="also write the adapter in PEFT's format into this directory")
+    g = add_chat_data_args(parser, data_path="dataset/demo_lora_identity.jsonl")
+    g.add_argument("--replay_data_path", default=None,
+                   help="general chats mixed into training (replay), so the adapter does not make the model forget "
+                        "them, e.g. the SFT data: dataset/demo_sft.jsonl")
+    g.add_argument("--replay_ratio", type=float, default=1.0,
+                   help="replayed conversations per conversation of --data_path (drawn at random, without repeats)")
+    g = parser.add_argument_group("evaluation")
+    g.add_argument("--keyword", default="TinyMind",
+                   help="the word the adapter should teach: share of held-out replies that contain it (case-"
+                        "insensitive), over the prompts whose reference reply contains it ('' to skip)")
+    g.add_argument("--general_val_path", default="dataset/demo_sft_val.jsonl",
+                   help="general held-out chats: the adapter should not make the model worse at these")
+    g.add_argument("--forgetting_margin", type=float, default=0.15,
+                   help="allowed rise of the general held-out loss (nats per token) before a warning is printed")
+    args = parser.parse_args(argv)
+    args.save_weight = args.save_weight or args.lora_name  # names the log and the resume checkpoint
+    return args
+
+
+def lora_targets(spec: str, config) -> str | tuple:
+    """--lora_targets as model/lora.py takes it: a tuple of names, or a regex string."""
+    if spec == "all":
+        return DEFAULT_TARGETS + (MLA_TARGETS if config.use_mla else ())
+    if any(c in spec for c in "*.|()[]\\^$+?"):
+        return spec
+    return tuple(name.strip() for name in spec.split(",") if name.strip())
+
+
+class MixedChats(Dataset):
+    """The adapter's conversations plus a seeded random sample of general ones. Trained on a narrow set alone, a
+    small model drifts towards it everywhere; replaying some old data is the simplest guard against forgetting."""
+
+    def __init__(self, own, replay, count: int, seed: int):
+        chosen = np.random.default_rng(seed).choice(len(replay), size=min(count, len(replay)), replace=False)
+        self.items = [(own, i) for i in range(len(own))] + [(replay, int(i)) for i in chosen]
+        self._lengths = np.concatenate([own.lengths(), replay.lengths()[chosen]])
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        dataset, i = self.items[index]
+        return dataset[i]
+
+    def lengths(self):
+        return self._lengths
+
+
+def keyword_rate(replies: list[dict], keyword: str) -> float:
+    return sum(keyword.lower() in r["text"].lower() for r in replies) / max(1, len(replies))
+
+
+def lora_metrics(model, tokenizer, own_val, general_val, prompts, runtime, args) -> dict:
+    """Loss on the adapter's held-out chats and on the general ones; keyword rate of greedy replies (rank 0)."""
+    metrics = {"val_loss": assistant_token_loss(model, own_val, runtime, args.batch_size, args.max_seq_len),
+               "general_val_loss": assistant_token_loss(model, general_val, runtime, args.batch_size,
+                                                        args.max_seq_len)}
+    if prompts and runtime.is_main:
+        replies = generate_replies(model, tokenizer, [p for p, _ in prompts], runtime, args.max_new_tokens)
+        metrics["keyword_rate"] = keyword_rate(replies, args.keyword)
+        metrics["end_of_turn_rate"] = end_of_turn_rate(replies)
+        metrics["replies"] = replies
+    return metrics
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    runtime = init_runtime(args.device, args.dtype, args.seed, args.num_threads)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path)
+    val_path = args.val_data_path or default_val_path(args.data_path)
+    if val_path is None:
+        raise SystemExit(f"error: no held-out file: pass --val_data_path (looked for the _val.jsonl beside "
+                         f"{args.data_path})")
+    train_chats = load_chat_dataset(args.data_path, tokenizer, args, runtime, "train")
+    own_val = load_chat_dataset(val_path, tokenizer, args, runtime, "held-out")
+    general_val = load_chat_dataset(args.general_val_path, tokenizer, args, runtime, "general held-out")
+    if args.replay_data_path and args.replay_ratio > 0:
+        replay = load_chat_dataset(args.replay_data_path, tokenizer, args, runtime, "replay")
+        own_count = len(train_chats)
+        train_chats = MixedChats(train_chats, replay, round(args.replay_ratio * own_count), args.seed)
+        print0(f"training on {own_count:,} conversations + {len(train_chats) - own_count:,} replayed ones")
+    train_set, collate_fn = training_batches(train_chats, args, tokenizer.pad_token_id)
+    prompts = []
+    if args.keyword and args.eval_prompts > 0:
+        prompts = [(messages, reference) for messages, reference in held_out_prompts(val_path, 10 ** 9)
+                   if args.keyword.lower() in reference.lower()][:args.eval_prompts]
+
+    model, base_file = build_model(args, vocab_size=len(tokenizer))
+    if base_file is None:
+        print0("warning: --from_weight none: LoRA on a random model only makes sense in tests")
+    apply_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
+               target_modules=lora_targets(args.lora_targets, model.config), use_rslora=bool(args.use_rslora),
+               verbose=runtime.is_main)
+    adapters = [p for p in model.parameters() if p.requires_grad]
+    adapter_file = weight_path(os.path.join(args.save_dir, "lora"), args.lora_name, model.config)
+
+    def evaluate(model):
+        return {"val_loss": assistant_token_loss(model, own_val, runtime, args.batch_size, args.max_seq_len,
+                                                 args.eval_batches)}
+
+    # The Trainer writes the adapter (not the full model) as this stage's weights; its resume checkpoint keeps the
+    # full state (base + adapters) beside the other stages', under the --save_weight name.
+    trainer = Trainer(args, model, runtime, "lora", params=adapters,
+                      save_weights_fn=lambda trained: save_lora(trained, adapter_file))
+    trainer.weights_file = adapter_file  # what its messages name as this stage's output
+    before = None if trainer.resumed else lora_metrics(model, tokenizer, own_val, general_val, prompts, runtime, args)
+    if before is not None:
+        print0(describe_metrics("held-out before training", before))
+    try:
+        trainer.fit(train_set, sft_loss, collate_fn=collate_fn, evaluate=evaluate)
+    except TrainingDiverged as error:
+        raise SystemExit(f"error: {error}")
+    after = lora_metrics(model, tokenizer, own_val, general_val, prompts, runtime, args)
+    size_kb = os.path.getsize(adapter_file) / 1024 if runtime.is_main else 0.0
+    print0(f"adapter: {adapter_file} ({size_kb:,.0f} KB, {sum(p.numel() for p in adapters):,} parameters); "
+           f"base weights {base_file} unchanged")
+    results = {"after": {k: v for k, v in after.items() if k != "replies"}, "adapter": adapter_file,
+               "adapter_kb": size_kb}
+    if before is not None:
+        results["before"] = {k: v for k, v in before.items() if k != "replies"}
+        print_changes(before, after, ["val_loss", "keyword_rate", "end_of_turn_rate", "general_val_loss"])
+        rise = after["general_val_loss"] - before["general_val_loss"]
+        results["general_loss_rise"], results["within_margin"] = rise, rise <= args.forgetting_margin
+        print0(f"general held-out loss rose by {rise:+.4f} nats/token: "
+               + ("within" if rise <= args.forgetting_margin else "WARNING, beyond")
+               + f" the --forgetting_margin of {args.forgetting_margin}")
+    for (messages, reference), reply in list(zip(prompts, after.get("replies", [])))[:args.show_replies]:
+        print0(f"reply | {messages[-1]['content']!r} -> {reply['text']!r} (reference {reference!r})")
+
+    if runtime.is_main and args.export_peft:
+        export_peft(model, args.export_peft, base_model_name_or_path=base_file)
+        print0(f"PEFT adapter -> {args.export_peft}")
+        results["peft_dir"] = args.export_peft
+    if runtime.is_main and args.merge:
+        merged_file = weight_path(args.save_dir, f"{args.lora_name}_merged", model.config)
+        save_weights(remove_lora(model, merge=True), merged_file)  # the model in memory is plain afterwards
+        print0(f"merged model -> {merged_file}")
+        results["merged"] = merged_file
+    cleanup(runtime)
+    return results
+
+
+if __name__ == "__main__":
+    main()
