@@ -1,0 +1,171 @@
+"""train_distillation.py end to end on tiny generated chats: zero KD loss against itself, a different-size teacher
+pulled closer, a transformers teacher and vocabulary errors, and reason mode's tag weighting."""
+import json
+import os
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+import train_distillation as distill
+from model import PRESETS, TinyMindConfig, TinyMindForCausalLM
+from model.dataset import SFTDataset, pad_collate
+from model.train_utils import ResumableSampler, save_weights
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOKENIZER = os.environ.get("TINYMIND_TEST_TOKENIZER", os.path.join(ROOT, "model"))
+WORDS = "the king queen love night moon river spring wind sword song heart light 春 风 明 月 山 水".split()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(TOKENIZER)
+
+
+def chat(question, answer):
+    return {"conversations": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+
+
+def write_chats(path, count, offset=0):
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(offset, offset + count):
+            a, b = WORDS[i % len(WORDS)], WORDS[(3 * i + 1) % len(WORDS)]
+            f.write(json.dumps(chat(f"say {a} and {b}", f"{a} and {b}, {b} and {a}."), ensure_ascii=False) + "\n")
+
+
+def write_reason_chats(path, count, offset=0):
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(offset, offset + count):
+            a, b = i % 10, (7 * i) % 10
+            reply = f"<think>\n{a} + {b} = {a + b}.\n</think>\n<answer>\n{a + b}\n</answer>"
+            f.write(json.dumps(chat(f"Compute {a} + {b}.", reply)) + "\n")
+
+
+def make_checkpoint(path, vocab_size, seed, logit_scale=1.0, **sizes):
+    """A random TinyMind; logit_scale > 1 sharpens its distributions (a random teacher with opinions)."""
+    torch.manual_seed(seed)
+    model = TinyMindForCausalLM(TinyMindConfig(vocab_size=vocab_size, **{**PRESETS["nano"], **sizes}))
+    with torch.no_grad():
+        model.model.norm.weight.mul_(logit_scale)
+    save_weights(model, str(path))
+    return str(path)
+
+
+def base_args(tmp_path, tokenizer, steps=2, extra=()):
+    data = tmp_path / "chats.jsonl"
+    out = tmp_path / "out"
+    if not data.exists():
+        write_chats(data, 96)
+        write_chats(tmp_path / "chats_val.jsonl", 16, offset=500)
+        make_checkpoint(out / "full_sft_64.pth", len(tokenizer), seed=0)
+    return ["--data_path", str(data), "--tokenizer_path", TOKENIZER, "--save_dir", str(out), "--max_steps", str(steps),
+            "--batch_size", "4", "--max_seq_len", "64", "--log_interval", "1", "--eval_interval", "0",
+            "--eval_batches", "4", "--dtype", "float32", "--num_threads", "1", "--device", "cpu", *extra]
+
+
+def read_log(tmp_path, name):
+    with open(tmp_path / "out" / "logs" / f"{name}.jsonl") as f:
+        return [r for r in map(json.loads, f) if "loss" in r]
+
+
+def test_kd_loss_is_zero_when_the_teacher_is_the_student(tmp_path, tokenizer):
+    args = base_args(tmp_path, tokenizer, extra=["--alpha", "0"])
+    result = distill.main(args + ["--teacher_weight", str(tmp_path / "out" / "full_sft_64.pth")])
+    first = read_log(tmp_path, "distill")[0]
+    assert first["step"] == 1 and abs(first["loss"]) < 1e-6 and abs(first["kd"]) < 1e-6 and first["ce"] > 1
+    assert abs(result["before"]["kl_to_teacher"]) < 1e-6
+    assert (tmp_path / "out" / "distill_64.pth").exists()
+
+
+def test_distillation_pulls_a_bigger_teacher_closer_than_labels_alone(tmp_path, tokenizer):
+    teacher = make_checkpoint(tmp_path / "teacher" / "teacher_96.pth", len(tokenizer), seed=7, logit_scale=4.0,
+                              hidden_size=96, num_hidden_layers=3)
+    common = base_args(tmp_path, tokenizer, steps=24, extra=["--teacher_weight", teacher, "--learning_rate", "3e-3",
+                                                             "--log_interval", "10"])
+    kd = distill.main(common + ["--alpha", "0", "--save_weight", "kd"])
+    ce = distill.main(common + ["--alpha", "1", "--save_weight", "ce"])
+    assert kd["before"]["kl_to_teacher"] == pytest.approx(ce["before"]["kl_to_teacher"])
+    assert kd["after"]["kl_to_teacher"] < 0.7 * kd["before"]["kl_to_teacher"]
+    assert kd["after"]["kl_to_teacher"] < ce["after"]["kl_to_teacher"] - 0.1
+    assert ce["after"]["val_loss"] < ce["before"]["val_loss"] - 1.0  # the CE-only run did learn its labels
+
+
+def test_transformers_teacher_with_the_same_vocabulary(tmp_path, tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    args = base_args(tmp_path, tokenizer, extra=["--alpha", "0.5", "--temperature", "2", "--kd_direction", "reverse"])
+    config = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=1)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), **config)).save_pretrained(tmp_path / "llama")
+    result = distill.main(args + ["--teacher_weight", str(tmp_path / "llama")])
+    assert result["after"]["kl_to_teacher"] > 0
+
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer) + 64, **config)).save_pretrained(tmp_path / "llama_big")
+    with pytest.raises(SystemExit, match="vocabulary of 6464 tokens, the student 6400"):
+        distill.main(args + ["--teacher_weight", str(tmp_path / "llama_big")])
+
+
+def test_teacher_with_another_tokenizer_is_refused(tmp_path, tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    args = base_args(tmp_path, tokenizer)
+    directory = tmp_path / "llama_other_tokenizer"
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=1, num_attention_heads=2)).save_pretrained(directory)
+    other = AutoTokenizer.from_pretrained(TOKENIZER)
+    other.add_tokens(["<an_extra_token>"])
+    other.save_pretrained(directory)
+    with pytest.raises(SystemExit, match="tokenizer .* differs from ours"):
+        distill.main(args + ["--teacher_weight", str(directory)])
+
+
+def test_missing_teacher_is_a_clear_error(tmp_path, tokenizer):
+    with pytest.raises(SystemExit, match="no 'big_teacher' weights"):
+        distill.main(base_args(tmp_path, tokenizer, extra=["--teacher_weight", "big_teacher"]))
+
+
+def test_tag_weights_hit_exactly_the_four_tags(tmp_path, tokenizer):
+    write_reason_chats(tmp_path / "reason.jsonl", 1)
+    item = SFTDataset(str(tmp_path / "reason.jsonl"), tokenizer, 128, show_progress=False)[0]
+    tag_ids = torch.tensor(distill.tag_token_ids(tokenizer))
+    weights = distill.tag_weights(item["labels"], tag_ids, 10.0)
+    tokens = tokenizer.convert_ids_to_tokens(item["input_ids"].tolist())
+    assert sorted(t for t, w in zip(tokens, weights) if w == 10) == sorted(distill.TAGS)
+    assert ((weights == 1) == ((item["labels"] != -100) & ~torch.isin(item["labels"], tag_ids))).all()
+    assert (weights[item["labels"] == -100] == 0).all()
+
+
+def test_reason_mode_weights_the_tags_in_the_logged_loss(tmp_path, tokenizer):
+    """The first logged loss equals MiniMind's weighted mean sum(w * CE) / sum(w) on the first batch, recomputed
+    here from the starting weights; with weight 1 it would be the plain SFT loss, which differs."""
+    write_reason_chats(tmp_path / "reason.jsonl", 64)
+    write_reason_chats(tmp_path / "reason_val.jsonl", 8, offset=200)
+    args = base_args(tmp_path, tokenizer, extra=["--mode", "reason", "--eval_prompts", "4", "--max_new_tokens", "8"])
+    args[args.index("--data_path") + 1] = str(tmp_path / "reason.jsonl")
+    start = torch.load(tmp_path / "out" / "full_sft_64.pth", weights_only=True)
+    result = distill.main(args + ["--special_token_weight", "10"])
+    assert (tmp_path / "out" / "reason_64.pth").exists()
+    assert 0 <= result["format_before"]["well_formed"] <= 1 and "well_formed" in result["format_after"]
+
+    dataset = SFTDataset(str(tmp_path / "reason.jsonl"), tokenizer, 64, show_progress=False)
+    first_batch = ResumableSampler(len(dataset), seed=42, epoch=0).indices()[:4]
+    batch = pad_collate([dataset[i] for i in first_batch])
+    model = TinyMindForCausalLM(TinyMindConfig(vocab_size=len(tokenizer), **PRESETS["nano"]))
+    model.load_state_dict(start)
+    with torch.no_grad():
+        logits = model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    per_token = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
+    valid, is_tag = labels.flatten() != -100, torch.isin(labels.flatten(), torch.tensor(distill.tag_token_ids(tokenizer)))
+    weights = valid.float() + 9.0 * is_tag.float()
+    expected = (per_token * weights).sum() / weights.sum()
+    plain = per_token[valid].mean()
+    logged = read_log(tmp_path, "reason")[0]["loss"]
+    assert logged == pytest.approx(expected.item(), abs=1e-5)
+    assert abs(expected - plain) > 1e-3
+
+
+def test_well_formed_pattern():
+    good = "<think>\n8 + 5 = 13.\n</think>\n<answer>\n13\n</answer>"
+    assert distill.WELL_FORMED.fullmatch(good).group(2) == "13"
+    for bad in ["13", "<think>\nx\n</think>\n13", "<answer>\n13\n</answer>", good + " and more",
+                "<think>\n\n</think>\n<answer>\n13\n</answer>"]:
+        assert distill.WELL_FORMED.fullmatch(bad) is None, bad
