@@ -111,7 +111,7 @@ def main(argv=None):
                "seconds": trainer.state.elapsed, "tokens": trainer.state.tokens_seen,
                "val_loss_before": before and before["val_loss"], "val_loss_after": after["val_loss"],
                "samples": samples}
-    write_summary(args.save_dir, args.save_weight, summary, runtime)
+    write_summary(args.save_dir, args.save_weight, summary, runtime, merge=True)
     cleanup(runtime)
     return summary
 

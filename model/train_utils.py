@@ -453,14 +453,19 @@ class MetricsLog:
             self.wandb.finish()
 
 
-def write_summary(save_dir: str, name: str, summary: dict, runtime: Runtime | None = None):
+def write_summary(save_dir: str, name: str, summary: dict, runtime: Runtime | None = None, merge: bool = False):
     """A stage's headline numbers (held-out metrics before/after, wall time, paths) as
-    <save_dir>/summaries/<name>.json, for scripts/report.py and the pipeline."""
+    <save_dir>/summaries/<name>.json, for scripts/report.py and the pipeline. `merge` adds to what the Trainer
+    already wrote for this run instead of replacing it."""
     if runtime is not None and not runtime.is_main:
         return
-    clean = {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in summary.items()}
-    atomic_write_text(json.dumps(clean, indent=2, ensure_ascii=False, default=str),
-                      os.path.join(save_dir, "summaries", f"{name}.json"))
+    path = os.path.join(save_dir, "summaries", f"{name}.json")
+    clean = {}
+    if merge and os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            clean = json.load(f)
+    clean.update({k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in summary.items()})
+    atomic_write_text(json.dumps(clean, indent=2, ensure_ascii=False, default=str), path)
 
 
 # ================================================================================================ the loop
@@ -772,6 +777,14 @@ class Trainer:
         if evaluate is not None:
             final = self.evaluate(evaluate, self.state.step, None)
         self.save(final=True)
+        summary = {"stage": self.stage, "weights": self.weights_file, "steps": self.state.step,
+                   "seconds": self.state.elapsed, "tokens": self.state.tokens_seen}
+        for key, value in final.items():
+            if isinstance(value, (int, float)):
+                summary[f"{key}_after"] = value
+                if key in getattr(self, "first_eval", {}):
+                    summary[f"{key}_before"] = self.first_eval[key]
+        write_summary(args.save_dir, args.save_weight, summary, runtime)
         if runtime.distributed:
             self.check_ranks_in_sync()
         if previous_handler is not None:
@@ -796,6 +809,8 @@ class Trainer:
         with torch.no_grad(), self.runtime.autocast():
             metrics = evaluate(unwrap(self.model))
         self.model.train()
+        if step == 0:
+            self.first_eval = metrics
         record = {"step": step, **{f"eval/{k}": v for k, v in metrics.items()}}
         self.log.log(record)
         text = " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
