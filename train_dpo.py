@@ -134,7 +134,7 @@ def load_reference(args, model, runtime) -> torch.nn.Module:
     """The policy's own starting weights, or another checkpoint given by --ref_weight."""
     if args.ref_weight is None:
         return frozen_copy(model)
-    path = resolve_weight(args.ref_weight, args.save_dir)
+    path = resolve_weight(args.ref_weight, args.save_dir, model.config.hidden_size)
     state, config = load_weights(path)
     if config is None:
         raise SystemExit(f"error: {path} has no config JSON beside it; the reference needs one")
@@ -158,12 +158,14 @@ def pair_logps(model, batch: dict):
 
 
 @torch.no_grad()
-def precompute_reference_logps(reference, pairs: IndexedPairs, runtime, batch_size: int) -> torch.Tensor:
+def precompute_reference_logps(reference, pairs: IndexedPairs, runtime, batch_size: int,
+                               pad_token_id: int = 0) -> torch.Tensor:
     """[N, 2] table of log pi_ref(chosen), log pi_ref(rejected), row i for pair i. Each rank scores every
     world_size-th pair and an all-reduce assembles the full table on every rank."""
     table = torch.zeros(len(pairs), 2, device=runtime.device)
     mine = list(range(runtime.rank, len(pairs), runtime.world_size))
-    loader = DataLoader(pairs, batch_size=batch_size, sampler=mine, collate_fn=collate_pairs)
+    loader = DataLoader(pairs, batch_size=batch_size, sampler=mine,
+                        collate_fn=functools.partial(collate_pairs, pad_token_id=pad_token_id))
     was_training = reference.training
     reference.eval()
     for batch in loader:
@@ -256,28 +258,43 @@ def main(argv=None):
     if len(tokenizer) > model.config.vocab_size:
         raise SystemExit(f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {model.config.vocab_size}")
     model.to(runtime.device)
+    pad_id = tokenizer.pad_token_id
     # The reference comes from the STARTING weights, before Trainer may load a resume checkpoint into the policy.
     train_table = val_table = None
     if args.precompute_ref:
         # Before its first step the policy IS the reference: score with it directly, no copy ever exists.
         reference = load_reference(args, model, runtime) if args.ref_weight else model
         print0(f"scoring {len(train_set) + len(val_set):,} pairs with the reference model (--precompute_ref 1)")
-        train_table = precompute_reference_logps(reference, train_set, runtime, args.batch_size)
-        val_table = precompute_reference_logps(reference, val_set, runtime, args.batch_size)
+        train_table = precompute_reference_logps(reference, train_set, runtime, args.batch_size, pad_id)
+        val_table = precompute_reference_logps(reference, val_set, runtime, args.batch_size, pad_id)
         reference = None
     else:
         reference = load_reference(args, model, runtime)
 
-    pad_id = tokenizer.pad_token_id
     trainer = Trainer(args, model, runtime, "dpo")
     evaluate = make_evaluate(args, val_set, reference, val_table, runtime, pad_id)
-    before = None if trainer.resumed else trainer.evaluate(evaluate, 0)
+    # The same metrics on the first training pairs tell "DPO learned what it was shown" apart from "it generalised".
+    probe_set = Subset(train_set, range(min(len(train_set), args.eval_batches * args.batch_size)))
+    evaluate_train = make_evaluate(args, probe_set, reference, train_table, runtime, pad_id)
+    before = train_before = None
+    if not trainer.resumed:
+        before = trainer.evaluate(evaluate, 0)
+        with torch.no_grad(), runtime.autocast():
+            train_before = evaluate_train(model.eval())
+        model.train()
     try:
         after = trainer.fit(train_set, make_loss_fn(args, reference, train_table),
                             collate_fn=functools.partial(collate_pairs, pad_token_id=pad_id), evaluate=evaluate)
     except TrainingDiverged as error:
         raise SystemExit(f"error: {error}")
+    train_after = None
     if before is not None:
+        with torch.no_grad(), runtime.autocast():
+            train_after = evaluate_train(model.eval())
+        print0(f"training pairs ({len(probe_set)}): preference accuracy {train_before['pref_accuracy']:.3f} -> "
+               f"{train_after['pref_accuracy']:.3f}, implicit reward accuracy {train_before['reward_accuracy']:.3f} "
+               f"-> {train_after['reward_accuracy']:.3f}, DPO loss {train_before['dpo_loss']:.4f} -> "
+               f"{train_after['dpo_loss']:.4f}")
         print0(f"held-out preference accuracy (log pi(chosen) > log pi(rejected)) "
                f"{before['pref_accuracy']:.3f} -> {after['pref_accuracy']:.3f}")
         print0(f"held-out chosen-rejected log-prob margin {before['logp_margin']:.3f} -> {after['logp_margin']:.3f}")
@@ -285,7 +302,8 @@ def main(argv=None):
                f"reward margin {before['reward_margin']:.3f} -> {after['reward_margin']:.3f}, "
                f"DPO loss {before['dpo_loss']:.4f} -> {after['dpo_loss']:.4f}")
     cleanup(runtime)
-    return {"before": before, "after": after, "weights": trainer.weights_file}
+    return {"before": before, "after": after, "train_before": train_before, "train_after": train_after,
+            "weights": trainer.weights_file}
 
 
 if __name__ == "__main__":

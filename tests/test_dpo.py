@@ -3,6 +3,7 @@ real dataset, precomputed == live reference, bad pairs, and learning a preferenc
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 
@@ -195,13 +196,19 @@ def test_training_opens_the_held_out_preference_margin(tmp_path, tokenizer):
     assert after["dpo_loss"] < 0.5
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 @pytest.mark.slow
 def test_two_process_gloo_run_with_precomputed_reference(tmp_path, tokenizer):
     """Each rank scores half the pairs; the all-reduced table must serve both ranks' shuffled batches."""
     args = base_args(tmp_path, tokenizer, steps=3, extra=["--precompute_ref", "1"])
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_port", str(29500 + os.getpid() % 1000), os.path.join(ROOT, "train_dpo.py"),
+                             "--master_port", str(free_port()), os.path.join(ROOT, "train_dpo.py"),
                              *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "ranks in sync: yes" in result.stdout and "x 2 ranks" in result.stdout

@@ -374,7 +374,7 @@ def test_run_logs_rollout_metrics_and_saves_weights(tmp_path, capsys):
     assert "held-out reward" in capsys.readouterr().out
 
 
-def digit_model(path, tokenizer, steps=60):
+def digit_model(path, tokenizer, steps=40):
     """A nano model SFT-ed (here, in a few seconds) to answer "Pick digits" with six random digits: a policy
     that samples diverse answers, which is what GRPO needs to have something to compare."""
     torch.manual_seed(0)
@@ -413,21 +413,20 @@ def even_digits(prompts, completions, **kwargs):
 @pytest.mark.slow
 def test_grpo_raises_the_reward_of_a_toy_task(tmp_path, tokenizer):
     """Start: a policy that picks digits uniformly (reward ~0.5: half are even). GRPO alone, rewarded for even
-    digits, must push the sampled reward clearly up within 20 steps."""
+    digits, must push the sampled reward clearly up within 12 steps."""
     start = str(tmp_path / "digits.pth")
     digit_model(start, tokenizer)
     data = tmp_path / "digits.jsonl"
     data.write_text("".join(json.dumps({"conversations": [{"role": "user", "content": "Pick digits"}]}) + "\n"
                             for _ in range(80)))
     (tmp_path / "toy_rewards.py").write_text(EVEN_DIGITS)
-    train_grpo.main(run_args(tmp_path, data, steps=20, extra=[
+    train_grpo.main(run_args(tmp_path, data, steps=12, extra=[
         "--from_weight", start, "--reward_funcs", f"{tmp_path / 'toy_rewards.py'}:even_digits", "--batch_size", "4",
-        "--num_generations", "8", "--max_gen_len", "16", "--learning_rate", "1e-2"]))
+        "--num_generations", "8", "--max_gen_len", "16", "--learning_rate", "3e-3"]))
     rewards = [r["reward"] for r in read_log(tmp_path) if "loss" in r]
-    assert len(rewards) == 20
-    early, late = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
-    assert 0.3 < early < 0.7, early
-    assert late > early + 0.2, rewards
+    assert len(rewards) == 12
+    assert 0.3 < rewards[0] < 0.7, rewards  # the first rollout comes from the untouched, uniform policy
+    assert sum(rewards[-4:]) / 4 > rewards[0] + 0.25, rewards
 
 
 def test_resume_continues_exactly(tmp_path):

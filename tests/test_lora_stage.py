@@ -49,8 +49,8 @@ def lora_args(root, steps=40, extra=()):
     return ["--data_path", str(root / "identity.jsonl"), "--general_val_path", str(root / "general_val.jsonl"),
             "--tokenizer_path", TOKENIZER, "--save_dir", str(root / "out"), "--max_steps", str(steps),
             "--batch_size", "2", "--max_seq_len", "128", "--learning_rate", "5e-3", "--lora_r", "4",
-            "--log_interval", "8", "--eval_interval", "0", "--eval_prompts", "6", "--max_new_tokens", "10",
-            "--dtype", "float32", "--num_threads", "1", "--device", "cpu", *extra]
+            "--replay_ratio", "0", "--log_interval", "8", "--eval_interval", "0", "--eval_prompts", "6",
+            "--max_new_tokens", "10", "--dtype", "float32", "--num_threads", "1", "--device", "cpu", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -144,3 +144,20 @@ def test_lora_targets_flag():
     assert train_lora.lora_targets("q_proj, v_proj", config) == ("q_proj", "v_proj")
     assert train_lora.lora_targets("all", config) == DEFAULT_TARGETS + MLA_TARGETS
     assert train_lora.lora_targets(r".*layers\.0\..*_proj", config) == r".*layers\.0\..*_proj"
+
+
+def test_replay_mixes_a_sample_of_general_chats_into_training(tmp_path):
+    from transformers import AutoTokenizer
+    from model.dataset import SFTDataset
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
+    write_identity(tmp_path / "identity.jsonl", 10, seed=0)
+    write_general(tmp_path / "general.jsonl", 30, seed=1)
+    own = SFTDataset(str(tmp_path / "identity.jsonl"), tokenizer, 128, show_progress=False)
+    general = SFTDataset(str(tmp_path / "general.jsonl"), tokenizer, 128, show_progress=False)
+    mixed = train_lora.MixedChats(own, general, count=5, seed=0)
+    assert len(mixed) == 15 and len(mixed.lengths()) == 15
+    texts = [tokenizer.decode(mixed[i]["input_ids"]) for i in range(len(mixed))]
+    assert all("TinyMind" in t for t in texts[:10]) and all(" + " in t for t in texts[10:])
+    replayed = [i for dataset, i in mixed.items if dataset is general]
+    assert len(set(replayed)) == 5  # drawn without repeats
+    assert [len(mixed[i]["input_ids"]) for i in range(15)] == mixed.lengths().tolist()
