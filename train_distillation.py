@@ -39,8 +39,7 @@ from model.train_utils import (DTYPES, Trainer, TrainingDiverged, add_common_arg
                                print0, resolve_weight)
 
 TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
-# a reply counts as well formed when it is exactly: non-empty thinking, then a non-empty answer, then nothing
-WELL_FORMED = re.compile(r"\s*<think>\s*(\S.*?)\s*</think>\s*<answer>\s*(\S.*?)\s*</answer>\s*", re.S)
+REASONING_FORMAT = re.compile(r"\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*", re.S)
 
 
 def parse_args(argv=None):
@@ -282,6 +281,16 @@ def make_evaluate(args, val_set, runtime, pad_token_id: int, teacher=None, tag_i
 # ================================================================================================ format check
 
 
+def parse_reasoning(reply: str) -> str | None:
+    """The answer of a well-formed reply, else None. Well formed: exactly <think>...</think><answer>...</answer>,
+    each tag once, neither part empty (small models like to emit stray tags; those replies do not count)."""
+    match = REASONING_FORMAT.fullmatch(reply)
+    if match is None or any(reply.count(tag) != 1 for tag in TAGS):
+        return None
+    thinking, answer = match.group(1).strip(), match.group(2).strip()
+    return answer if thinking and answer else None
+
+
 def held_out_prompts(path: str, count: int) -> list[tuple[list[dict], str]]:
     """(prompt messages, reference answer) for the first `count` held-out conversations."""
     prompts = []
@@ -289,8 +298,7 @@ def held_out_prompts(path: str, count: int) -> list[tuple[list[dict], str]]:
         messages = obj.get("conversations") or []
         if not messages or messages[-1].get("role") != "assistant":
             continue
-        match = WELL_FORMED.fullmatch(messages[-1].get("content", ""))
-        prompts.append((messages[:-1], match.group(2) if match else ""))
+        prompts.append((messages[:-1], parse_reasoning(messages[-1].get("content", "")) or ""))
         if len(prompts) >= count:
             break
     return prompts
@@ -320,9 +328,9 @@ def reasoning_format_rate(model, tokenizer, prompts, runtime, max_new_tokens: in
         for row, (_, reference) in zip(output[:, width:].tolist(), chunk):
             stopped = eos in row
             reply = tokenizer.decode(row[:row.index(eos)] if stopped else row, skip_special_tokens=False)
-            match = WELL_FORMED.fullmatch(reply) if stopped else None
-            well_formed += match is not None
-            correct += match is not None and match.group(2) == reference
+            answer = parse_reasoning(reply) if stopped else None
+            well_formed += answer is not None
+            correct += answer is not None and answer == reference
             example = example or reply
     model.train(was_training)
     n = max(len(prompts), 1)

@@ -43,7 +43,7 @@ from transformers import AutoTokenizer, GenerationConfig
 from model import rewards as reward_lib
 from model.dataset import BadInput, PromptDataset
 from model.losses import grpo_loss, group_advantages, token_logprobs
-from model.train_utils import (ResumableSampler, Trainer, TrainingDiverged, add_common_args, all_reduce_mean,
+from model.train_utils import (ResumableSampler, Trainer, TrainingDiverged, add_common_args, all_reduce_mean, barrier,
                                build_model, cleanup, default_device, format_seconds, init_runtime, lr_at, print0,
                                unwrap)
 
@@ -605,6 +605,7 @@ def main(argv=None):
                 print0(f"held-out {key} {before[key]:.4f} -> {after[key]:.4f}")
     for prompt, text, answer in last_answers[:args.show_completions]:
         print0(f"answer | {prompt!r} -> {text!r} (reference {answer!r})")
+    barrier(runtime)
     cleanup(runtime)
     return {"before": before, "after": after, "weights": trainer.weights_file}
 

@@ -14,6 +14,11 @@ and r/alpha/targets; load it on top of the base model (eval_model.py --lora_name
     --merge 1            also write out/<lora_name>_merged_<hidden>.pth, the base with W + (alpha / r) B A folded in
     --export_peft DIR    also write the adapter in Hugging Face PEFT's format (adapter_model.safetensors + config)
 
+Replay: trained on a narrow set alone, a model this small drifts towards it everywhere (on the demo, the general
+held-out loss rose by 1.8 nats per token). So by default half as many general SFT chats as there are adapter chats
+are mixed into training (--replay_data_path, --replay_ratio); `--replay_data_path none` trains on --data_path alone,
+as MiniMind does.
+
 At the end it prints held-out metrics as "metric before -> after": the loss on the adapter's own held-out chats,
 how often greedy replies to those prompts mention --keyword (for the identity set: "TinyMind"), and the loss on the
 general SFT held-out chats, which should stay within --forgetting_margin of the base model's.
@@ -37,8 +42,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     on_gpu = default_device() == "cuda"
     # No weight decay: it would pull the adapters towards zero, i.e. towards "no change", which is not a prior we want.
-    add_common_args(parser, "lora", from_weight="full_sft", epochs=6, batch_size=16 if on_gpu else 4,
-                    learning_rate=1e-3 if on_gpu else 3e-3, max_seq_len=512, weight_decay=0.0, eval_interval=50,
+    add_common_args(parser, "lora", from_weight="full_sft", epochs=8, batch_size=16 if on_gpu else 4,
+                    learning_rate=1e-3 if on_gpu else 5e-3, max_seq_len=512, weight_decay=0.0, eval_interval=50,
                     save_interval=200, log_interval=5)
     parser.set_defaults(save_weight=None)
     g = parser.add_argument_group("LoRA")
@@ -55,10 +60,10 @@ def parse_args(argv=None):
                    help="1: also save the base with the adapter folded in, <save_dir>/<lora_name>_merged_<hidden>.pth")
     g.add_argument("--export_peft", default=None, help="also write the adapter in PEFT's format into this directory")
     g = add_chat_data_args(parser, data_path="dataset/demo_lora_identity.jsonl")
-    g.add_argument("--replay_data_path", default=None,
+    g.add_argument("--replay_data_path", default="dataset/demo_sft.jsonl",
                    help="general chats mixed into training (replay), so the adapter does not make the model forget "
-                        "them, e.g. the SFT data: dataset/demo_sft.jsonl")
-    g.add_argument("--replay_ratio", type=float, default=1.0,
+                        "them ('none': train on --data_path alone, as MiniMind does)")
+    g.add_argument("--replay_ratio", type=float, default=0.5,
                    help="replayed conversations per conversation of --data_path (drawn at random, without repeats)")
     g = parser.add_argument_group("evaluation")
     g.add_argument("--keyword", default="TinyMind",
@@ -66,7 +71,7 @@ def parse_args(argv=None):
                         "insensitive), over the prompts whose reference reply contains it ('' to skip)")
     g.add_argument("--general_val_path", default="dataset/demo_sft_val.jsonl",
                    help="general held-out chats: the adapter should not make the model worse at these")
-    g.add_argument("--forgetting_margin", type=float, default=0.15,
+    g.add_argument("--forgetting_margin", type=float, default=0.5,
                    help="allowed rise of the general held-out loss (nats per token) before a warning is printed")
     args = parser.parse_args(argv)
     args.save_weight = args.save_weight or args.lora_name  # names the log and the resume checkpoint
@@ -130,7 +135,7 @@ def main(argv=None):
     train_chats = load_chat_dataset(args.data_path, tokenizer, args, runtime, "train")
     own_val = load_chat_dataset(val_path, tokenizer, args, runtime, "held-out")
     general_val = load_chat_dataset(args.general_val_path, tokenizer, args, runtime, "general held-out")
-    if args.replay_data_path and args.replay_ratio > 0:
+    if args.replay_data_path not in (None, "", "none") and args.replay_ratio > 0:
         replay = load_chat_dataset(args.replay_data_path, tokenizer, args, runtime, "replay")
         own_count = len(train_chats)
         train_chats = MixedChats(train_chats, replay, round(args.replay_ratio * own_count), args.seed)

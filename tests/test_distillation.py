@@ -163,9 +163,11 @@ def test_reason_mode_weights_the_tags_in_the_logged_loss(tmp_path, tokenizer):
     assert abs(expected - plain) > 1e-3
 
 
-def test_well_formed_pattern():
+def test_well_formed_replies():
     good = "<think>\n8 + 5 = 13.\n</think>\n<answer>\n13\n</answer>"
-    assert distill.WELL_FORMED.fullmatch(good).group(2) == "13"
+    assert distill.parse_reasoning(good) == "13"
     for bad in ["13", "<think>\nx\n</think>\n13", "<answer>\n13\n</answer>", good + " and more",
-                "<think>\n\n</think>\n<answer>\n13\n</answer>"]:
-        assert distill.WELL_FORMED.fullmatch(bad) is None, bad
+                "<think>\n\n</think>\n<answer>\n13\n</answer>",  # empty thinking
+                "<think>\nx\n</think>\n<answer>\n</answer>\n</answer>",  # stray tag passed off as the answer
+                "<think>\n</answer> + 1\n</think>\n<answer>\n2\n</answer>"]:
+        assert distill.parse_reasoning(bad) is None, bad
