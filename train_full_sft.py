@@ -153,7 +153,7 @@ def padding_fractions(lengths, max_seq_len: int, batch_size: int, seed: int = 0)
             "conversations_per_row": len(lengths) / len(bins)}
 
 
-def minimind_like_lengths(count: int = 20000, seed: int = 0) -> np.ndarray:
+def minimind_like_lengths(count: int = 4000, seed: int = 0) -> np.ndarray:
     """Synthetic token lengths shaped like MiniMind's sft_mini_512 (conversations kept under 512 tokens): a
     log-normal with median 200 tokens, clipped to [16, 512]. An assumption, not a measurement of that file."""
     rng = np.random.default_rng(seed)

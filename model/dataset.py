@@ -279,8 +279,9 @@ class PackedDataset(Dataset):
         free: list[int] = []  # remaining room of each open bin
         for index in order:
             n = int(lengths[index])
-            for b, room in enumerate(free):  # first fit among the last few bins keeps this O(n)
-                if room >= n and b >= len(free) - 8:
+            for b in range(max(0, len(free) - 8), len(free)):  # first fit among the last 8 open bins: O(n)
+                room = free[b]
+                if room >= n:
                     self.bins[b].append(int(index))
                     free[b] -= n
                     break
