@@ -45,7 +45,8 @@ REASONING_FORMAT = re.compile(r"\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     on_gpu = default_device() == "cuda"
-    add_common_args(parser, "distill", from_weight="full_sft", batch_size=16, learning_rate=5e-5 if on_gpu else 2e-4,
+    # Both modes are supervised training on chats: SFT's learning rates (measured on the demo, see README).
+    add_common_args(parser, "distill", from_weight="full_sft", batch_size=16, learning_rate=2e-4 if on_gpu else 1e-3,
                     max_seq_len=1024 if on_gpu else 512, eval_interval=100, save_interval=200)
     parser.set_defaults(save_weight=None)
     g = parser.add_argument_group("data")
@@ -72,7 +73,8 @@ def parse_args(argv=None):
     g.add_argument("--temperature", type=float, default=1.0,
                    help="softens both distributions before the KL (the KL term is scaled by T^2)")
     g.add_argument("--kd_direction", default="forward", choices=["forward", "reverse"],
-                   help="forward: KL(teacher || student), mass-covering; reverse: KL(student || teacher), mode-seeking")
+                   help="forward: KL(teacher || student), mass-covering; "
+                        "reverse: KL(student || teacher), mode-seeking")
     g = parser.add_argument_group("reasoning SFT (--mode reason)")
     g.add_argument("--special_token_weight", type=float, default=10.0,
                    help="loss weight of the <think> </think> <answer> </answer> tokens (MiniMind: 10; 1: plain SFT)")
@@ -352,7 +354,8 @@ def main(argv=None):
 
     model, source = build_model(args, vocab_size=len(tokenizer))
     if len(tokenizer) > model.config.vocab_size:
-        raise SystemExit(f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {model.config.vocab_size}")
+        raise SystemExit(f"error: the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
+                         f"{model.config.vocab_size}")
     model.to(runtime.device)
 
     teacher = tag_ids = None
@@ -381,8 +384,10 @@ def main(argv=None):
                             evaluate=evaluate)
     except TrainingDiverged as error:
         raise SystemExit(f"error: {error}")
-    if prompts and runtime.is_main:
+    if format_before is not None:
         format_after = reasoning_format_rate(model, tokenizer, prompts, runtime, args.max_new_tokens)
+    # Ranks wait for rank 0's generation; under DDP this also lets gloo's threads release the tensors of the last
+    # collectives before the DDP wrapper is freed (freeing it right after them can deadlock in gloo's destructor).
     barrier(runtime)
     if before is not None:
         print0(f"held-out loss {before['val_loss']:.4f} -> {after['val_loss']:.4f}")
@@ -392,7 +397,7 @@ def main(argv=None):
         print0(f"well-formed <think>/<answer> replies on {len(prompts)} held-out prompts: "
                f"{format_before['well_formed']:.3f} -> {format_after['well_formed']:.3f}; "
                f"correct answers {format_before['answer_correct']:.3f} -> {format_after['answer_correct']:.3f}")
-        print0(f"sample reply: {format_after['example']!r}")
+        print0(f"first held-out reply after training: {format_after['example']!r}")
     cleanup(runtime)
     return {"before": before, "after": after, "format_before": format_before, "format_after": format_after,
             "weights": trainer.weights_file}

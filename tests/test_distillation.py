@@ -2,6 +2,9 @@
 pulled closer, a transformers teacher and vocabulary errors, and reason mode's tag weighting."""
 import json
 import os
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -154,7 +157,8 @@ def test_reason_mode_weights_the_tags_in_the_logged_loss(tmp_path, tokenizer):
         logits = model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
     labels = batch["labels"][:, 1:]
     per_token = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
-    valid, is_tag = labels.flatten() != -100, torch.isin(labels.flatten(), torch.tensor(distill.tag_token_ids(tokenizer)))
+    tag_ids = torch.tensor(distill.tag_token_ids(tokenizer))
+    valid, is_tag = labels.flatten() != -100, torch.isin(labels.flatten(), tag_ids)
     weights = valid.float() + 9.0 * is_tag.float()
     expected = (per_token * weights).sum() / weights.sum()
     plain = per_token[valid].mean()
@@ -171,3 +175,17 @@ def test_well_formed_replies():
                 "<think>\nx\n</think>\n<answer>\n</answer>\n</answer>",  # stray tag passed off as the answer
                 "<think>\n</answer> + 1\n</think>\n<answer>\n2\n</answer>"]:
         assert distill.parse_reasoning(bad) is None, bad
+
+
+@pytest.mark.slow
+def test_two_process_gloo_distillation_keeps_ranks_in_sync(tmp_path, tokenizer):
+    teacher = make_checkpoint(tmp_path / "teacher" / "teacher_96.pth", len(tokenizer), seed=7, hidden_size=96)
+    args = base_args(tmp_path, tokenizer, steps=3, extra=["--teacher_weight", teacher])
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                             str(port), os.path.join(ROOT, "train_distillation.py"), *args], cwd=ROOT,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ranks in sync: yes" in result.stdout and "x 2 ranks" in result.stdout

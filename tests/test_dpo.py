@@ -75,7 +75,8 @@ def test_first_loss_is_exactly_ln2_when_policy_equals_reference(tmp_path, tokeni
     assert (tmp_path / "out" / "dpo_64.pth").exists() and result["weights"].endswith("dpo_64.pth")
 
 
-@pytest.mark.parametrize("loss_type, expected", [("hinge", 1.0), ("ipo", (1 / (2 * 0.1)) ** 2), ("robust", math.log(2))])
+@pytest.mark.parametrize("loss_type, expected",
+                         [("hinge", 1.0), ("ipo", (1 / (2 * 0.1)) ** 2), ("robust", math.log(2))])
 def test_other_loss_types_start_where_their_formula_says(tmp_path, tokenizer, loss_type, expected):
     """Policy == reference makes every log-ratio 0: hinge relu(1 - 0) = 1, IPO (0 - 1/(2 beta))^2, robust ln 2."""
     train_dpo.main(base_args(tmp_path, tokenizer, steps=1, extra=["--loss_type", loss_type,
@@ -147,7 +148,8 @@ def test_duplicated_completion_has_twice_the_logprob_end_to_end(tmp_path, tokeni
     config = TinyMindConfig(vocab_size=len(tokenizer), tie_word_embeddings=False, **PRESETS["nano"])
     model = TinyMindForCausalLM(config).eval()
     with torch.no_grad():
-        model.model.embed_tokens.weight.copy_(torch.randn(config.hidden_size).expand_as(model.model.embed_tokens.weight))
+        embeddings = model.model.embed_tokens.weight
+        embeddings.copy_(torch.randn(config.hidden_size).expand_as(embeddings))
         for name, param in model.named_parameters():
             if "o_proj" in name or "down_proj" in name:
                 param.zero_()
