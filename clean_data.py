@@ -29,7 +29,8 @@ Stages (always run in this order; --stages picks a subset)
            for Chinese, words for English; shingles never cross a sentence end, so reordered sentences do not count
            as changes), LSH bands (b, r) as datasketch's MinHashLSH chooses them for --minhash_threshold, each
            candidate pair checked against the signatures' estimated Jaccard (--verify_threshold), then union-find
-           over the verified pairs; each cluster keeps its lowest document id.
+           over the verified pairs; each cluster keeps its lowest document id. Texts with fewer than
+           --min_shingles distinct shingles get exact dedup only (one shared line would make them match).
            (3) sentences: sentences of >= --sentence_min_chars found in >= --sentence_min_docs surviving documents
            (boilerplate) are cut out of every document; the documents stay (only dropped if nothing is left).
   quality  An interpolated Kneser-Ney character n-gram LM (own implementation) trained on the first
@@ -722,7 +723,9 @@ def dedup_keys(record: dict, cfg, view: DocView = None) -> DedupKeys:
     keys = DedupKeys(exact=exact_key(text))
     if cfg.near_dedup:
         shingle_set = shingles(text, cfg, view)
-        if shingle_set:  # an empty signature would collide with every other empty one
+        # Too few shingles and one shared line already reaches the threshold (two 5-shingle stubs with the same title
+        # line look like near-duplicates); such short texts get exact dedup only. Never empty: it would collide.
+        if len(shingle_set) >= max(1, cfg.min_shingles):
             keys.signature = minhash_signature(shingle_set, cfg.num_perm, cfg.minhash_seed)
             keys.bands = band_keys(keys.signature, cfg.lsh_b, cfg.lsh_r)
     # conversations keep their sentences: repeated system prompts and templates are part of chat data
@@ -1488,10 +1491,14 @@ def build_parser() -> argparse.ArgumentParser:
     rules.add_argument("--min_stop_words", type=int, default=2, help="English pretrain text: distinct stop words")
 
     dedup = p.add_argument_group("stage 2: dedup")
-    dedup.add_argument("--minhash_threshold", type=float, default=0.8, help="Jaccard threshold the LSH is tuned to")
+    dedup.add_argument("--minhash_threshold", type=float, default=0.4,
+                       help="Jaccard threshold the LSH is tuned to (0.4: copies with 10%% of words edited have a "
+                            "3-shingle Jaccard of 0.5-0.6; 0.8 misses them, see the README)")
     dedup.add_argument("--num_perm", type=int, default=128, help="MinHash permutations")
     dedup.add_argument("--minhash_seed", type=int, default=1, help="MinHash seed (datasketch's default)")
     dedup.add_argument("--shingle_size", type=int, default=3, help="words per shingle (unigrams merge anything)")
+    dedup.add_argument("--min_shingles", type=int, default=10,
+                       help="documents with fewer distinct shingles get exact dedup only (one shared line would match)")
     dedup.add_argument("--verify_threshold", type=float, default=None,
                        help="keep an LSH candidate pair only if its estimated Jaccard is at least this "
                             "(default: --minhash_threshold; 0: off, as in datatrove)")

@@ -35,8 +35,8 @@ from model.dataset import BadInput, SFTDataset, iter_jsonl, pad_collate
 from model.losses import distillation_loss, kd_loss
 from model.model import TinyMindForCausalLM
 from model.train_utils import (DTYPES, Trainer, TrainingDiverged, add_common_args, all_reduce_mean, barrier,
-                               build_model, cleanup, default_device, init_runtime, load_state_into, load_weights,
-                               print0, resolve_weight)
+                               before_after, build_model, cleanup, default_device, init_runtime, load_state_into,
+                               load_weights, print0, resolve_weight, write_summary)
 
 TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
 REASONING_FORMAT = re.compile(r"\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*", re.S)
@@ -386,9 +386,7 @@ def main(argv=None):
         raise SystemExit(f"error: {error}")
     if format_before is not None:
         format_after = reasoning_format_rate(model, tokenizer, prompts, runtime, args.max_new_tokens)
-    # Ranks wait for rank 0's generation; under DDP this also lets gloo's threads release the tensors of the last
-    # collectives before the DDP wrapper is freed (freeing it right after them can deadlock in gloo's destructor).
-    barrier(runtime)
+    barrier(runtime)  # the other ranks wait for rank 0's generation
     if before is not None:
         print0(f"held-out loss {before['val_loss']:.4f} -> {after['val_loss']:.4f}")
         if teacher is not None:
@@ -398,6 +396,7 @@ def main(argv=None):
                f"{format_before['well_formed']:.3f} -> {format_after['well_formed']:.3f}; "
                f"correct answers {format_before['answer_correct']:.3f} -> {format_after['answer_correct']:.3f}")
         print0(f"first held-out reply after training: {format_after['example']!r}")
+        write_summary(args.save_dir, args.save_weight, before_after(format_before, format_after), runtime, merge=True)
     cleanup(runtime)
     return {"before": before, "after": after, "format_before": format_before, "format_after": format_after,
             "weights": trainer.weights_file}

@@ -32,8 +32,8 @@ from transformers import AutoTokenizer
 from model.dataset import BadInput, DPODataset, dpo_collate
 from model.losses import dpo_loss, sequence_logprobs
 from model.model import TinyMindForCausalLM
-from model.train_utils import (Trainer, TrainingDiverged, add_common_args, all_reduce_mean, barrier, build_model,
-                               cleanup, default_device, init_runtime, load_state_into, load_weights, print0,
+from model.train_utils import (Trainer, TrainingDiverged, add_common_args, all_reduce_mean, build_model, cleanup,
+                               default_device, init_runtime, load_state_into, load_weights, print0,
                                resolve_weight)
 
 
@@ -303,9 +303,6 @@ def main(argv=None):
         print0(f"held-out implicit reward accuracy {before['reward_accuracy']:.3f} -> {after['reward_accuracy']:.3f}, "
                f"reward margin {before['reward_margin']:.3f} -> {after['reward_margin']:.3f}, "
                f"DPO loss {before['dpo_loss']:.4f} -> {after['dpo_loss']:.4f}")
-    # Under DDP, wait (GIL released) until gloo's threads have let go of the tensors of the last collectives: freeing
-    # the DDP wrapper right after them can deadlock inside ProcessGroupGloo's destructor.
-    barrier(runtime)
     cleanup(runtime)
     return {"before": before, "after": after, "train_before": train_before, "train_after": train_after,
             "weights": trainer.weights_file}

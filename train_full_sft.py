@@ -40,8 +40,8 @@ from transformers import AutoTokenizer
 
 from model.dataset import (BadInput, PackedDataset, SFTDataset, check_conversation, iter_jsonl, packed_collate,
                            pad_collate)
-from model.train_utils import (ResumableSampler, Trainer, TrainingDiverged, add_common_args, build_model, cleanup,
-                               default_device, init_runtime, print0)
+from model.train_utils import (ResumableSampler, Trainer, TrainingDiverged, add_common_args, before_after, build_model,
+                               cleanup, default_device, init_runtime, print0, write_summary)
 
 
 def parse_args(argv=None):
@@ -328,6 +328,9 @@ def main(argv=None):
     if before is not None:
         results["before"] = {k: v for k, v in before.items() if k != "replies"}
         print_changes(before, after, ["val_loss", "end_of_turn_rate", "mean_reply_tokens"])
+        samples = {m[-1]["content"]: r["text"] for (m, _), r in list(zip(prompts, after.get("replies", [])))[:4]}
+        write_summary(args.save_dir, args.save_weight, {**before_after(before, after), "samples": samples}, runtime,
+                      merge=True)
     for (messages, reference), reply in list(zip(prompts, after.get("replies", [])))[:args.show_replies]:
         print0(f"reply | {messages[-1]['content']!r} -> {reply['text']!r} (reference {reference!r})")
     cleanup(runtime)

@@ -1,4 +1,4 @@
-"""Stage 5, GRPO: reinforcement learning from rewards a program can check (DeepSeekMath / DeepSeek-R1).
+"""Stage 6, GRPO: reinforcement learning from rewards a program can check (DeepSeekMath / DeepSeek-R1).
 
     python train_grpo.py                                   # demo sums, from out/full_sft_<hidden>.pth, CPU minutes
     python train_grpo.py --from_weight reason --reward_funcs format,answer --max_gen_len 1024   # MiniMind-style
@@ -51,8 +51,10 @@ from model.train_utils import (ResumableSampler, Trainer, TrainingDiverged, add_
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     on_gpu = default_device() == "cuda"
+    # LR: 1e-6 as in TRL for GPU-sized models; the 4.6M CPU demo model learns the format in 30 steps at 5e-5 and
+    # needs 50+ at 1e-5 (held-out reward 0.42 -> 0.53 vs 0.49, README "GRPO").
     add_common_args(parser, "grpo", from_weight="full_sft", batch_size=8 if on_gpu else 4,
-                    learning_rate=1e-6 if on_gpu else 1e-5, max_seq_len=256, weight_decay=0.0, max_steps=-1,
+                    learning_rate=1e-6 if on_gpu else 5e-5, max_seq_len=256, weight_decay=0.0, max_steps=-1,
                     log_interval=1, eval_interval=50, save_interval=100)
     g = parser.add_argument_group("data (--batch_size counts PROMPTS per micro-batch; each gives --num_generations "
                                   "completions; --max_seq_len is the longest prompt kept)")

@@ -134,7 +134,12 @@ def barrier(runtime: Runtime):
 
 
 def cleanup(runtime: Runtime):
+    """Leave the process group. The barrier and short sleep first let gloo's worker threads finish freeing the tensors
+    of the last collectives (they need the GIL for it): destroying the group, or freeing the DDP wrapper that owns it,
+    while one of them is still at it deadlocks in ProcessGroupGloo's destructor (seen in 1 CPU run in 3 under load)."""
     if runtime.distributed and dist.is_initialized():
+        dist.barrier()
+        time.sleep(0.5)  # GIL released while sleeping: the worker threads go idle
         dist.destroy_process_group()
 
 
@@ -466,6 +471,15 @@ def write_summary(save_dir: str, name: str, summary: dict, runtime: Runtime | No
             clean = json.load(f)
     clean.update({k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in summary.items()})
     atomic_write_text(json.dumps(clean, indent=2, ensure_ascii=False, default=str), path)
+
+
+def before_after(before: dict, after: dict) -> dict:
+    """{metric}_before / {metric}_after for every number both dicts hold: the summary keys scripts/report.py pairs."""
+    paired = {}
+    for key, value in after.items():
+        if isinstance(value, (int, float)) and isinstance(before.get(key), (int, float)):
+            paired[f"{key}_before"], paired[f"{key}_after"] = before[key], value
+    return paired
 
 
 # ================================================================================================ the loop

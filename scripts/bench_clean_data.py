@@ -5,6 +5,7 @@ Benchmarks for clean_data.py on generated documents (no data set needed).
     python scripts/bench_clean_data.py speed --docs 100000   # docs/s per stage, peak memory, 1 and 2 workers
     python scripts/bench_clean_data.py quality               # perplexity of clean vs corrupted held-out text
     python scripts/bench_clean_data.py all
+    python scripts/bench_clean_data.py generate --docs 1400000 --output /tmp/big.jsonl    # ~1 GB for a scale run
 
 dedup    Unrelated documents (Chinese from jieba's word frequencies, English from a made-up Zipfian vocabulary) mixed
          with planted near-duplicates of some of them: 5% or 10% of words edited, sentences shuffled, boilerplate
@@ -422,14 +423,23 @@ def bench_quality(args):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
-    p.add_argument("what", choices=("dedup", "speed", "quality", "all"), help="which benchmark")
+    p.add_argument("what", choices=("dedup", "speed", "quality", "all", "generate"),
+                   help="which benchmark; generate: only write the speed corpus (--docs of it) to --output, for a "
+                        "scale run of clean_data.py by hand")
     p.add_argument("--unrelated", type=int, default=2000, help="dedup: unrelated documents per language")
     p.add_argument("--planted", type=int, default=200, help="dedup: planted copies per perturbation and language")
-    p.add_argument("--thresholds", type=float, nargs="+", default=[0.8, 0.5], help="dedup: --minhash_threshold")
+    p.add_argument("--thresholds", type=float, nargs="+", default=[0.8, 0.5, 0.4], help="dedup: --minhash_threshold")
     p.add_argument("--docs", type=int, default=100_000, help="speed: generated documents")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="speed: worker counts")
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--output", default=None, help="generate: where the corpus goes")
     args = p.parse_args()
+    if args.what == "generate":
+        if not args.output:
+            p.error("generate needs --output")
+        make_speed_corpus(args.output, args.docs)
+        print(f"{args.docs:,} documents, {os.path.getsize(args.output) / 1e9:.2f} GB -> {args.output}")
+        return
     results = {}
     if args.what in ("dedup", "all"):
         results["dedup"] = bench_dedup(args)

@@ -60,6 +60,69 @@ def plot_curves(name, records, image_dir):
     return path
 
 
+# The number each stage is judged by, first match wins (scripts/run_pipeline.py's stages; others use their first).
+HEADLINE = {"pretrain": ["val_loss"], "teacher_pretrain": ["val_loss"], "full_sft": ["end_of_turn_rate", "val_loss"],
+            "teacher_sft": ["end_of_turn_rate", "val_loss"], "lora_identity": ["keyword_rate", "val_loss"],
+            "dpo": ["reward_accuracy", "reward_margin"], "distill": ["kl_to_teacher", "val_loss"],
+            "reason": ["well_formed", "val_loss"], "grpo": ["accuracy", "reward"]}
+
+
+def headline(stage: str, summary: dict):
+    """(metric, before, after) for the stage's headline number, or None."""
+    paired = [k[:-len("_after")] for k in sorted(summary) if k.endswith("_after") and f"{k[:-6]}_before" in summary]
+    preferred = [m for m in HEADLINE.get(stage, []) if m in paired] or paired
+    if not preferred:
+        return None
+    metric = preferred[0]
+    return metric, summary[f"{metric}_before"], summary[f"{metric}_after"]
+
+
+def plot_report_card(stages, logs, summaries, pipeline_seconds, path):
+    """One picture of the whole run: a panel per stage with its curves and its headline number before -> after."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    panels = [s for s in stages if any("loss" in r or "reward" in r for r in logs.get(s, []))]
+    if not panels:
+        return None
+    columns = 3
+    rows = (len(panels) + columns - 1) // columns
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 2.9 * rows), squeeze=False)
+    for ax, stage in zip(axes.flat, panels):
+        records = logs[stage]
+        train = [(r["step"], r["loss"]) for r in records if "loss" in r and "step" in r]
+        reward = [(r["step"], r["reward"]) for r in records if "reward" in r and "step" in r]
+        if train:
+            ax.plot(*zip(*train), linewidth=1, label="train loss")
+        evals = {}
+        for r in records:
+            for key, value in r.items():
+                if key in ("eval/val_loss", "eval/reward", "eval/accuracy", "eval/reward_accuracy", "eval/kl_to_teacher"):
+                    evals.setdefault(key, []).append((r["step"], value))
+        for key, points in evals.items():
+            ax.plot(*zip(*points), marker="o", markersize=3, linewidth=1, label=key[len("eval/"):])
+        if reward:
+            ax.plot(*zip(*reward), linewidth=1, alpha=0.6, label="rollout reward")
+        title = stage
+        numbers = headline(stage, summaries.get(stage, {}))
+        if numbers:
+            title += f"\n{numbers[0]} {numbers[1]:.3g} -> {numbers[2]:.3g}"
+        ax.set_title(title, fontsize=9)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    total = sum(pipeline_seconds.values()) / 60 if pipeline_seconds else None
+    env = environment()
+    fig.suptitle(f"TinyMind report card: {env['device']}, torch {env['torch']}, commit {env['git commit']}"
+                 + (f", pipeline {total:.1f} min" if total else ""), fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def environment():
     import torch
     try:
@@ -96,6 +159,9 @@ def build_report(save_dir: str) -> str:
             summaries[name] = content
     stages = sorted(set(logs) | set(summaries), key=stage_sort_key)
     lines = ["# TinyMind report card", ""]
+    card = plot_report_card(stages, logs, summaries, pipeline_seconds, os.path.join(image_dir, "report_card.png"))
+    if card:
+        lines += [f"![report card]({os.path.relpath(card, save_dir)})", ""]
     lines += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in environment().items()] + [""]
 
     lines += ["## Stages", "", "| stage | steps | wall time | tokens/s (mean) | final train loss |", "|---|---|---|---|---|"]

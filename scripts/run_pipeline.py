@@ -58,7 +58,8 @@ def demo_recipe(out: str, quick: bool) -> dict:
         "reason": ([[py, "train_distillation.py", "--mode", "reason", "--save_dir", out, "--from_weight", "full_sft",
                      "--hidden_size", hidden, *q, *small_eval]], f"{out}/reason_{hidden}.pth"),
         "grpo": ([[py, "train_grpo.py", "--save_dir", out, "--from_weight", "reason", "--hidden_size", hidden, *q,
-                   *(["--num_generations", "4", "--max_gen_len", "16", "--eval_samples", "8"] if quick else [])]],
+                   *(["--num_generations", "4", "--max_gen_len", "16", "--eval_samples", "8"] if quick else
+                     ["--max_steps", "100", "--eval_interval", "25"])]],
                  f"{out}/grpo_{hidden}.pth"),
         "eval": ([[py, "eval_model.py", "--save_dir", out, "--weight", stage, "--hidden_size", hidden,
                    "--prompts", "builtin", "--max_new_tokens", "24" if quick else "96",

@@ -351,6 +351,24 @@ def test_exact_near_and_cross_file_duplicates(tmp_path):
                                                                         (ZH[2][:4], "b")]
 
 
+def test_default_threshold_finds_copies_with_ten_percent_of_words_edited(tmp_path):
+    bench = load_bench()
+    records = bench.make_dedup_corpus("en", 150, 20, seed=7)
+    out, _ = run(tmp_path, records, "--stages", "dedup", "--sentence_min_docs", "0")
+    scores = bench.dedup_scores(records, {r["bench_id"] for r in out})
+    assert scores["edit5"] == 1.0 and scores["edit10"] >= 0.95 and scores["all"] >= 0.95, scores
+    assert scores["fp_docs"] == 0.0
+
+
+def test_short_texts_sharing_a_line_are_not_near_duplicates(tmp_path):
+    title = "The Tragedy of Hamlet, Prince of Denmark."
+    records = [{"text": f"{title} Enter Horatio."}, {"text": f"{title} Exit the ghost."}]  # 6 shingles, 5 shared
+    out, report = run(tmp_path, records, "--stages", "dedup", "--sentence_min_docs", "0")
+    assert len(out) == 2 and report["dedup"]["near_duplicates"] == 0
+    out, report = run(tmp_path, records, "--stages", "dedup", "--sentence_min_docs", "0", "--min_shingles", "1")
+    assert len(out) == 1 and report["dedup"]["near_duplicates"] == 1  # without the guard: one shared line is enough
+
+
 @pytest.mark.slow
 def test_one_and_two_workers_give_identical_output(tmp_path):
     bench = load_bench()

@@ -23,4 +23,7 @@ def test_quick_pipeline_runs_every_stage_and_writes_the_report(tmp_path):
     assert "## Held-out results" in report and "| pretrain | val_loss |" in report
     images = list((out / "report_images").glob("*.png"))
     assert len(images) >= 6 and all(image.stat().st_size > 1000 for image in images)
+    assert (out / "report_images" / "report_card.png").exists() and "![report card]" in report
+    # stages that measure their own before/after (SFT, LoRA, reasoning format) pair them in the report
+    assert "| full_sft | end_of_turn_rate |" in report and "| reason | well_formed |" in report
     assert (out / "data" / "demo_pretrain_clean.jsonl").exists()
