@@ -1291,7 +1291,26 @@ def build_dpo(index: PoemIndex, shakespeare: ShakespeareIndex, corpus: dict, rng
                 continue
             held_out = is_held_out(f"chat:{conversation[0].lower()}", CHAT_VAL_FRACTION)
             split.add(preference(conversation[:-1], conversation[-1], other[-1]), held_out)
+
+    # Degeneration: a right reply against the same reply running on into a loop of its own first words, the
+    # failure small models show most. Unlike the facts above, this preference carries over to unseen prompts.
+    # Sums are left out: their replies are a single "a + b = c".
+    for held_out, pool in ((False, list(split.train)), (True, list(split.val))):
+        pool = [pair for pair in pool if not re.fullmatch(r"\d+ [+-] \d+ = \d+", pair["chosen"][-1]["content"])]
+        for pair in take(rng, pool, quota(held_out, 300)):
+            looped = dict(pair["chosen"][-1], content=looping_reply(pair["chosen"][-1]["content"]))
+            split.add({"chosen": pair["chosen"], "rejected": pair["chosen"][:-1] + [looped]}, held_out)
     return split.shuffled(rng)
+
+
+def looping_reply(reply: str) -> str:
+    """The reply, then its first half again and again: "I am fine. I am I am I am"."""
+    if re.search(r"[\u4e00-\u9fff]", reply):
+        fragment, joiner = reply[:max(4, len(reply) // 2)].rstrip("，。！？、"), ""
+    else:
+        words = reply.split()
+        fragment, joiner = " ".join(words[:max(2, len(words) // 2)]).rstrip(".,!?"), " "
+    return joiner.join([reply] + [fragment] * 3)
 
 
 # --------------------------------------------------------------------------------------------------------------------
