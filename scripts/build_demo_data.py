@@ -1292,11 +1292,12 @@ def build_dpo(index: PoemIndex, shakespeare: ShakespeareIndex, corpus: dict, rng
             held_out = is_held_out(f"chat:{conversation[0].lower()}", CHAT_VAL_FRACTION)
             split.add(preference(conversation[:-1], conversation[-1], other[-1]), held_out)
 
-    # Degeneration: a right reply against the same reply running on into a loop of its own first words, the
-    # failure small models show most. Unlike the facts above, this preference carries over to unseen prompts.
+    # Degeneration: a right reply against a loop of its own first words, the failure small models show most (and
+    # to which a language model gives a high probability). Unlike the facts above, it carries over to new prompts.
     # Sums are left out: their replies are a single "a + b = c".
     for held_out, pool in ((False, list(split.train)), (True, list(split.val))):
-        pool = [pair for pair in pool if not re.fullmatch(r"\d+ [+-] \d+ = \d+", pair["chosen"][-1]["content"])]
+        pool = [pair for pair in pool if not re.fullmatch(r"\d+ [+-] \d+ = \d+", pair["chosen"][-1]["content"])
+                and looping_reply(pair["chosen"][-1]["content"]) != pair["chosen"][-1]["content"]]  # too short
         for pair in take(rng, pool, quota(held_out, 300)):
             looped = dict(pair["chosen"][-1], content=looping_reply(pair["chosen"][-1]["content"]))
             split.add({"chosen": pair["chosen"], "rejected": pair["chosen"][:-1] + [looped]}, held_out)
@@ -1304,13 +1305,14 @@ def build_dpo(index: PoemIndex, shakespeare: ShakespeareIndex, corpus: dict, rng
 
 
 def looping_reply(reply: str) -> str:
-    """The reply, then its first half again and again: "I am fine. I am I am I am"."""
+    """The reply's first third over and over, cut to the reply's own length ("I am fine, thank you" -> "I am I am
+    I am I am"): the same length, so a model cannot prefer the right reply merely for being shorter."""
     if re.search(r"[\u4e00-\u9fff]", reply):
-        fragment, joiner = reply[:max(4, len(reply) // 2)].rstrip("，。！？、"), ""
-    else:
-        words = reply.split()
-        fragment, joiner = " ".join(words[:max(2, len(words) // 2)]).rstrip(".,!?"), " "
-    return joiner.join([reply] + [fragment] * 3)
+        fragment = reply[:max(4, len(reply) // 3)]
+        return (fragment * (len(reply) // len(fragment) + 1))[:len(reply)]
+    words = reply.split()
+    fragment = words[:max(2, len(words) // 3)]
+    return " ".join((fragment * (len(words) // len(fragment) + 1))[:max(len(words), 2 * len(fragment))])
 
 
 # --------------------------------------------------------------------------------------------------------------------
