@@ -44,8 +44,8 @@ from model import rewards as reward_lib
 from model.dataset import BadInput, PromptDataset
 from model.losses import grpo_loss, group_advantages, token_logprobs
 from model.train_utils import (ResumableSampler, Trainer, TrainingDiverged, add_common_args, all_reduce_mean, barrier,
-                               build_model, cleanup, default_device, format_seconds, init_runtime, lr_at, print0,
-                               unwrap)
+                               before_after, build_model, cleanup, default_device, format_seconds, init_runtime, lr_at,
+                               print0, unwrap, write_summary)
 
 
 def parse_args(argv=None):
@@ -605,6 +605,10 @@ def main(argv=None):
         for key in ("reward", "accuracy", "completion_length"):
             if key in before:
                 print0(f"held-out {key} {before[key]:.4f} -> {after[key]:.4f}")
+    write_summary(args.save_dir, args.save_weight,
+                  {"stage": "grpo", "weights": trainer.weights_file, "steps": trainer.state.step,
+                   "seconds": trainer.state.elapsed, **(before_after(before, after) if before else {}),
+                   "samples": {prompt: text for prompt, text, _ in last_answers[:4]}}, runtime)
     for prompt, text, answer in last_answers[:args.show_completions]:
         print0(f"answer | {prompt!r} -> {text!r} (reference {answer!r})")
     barrier(runtime)

@@ -67,14 +67,19 @@ def kv_cache_bytes_per_token(config: TinyMindConfig, device, dtype) -> float:
     return total / 64 / config.num_hidden_layers
 
 
-def compare_attention_caches(preset: str, device, dtype):
+def compare_attention_caches(preset: str, device, dtype, prompt_len: int, new_tokens: int):
+    """Cache bytes per token per layer, and KV-cached decode speed (batch 1) for each attention type."""
     base = PRESETS[preset]
     variants = {"MHA": dict(base, num_key_value_heads=base["num_attention_heads"]), "GQA": dict(base),
                 "MLA": dict(base, use_mla=True)}
     for name, settings in variants.items():
         config = TinyMindConfig(**settings)
+        torch.manual_seed(0)
+        model = TinyMindForCausalLM(config).to(device).eval()
+        speed = bench_decode(model, device, dtype, prompt_len, new_tokens, use_cache=True)
         print(f"KV cache {name}: {kv_cache_bytes_per_token(config, device, dtype):,.0f} bytes per token per layer "
-              f"({str(dtype).replace('torch.', '')})", flush=True)
+              f"({str(dtype).replace('torch.', '')}); decode {new_tokens} new tokens: {speed:,.1f} tokens/s",
+              flush=True)
 
 
 def compare_moe_with_dense(preset: str, device, dtype, batch, seq, steps):
@@ -120,7 +125,7 @@ def main():
     skip = set(args.skip.split(","))
     compare = set(filter(None, args.compare.split(",")))
     if "kv" in compare:
-        compare_attention_caches(args.preset, device, dtype)
+        compare_attention_caches(args.preset, device, dtype, args.prompt_len, args.new_tokens)
     if "moe" in compare:
         compare_moe_with_dense(args.preset, device, dtype, args.batch_size, args.seq_len, args.train_steps)
     if compare:

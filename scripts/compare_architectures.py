@@ -55,7 +55,7 @@ def main():
         subprocess.run(command, cwd=ROOT, check=True)
         results[name] = final_metrics(os.path.join(ROOT, args.save_dir, "logs", f"arch_{name}.jsonl"))
     print(f"\n{args.steps} steps, preset {args.preset}")
-    print("| variant | held-out loss | max/mean expert load (first log -> last) | mean of the last quarter | tokens/s |")
+    print("| variant | held-out loss | max/mean expert load (first log -> last) | last-quarter mean | tokens/s |")
     print("|---|---|---|---|---|")
     for name, r in results.items():
         load = f"{r['max_mean_load_first']:.2f} -> {r['max_mean_load']:.2f}" if r["max_mean_load"] else "-"

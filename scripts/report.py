@@ -77,6 +77,19 @@ def headline(stage: str, summary: dict):
     return metric, summary[f"{metric}_before"], summary[f"{metric}_after"]
 
 
+def eval_pairs(records: list) -> dict:
+    """<metric>_before/_after from a log's first and last evaluation, for a run that wrote no summary of its own."""
+    evals = [r for r in records if any(key.startswith("eval/") for key in r)]
+    if len(evals) < 2:
+        return {}
+    first, last = evals[0], evals[-1]
+    return {f"{key[len('eval/'):]}_{when}": record[key] for key in last if key.startswith("eval/") and key in first
+            for when, record in (("before", first), ("after", last))}
+
+
+CARD_SERIES = ("eval/val_loss", "eval/reward", "eval/accuracy", "eval/reward_accuracy", "eval/kl_to_teacher")
+
+
 def plot_report_card(stages, logs, summaries, pipeline_seconds, path):
     """One picture of the whole run: a panel per stage with its curves and its headline number before -> after."""
     import matplotlib
@@ -97,7 +110,7 @@ def plot_report_card(stages, logs, summaries, pipeline_seconds, path):
         evals = {}
         for r in records:
             for key, value in r.items():
-                if key in ("eval/val_loss", "eval/reward", "eval/accuracy", "eval/reward_accuracy", "eval/kl_to_teacher"):
+                if key in CARD_SERIES:
                     evals.setdefault(key, []).append((r["step"], value))
         for key, points in evals.items():
             ax.plot(*zip(*points), marker="o", markersize=3, linewidth=1, label=key[len("eval/"):])
@@ -158,6 +171,10 @@ def build_report(save_dir: str) -> str:
         else:
             summaries[name] = content
     stages = sorted(set(logs) | set(summaries), key=stage_sort_key)
+    for stage in stages:
+        summary = summaries.setdefault(stage, {})
+        if not any(key.endswith("_after") for key in summary):
+            summary.update(eval_pairs(logs.get(stage, [])))
     lines = ["# TinyMind report card", ""]
     card = plot_report_card(stages, logs, summaries, pipeline_seconds, os.path.join(image_dir, "report_card.png"))
     if card:
