@@ -82,8 +82,9 @@ def parse_args(argv=None):
     g.add_argument("--reward_weights", default=None,
                    help="comma-separated weights, one per reward function (default: format-type 0.5, others 1.0)")
     g.add_argument("--reward_model", default=None,
-                   help="local transformers AutoModelForSequenceClassification directory to score open-ended "
-                        "answers (adds the reward_model function)")
+                   help="reward model for open-ended answers (adds the reward_model function): a local transformers "
+                        "AutoModelForSequenceClassification directory, or one of our .pth checkpoints holding a "
+                        "value head ('score.weight', [1, hidden])")
     g = parser.add_argument_group("GRPO loss")
     g.add_argument("--loss_type", default="dapo", choices=["grpo", "bnpo", "dapo", "dr_grpo", "cispo"],
                    help="how per-token losses are averaged (model/losses.py grpo_loss); dapo = token mean over "

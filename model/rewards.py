@@ -168,12 +168,7 @@ class RewardModelScorer:
         self.device, self.batch_size, self.max_length = torch.device(device), batch_size, max_length
 
     def render(self, prompt, completion) -> str:
-        if isinstance(prompt, str):
-            return prompt + completion_text(completion)
-        messages = list(prompt) + [{"role": "assistant", "content": completion_text(completion)}]
-        if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(messages, tokenize=False)
-        return "\n".join(m["content"] for m in messages)
+        return render_pair(self.tokenizer, prompt, completion)
 
     @torch.no_grad()
     def __call__(self, prompts, completions, **kwargs) -> list[float]:
@@ -184,6 +179,60 @@ class RewardModelScorer:
                                    truncation=True, max_length=self.max_length, add_special_tokens=False)
             logits = self.model(**batch.to(self.device)).logits
             scores += logits[:, 0].float().tolist()
+        return scores
+
+
+def render_pair(tokenizer, prompt, completion) -> str:
+    """Prompt + completion as the reward model reads it: its chat template if it has one, else the plain texts."""
+    if isinstance(prompt, str):
+        return prompt + completion_text(completion)
+    messages = list(prompt) + [{"role": "assistant", "content": completion_text(completion)}]
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False)
+    return "\n".join(m["content"] for m in messages)
+
+
+class CheckpointRewardScorer:
+    """One of our checkpoints with a value head as the reward model: a .pth holding the model's weights plus
+    "score.weight" ([1, hidden]; "score.bias" optional), its config JSON beside it, our tokenizer. The score is the
+    head applied to the final hidden state (after the last RMSNorm) at each row's last real token, which is what a
+    transformers *ForSequenceClassification computes."""
+
+    def __init__(self, path: str, tokenizer_path: str = "model", device="cpu", batch_size: int = 16,
+                 max_length: int = 1024):
+        from transformers import AutoTokenizer
+        from model.model import TinyMindForCausalLM
+        from model.train_utils import load_state_into, load_weights
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"--reward_model {path}: no such file")
+        state, config = load_weights(path)
+        if config is None:
+            raise FileNotFoundError(f"--reward_model {path}: no config JSON beside it")
+        head = {key[len("score."):]: state.pop(key) for key in list(state) if key.startswith("score.")}
+        if "weight" not in head:
+            raise ValueError(f"--reward_model {path}: no value head (a 'score.weight' tensor of shape "
+                             f"[1, {config.hidden_size}]) in the checkpoint")
+        self.__name__ = "reward_model"
+        self.model = TinyMindForCausalLM(config)
+        load_state_into(self.model, state, path)
+        self.head = torch.nn.Linear(config.hidden_size, 1, bias="bias" in head)
+        self.head.load_state_dict(head)
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        self.tokenizer.padding_side = "right"
+        self.model.to(device).eval().requires_grad_(False)
+        self.head.to(device).requires_grad_(False)
+        self.device, self.batch_size, self.max_length = torch.device(device), batch_size, max_length
+
+    @torch.no_grad()
+    def __call__(self, prompts, completions, **kwargs) -> list[float]:
+        texts = [render_pair(self.tokenizer, p, c) for p, c in zip(prompts, completions)]
+        scores = []
+        for start in range(0, len(texts), self.batch_size):
+            batch = self.tokenizer(texts[start:start + self.batch_size], return_tensors="pt", padding=True,
+                                   truncation=True, max_length=self.max_length, add_special_tokens=False).to(self.device)
+            hidden, _ = self.model.model(batch["input_ids"], attention_mask=batch["attention_mask"])
+            last = batch["attention_mask"].sum(dim=1) - 1  # right padding: the last real token of each row
+            scores += self.head(hidden[torch.arange(len(last)), last].float()).squeeze(-1).tolist()
         return scores
 
 
@@ -242,8 +291,9 @@ def build_reward_functions(names: list[str], weights: list[float] | None, reward
     for name in names:
         if name == "reward_model":
             if not reward_model:
-                raise ValueError('the "reward_model" reward needs --reward_model DIR')
-            functions.append(RewardModelScorer(reward_model, device))
+                raise ValueError('the "reward_model" reward needs --reward_model DIR (or a .pth with a value head)')
+            scorer = CheckpointRewardScorer if reward_model.endswith(".pth") else RewardModelScorer
+            functions.append(scorer(reward_model, device=device))
         else:
             functions.append(load_reward_function(name))
         label = name.rsplit(":", 1)[-1]

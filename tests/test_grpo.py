@@ -255,6 +255,33 @@ def test_reward_model_scores_with_the_last_token_logit(tmp_path, tokenizer):
     assert scores[0] != scores[1]
 
 
+def test_our_checkpoint_with_a_value_head_scores_the_last_real_token(tmp_path, tokenizer):
+    torch.manual_seed(0)
+    model = TinyMindForCausalLM(TinyMindConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                               num_key_value_heads=1, intermediate_size=64,
+                                               vocab_size=len(tokenizer))).eval()
+    path = str(tmp_path / "rm_32.pth")
+    save_weights(model, path)
+    head = torch.nn.Linear(32, 1)
+    torch.save({**torch.load(path, weights_only=True), "score.weight": head.weight.detach(),
+                "score.bias": head.bias.detach()}, path)
+    functions, names, _ = R.build_reward_functions(["reward_model"], None, reward_model=path)
+    scorer = functions[0]
+    prompts = [[{"role": "user", "content": "Write a line about the moon."}]] * 2
+    completions = conversational("The moon is bright tonight, and the sea is calm below it.", "moon")
+    scores = scorer(prompts, completions)  # rows of different lengths: the shorter one is right-padded
+    for prompt, completion, got in zip(prompts, completions, scores):
+        text = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            expected = head(model.model(ids)[0][0, -1]).item()
+        assert got == pytest.approx(expected, abs=1e-5)
+    assert scores[0] != scores[1]
+    torch.save(model.state_dict(), path)  # no head: a clear error
+    with pytest.raises(ValueError, match="no value head"):
+        R.build_reward_functions(["reward_model"], None, reward_model=path)
+
+
 # ============================================================================================== advantages and loss
 
 
