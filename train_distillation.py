@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 from transformers import AutoTokenizer
 
-from model.dataset import BadInput, SFTDataset, iter_jsonl, pad_collate
+from model.dataset import BadInput, SFTDataset, default_val_path, iter_jsonl, pad_collate
 from model.losses import distillation_loss, kd_loss
 from model.model import TinyMindForCausalLM
 from model.train_utils import (DTYPES, Trainer, TrainingDiverged, add_common_args, all_reduce_mean, barrier,
@@ -94,12 +94,6 @@ def parse_args(argv=None):
 
 
 # ================================================================================================ data
-
-
-def default_val_path(data_path: str) -> str | None:
-    root, ext = os.path.splitext(data_path)
-    candidate = f"{root}_val{ext}"
-    return candidate if os.path.exists(candidate) else None
 
 
 def load_conversations(args, tokenizer, show_progress: bool):

@@ -23,13 +23,12 @@ the implicit rewards beta * (log pi - log pi_ref) of both answers, their margin 
 import argparse
 import copy
 import functools
-import os
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from transformers import AutoTokenizer
 
-from model.dataset import BadInput, DPODataset, dpo_collate
+from model.dataset import BadInput, DPODataset, default_val_path, dpo_collate
 from model.losses import dpo_loss, sequence_logprobs
 from model.model import TinyMindForCausalLM
 from model.train_utils import (Trainer, TrainingDiverged, add_common_args, all_reduce_mean, build_model, cleanup,
@@ -94,12 +93,6 @@ def collate_pairs(items: list[dict], pad_token_id: int = 0) -> dict:
     batch = dpo_collate(items, pad_token_id)
     batch["index"] = torch.tensor([item["index"] for item in items])
     return batch
-
-
-def default_val_path(data_path: str) -> str | None:
-    root, ext = os.path.splitext(data_path)
-    candidate = f"{root}_val{ext}"
-    return candidate if os.path.exists(candidate) else None
 
 
 def load_pairs(args, tokenizer, show_progress: bool):

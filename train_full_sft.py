@@ -29,7 +29,6 @@ greedy replies to held-out prompts that follow the template and end with <|im_en
 """
 import argparse
 import math
-import os
 
 import numpy as np
 import torch
@@ -38,8 +37,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer
 
-from model.dataset import (BadInput, PackedDataset, SFTDataset, check_conversation, iter_jsonl, packed_collate,
-                           pad_collate)
+from model.dataset import (BadInput, PackedDataset, SFTDataset, check_conversation, default_val_path, iter_jsonl,
+                           packed_collate, pad_collate)
 from model.train_utils import (ResumableSampler, Trainer, TrainingDiverged, add_common_args, before_after, build_model,
                                cleanup, default_device, init_runtime, print0, write_summary)
 
@@ -75,12 +74,6 @@ def add_chat_data_args(parser, data_path: str):
     g.add_argument("--max_new_tokens", type=int, default=128, help="reply length limit for those answers")
     g.add_argument("--show_replies", type=int, default=3, help="print this many of the final held-out replies")
     return g
-
-
-def default_val_path(data_path: str) -> str | None:
-    root, ext = os.path.splitext(data_path)
-    candidate = f"{root}_val{ext}"
-    return candidate if os.path.exists(candidate) else None
 
 
 # ============================================================================================================ data

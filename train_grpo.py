@@ -32,7 +32,6 @@ and accuracy (greedy answers to the *_val.jsonl prompts) are printed before and 
 """
 import argparse
 import copy
-import os
 import time
 from dataclasses import dataclass, field, replace
 
@@ -41,7 +40,7 @@ import torch.distributed as dist
 from transformers import AutoTokenizer, GenerationConfig
 
 from model import rewards as reward_lib
-from model.dataset import BadInput, PromptDataset
+from model.dataset import BadInput, PromptDataset, default_val_path
 from model.losses import grpo_loss, group_advantages, token_logprobs
 from model.train_utils import (ResumableSampler, Trainer, TrainingDiverged, add_common_args, all_reduce_mean, barrier,
                                before_after, build_model, cleanup, default_device, format_seconds, init_runtime, lr_at,
@@ -115,12 +114,6 @@ def parse_args(argv=None):
     if args.temperature <= 0:
         parser.error("--temperature must be > 0: GRPO needs different samples of the same prompt")
     return args
-
-
-def default_val_path(data_path: str) -> str | None:
-    root, ext = os.path.splitext(data_path)
-    candidate = f"{root}_val{ext}"
-    return candidate if os.path.exists(candidate) else None
 
 
 # ========================================================================================================= rollout

@@ -30,12 +30,13 @@ import numpy as np
 from torch.utils.data import Dataset
 from transformers import AutoTokenizer
 
+from model.dataset import default_val_path
 from model.lora import DEFAULT_TARGETS, MLA_TARGETS, apply_lora, export_peft, remove_lora, save_lora
 from model.train_utils import (Trainer, TrainingDiverged, add_common_args, before_after, build_model, cleanup,
                                default_device, init_runtime, print0, save_weights, weight_path, write_summary)
-from train_full_sft import (add_chat_data_args, assistant_token_loss, default_val_path, describe_metrics,
-                            end_of_turn_rate, generate_replies, held_out_prompts, load_chat_dataset, print_changes,
-                            sft_loss, training_batches)
+from train_full_sft import (add_chat_data_args, assistant_token_loss, describe_metrics, end_of_turn_rate,
+                            generate_replies, held_out_prompts, load_chat_dataset, print_changes, sft_loss,
+                            training_batches)
 
 
 def parse_args(argv=None):

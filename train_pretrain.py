@@ -10,13 +10,12 @@ documents into full windows and minimises next-token cross-entropy. Writes out/p
 """
 import argparse
 import math
-import os
 
 import torch
 from torch.utils.data import Subset
 from transformers import AutoTokenizer
 
-from model.dataset import BadInput, PretrainDataset
+from model.dataset import BadInput, PretrainDataset, default_val_path
 from model.train_utils import (Trainer, TrainingDiverged, add_common_args, barrier, build_model, cleanup,
                                default_device, evaluate_lm_loss, init_runtime, print0, write_summary)
 
@@ -43,12 +42,6 @@ def parse_args(argv=None):
     if args.preset is None and args.hidden_size is None and args.from_weight == "none":
         args.preset = "small" if on_gpu else "tiny"
     return args
-
-
-def default_val_path(data_path: str) -> str | None:
-    root, ext = os.path.splitext(data_path)
-    candidate = f"{root}_val{ext}"
-    return candidate if os.path.exists(candidate) else None
 
 
 def load_datasets(args, tokenizer, runtime):

@@ -119,6 +119,13 @@ def build_token_cache(data_path: str, tokenizer, cache_file: str, skip_bad_lines
     return summary
 
 
+def default_val_path(data_path: str) -> str | None:
+    """The held-out twin beside a data file (demo.jsonl -> demo_val.jsonl), if it exists."""
+    root, ext = os.path.splitext(data_path)
+    candidate = f"{root}_val{ext}"
+    return candidate if os.path.exists(candidate) else None
+
+
 class PretrainDataset(Dataset):
     """Packed next-token windows over a tokenized jsonl corpus. Item i is tokens[i*L : (i+1)*L] as both
     input_ids and labels (the model shifts labels itself); documents run into each other, separated by their

@@ -28,18 +28,24 @@ def stage_sort_key(name):
     return (STAGE_ORDER.index(name) if name in STAGE_ORDER else len(STAGE_ORDER), name)
 
 
+def curve_series(records, keep_eval) -> tuple[list, dict, list]:
+    """(train loss points, {eval/<metric>: points} for the keys keep_eval accepts, rollout reward points)."""
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r and "step" in r]
+    reward = [(r["step"], r["reward"]) for r in records if "reward" in r and "step" in r]
+    evals = {}
+    for r in records:
+        for key, value in r.items():
+            if key.startswith("eval/") and isinstance(value, (int, float)) and keep_eval(key):
+                evals.setdefault(key, []).append((r["step"], value))
+    return train, evals, reward
+
+
 def plot_curves(name, records, image_dir):
     """One PNG per stage: training loss (and any eval/* series) against optimizer steps."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r and "step" in r]
-    evals = {}
-    for r in records:
-        for key, value in r.items():
-            if key.startswith("eval/") and isinstance(value, (int, float)) and "ppl" not in key:
-                evals.setdefault(key, []).append((r["step"], value))
-    reward = [(r["step"], r["reward"]) for r in records if "reward" in r and "step" in r]
+    train, evals, reward = curve_series(records, lambda key: "ppl" not in key)
     if not train and not evals and not reward:
         return None
     fig, ax = plt.subplots(figsize=(6, 3.2), dpi=110)
@@ -103,15 +109,9 @@ def plot_report_card(stages, logs, summaries, pipeline_seconds, path):
     fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 2.9 * rows), squeeze=False)
     for ax, stage in zip(axes.flat, panels):
         records = logs[stage]
-        train = [(r["step"], r["loss"]) for r in records if "loss" in r and "step" in r]
-        reward = [(r["step"], r["reward"]) for r in records if "reward" in r and "step" in r]
+        train, evals, reward = curve_series(records, lambda key: key in CARD_SERIES)
         if train:
             ax.plot(*zip(*train), linewidth=1, label="train loss")
-        evals = {}
-        for r in records:
-            for key, value in r.items():
-                if key in CARD_SERIES:
-                    evals.setdefault(key, []).append((r["step"], value))
         for key, points in evals.items():
             ax.plot(*zip(*points), marker="o", markersize=3, linewidth=1, label=key[len("eval/"):])
         if reward:
