@@ -28,10 +28,10 @@ import re
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 from transformers import AutoTokenizer
 
-from model.dataset import BadInput, SFTDataset, default_val_path, iter_jsonl, pad_collate
+from model.dataset import BadInput, SFTDataset, default_val_path, iter_conversations, pad_collate
 from model.losses import distillation_loss, kd_loss
 from model.model import TinyMindForCausalLM
 from model.train_utils import (DTYPES, Trainer, TrainingDiverged, add_common_args, all_reduce_mean, barrier,
@@ -99,17 +99,15 @@ def parse_args(argv=None):
 def load_conversations(args, tokenizer, show_progress: bool):
     train = SFTDataset(args.data_path, tokenizer, args.max_seq_len, bool(args.skip_bad_lines),
                        show_progress=show_progress)
-    val_path = args.val_data_path or default_val_path(args.data_path)
+    val_path, val_lines = args.val_data_path or default_val_path(args.data_path), None
     if val_path:
         val = SFTDataset(val_path, tokenizer, args.max_seq_len, bool(args.skip_bad_lines), show_progress=show_progress)
     else:
-        held_out = max(1, int(len(train) * args.val_fraction))
-        val = Subset(train, range(len(train) - held_out, len(train)))
-        train = Subset(train, range(len(train) - held_out))
-    dropped = train.dataset.stats if isinstance(train, Subset) else train.stats
-    if any(dropped.values()):
-        print0(f"training conversations skipped: {dropped}")
-    return train, val, val_path
+        val = train.split_held_out(args.val_fraction, args.seed)
+        val_path, val_lines = args.data_path, set(val.line_numbers)
+    if any(train.stats.values()):
+        print0(f"training conversations skipped: {train.stats}")
+    return train, val, val_path, val_lines
 
 
 # ================================================================================================ the teacher
@@ -287,12 +285,11 @@ def parse_reasoning(reply: str) -> str | None:
     return answer if thinking and answer else None
 
 
-def held_out_prompts(path: str, count: int) -> list[tuple[list[dict], str]]:
-    """(prompt messages, reference answer) for the first `count` held-out conversations."""
+def held_out_prompts(path: str, count: int, lines: set | None = None) -> list[tuple[list[dict], str]]:
+    """(prompt messages, reference answer) for the first `count` held-out conversations (in `lines` if given)."""
     prompts = []
-    for _, obj in iter_jsonl(path):
-        messages = obj.get("conversations") or []
-        if not messages or messages[-1].get("role") != "assistant":
+    for messages in iter_conversations(path, lines):
+        if messages[-1].get("role") != "assistant":
             continue
         prompts.append((messages[:-1], parse_reasoning(messages[-1].get("content", "")) or ""))
         if len(prompts) >= count:
@@ -341,7 +338,7 @@ def main(argv=None):
     runtime = init_runtime(args.device, args.dtype, args.seed, args.num_threads)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path)
     try:
-        train_set, val_set, val_path = load_conversations(args, tokenizer, show_progress=runtime.is_main)
+        train_set, val_set, val_path, val_lines = load_conversations(args, tokenizer, show_progress=runtime.is_main)
     except (BadInput, FileNotFoundError) as error:
         raise SystemExit(f"error: {error}")
     print0(f"data: {len(train_set):,} train / {len(val_set):,} held-out conversations ({args.data_path})")
@@ -363,7 +360,7 @@ def main(argv=None):
 
     trainer = Trainer(args, model, runtime, args.save_weight)
     format_before = format_after = None
-    prompts = held_out_prompts(val_path, args.eval_prompts) if args.mode == "reason" and val_path else []
+    prompts = held_out_prompts(val_path, args.eval_prompts, val_lines) if args.mode == "reason" else []
     before = None
     if not trainer.resumed:
         if teacher is not None:

@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer
 
-from model.dataset import (BadInput, PackedDataset, SFTDataset, check_conversation, default_val_path, iter_jsonl,
-                           packed_collate, pad_collate)
+from model.dataset import (BadInput, PackedDataset, SFTDataset, default_val_path, iter_conversations, packed_collate,
+                           pad_collate)
 from model.train_utils import (ResumableSampler, Trainer, TrainingDiverged, add_common_args, before_after, build_model,
                                cleanup, default_device, init_runtime, print0, write_summary)
 
@@ -61,7 +61,10 @@ def add_chat_data_args(parser, data_path: str):
     g = parser.add_argument_group("data")
     g.add_argument("--data_path", default=data_path, help='jsonl with a "conversations" list per line')
     g.add_argument("--val_data_path", default=None,
-                   help="held-out conversations (default: <data>_val.jsonl beside the data; required)")
+                   help="held-out conversations (default: <data>_val.jsonl beside the data if it exists, else "
+                        "--val_fraction of the data)")
+    g.add_argument("--val_fraction", type=float, default=0.01,
+                   help="share of the conversations held out (at random, --seed) when there is no validation file")
     g.add_argument("--tokenizer_path", default="model", help="directory with tokenizer.json / tokenizer_config.json")
     g.add_argument("--skip_bad_lines", type=int, default=0, choices=[0, 1],
                    help="1: skip malformed lines (counted and reported) instead of stopping at the first")
@@ -204,11 +207,27 @@ def assistant_token_loss(model, dataset, runtime, batch_size: int, max_seq_len: 
 # ====================================================================================================== generation
 
 
-def held_out_prompts(path: str, count: int) -> list[tuple[list[dict], str]]:
-    """(conversation up to the last assistant turn, that turn's reference reply) for the first `count` lines."""
+def load_chats_with_held_out(args, tokenizer, runtime) -> tuple[SFTDataset, SFTDataset, str, set | None]:
+    """(train, held-out, the held-out file, its lines or None for all): the held-out set is the _val.jsonl beside
+    the data, or --val_fraction of the data itself when there is none (as with MiniMind's files)."""
+    train = load_chat_dataset(args.data_path, tokenizer, args, runtime, "train")
+    val_path = args.val_data_path or default_val_path(args.data_path)
+    if val_path:
+        return train, load_chat_dataset(val_path, tokenizer, args, runtime, "held-out"), val_path, None
+    try:
+        val = train.split_held_out(args.val_fraction, args.seed)
+    except BadInput as error:
+        raise SystemExit(f"error: {error}; pass --val_data_path")
+    print0(f"held-out: no _val.jsonl beside {args.data_path}, so {len(val):,} of its conversations chosen at random "
+           f"(--val_fraction {args.val_fraction}) are held out")
+    return train, val, args.data_path, set(val.line_numbers)
+
+
+def held_out_prompts(path: str, count: int, lines: set | None = None) -> list[tuple[list[dict], str]]:
+    """(conversation up to the last assistant turn, that turn's reference reply) for the first `count`
+    conversations of a held-out file (of its `lines` only, if given)."""
     prompts = []
-    for _, obj in iter_jsonl(path, validate=lambda o: check_conversation(o.get("conversations"))):
-        messages = obj["conversations"]
+    for messages in iter_conversations(path, lines):
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
         if last == 0:
             continue  # nothing to prompt with
@@ -281,12 +300,7 @@ def main(argv=None):
     args = parse_args(argv)
     runtime = init_runtime(args.device, args.dtype, args.seed, args.num_threads)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path)
-    val_path = args.val_data_path or default_val_path(args.data_path)
-    if val_path is None:
-        raise SystemExit(f"error: no held-out file: pass --val_data_path (looked for the _val.jsonl beside "
-                         f"{args.data_path})")
-    train_chats = load_chat_dataset(args.data_path, tokenizer, args, runtime, "train")
-    val_chats = load_chat_dataset(val_path, tokenizer, args, runtime, "held-out")
+    train_chats, val_chats, val_path, val_lines = load_chats_with_held_out(args, tokenizer, runtime)
     pad = padding_fractions(train_chats.lengths(), args.max_seq_len, args.batch_size, args.seed)
     synthetic = padding_fractions(minimind_like_lengths(), args.max_seq_len, args.batch_size, args.seed)
     for label, p in (("this data", pad), ("sft_mini_512-like lengths (synthetic)", synthetic)):
@@ -301,7 +315,7 @@ def main(argv=None):
     model, _ = build_model(args, vocab_size=len(tokenizer))
     if len(tokenizer) > model.config.vocab_size:
         raise SystemExit(f"tokenizer has {len(tokenizer)} tokens, the model's vocab_size is {model.config.vocab_size}")
-    prompts = held_out_prompts(val_path, args.eval_prompts) if args.eval_prompts > 0 else []
+    prompts = held_out_prompts(val_path, args.eval_prompts, val_lines) if args.eval_prompts > 0 else []
 
     def evaluate(model):
         return {"val_loss": assistant_token_loss(model, val_chats, runtime, args.batch_size, args.max_seq_len,

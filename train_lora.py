@@ -30,13 +30,12 @@ import numpy as np
 from torch.utils.data import Dataset
 from transformers import AutoTokenizer
 
-from model.dataset import default_val_path
 from model.lora import DEFAULT_TARGETS, MLA_TARGETS, apply_lora, export_peft, remove_lora, save_lora
 from model.train_utils import (Trainer, TrainingDiverged, add_common_args, before_after, build_model, cleanup,
                                default_device, init_runtime, print0, save_weights, weight_path, write_summary)
 from train_full_sft import (add_chat_data_args, assistant_token_loss, describe_metrics, end_of_turn_rate,
-                            generate_replies, held_out_prompts, load_chat_dataset, print_changes, sft_loss,
-                            training_batches)
+                            generate_replies, held_out_prompts, load_chat_dataset, load_chats_with_held_out,
+                            print_changes, sft_loss, training_batches)
 
 
 def parse_args(argv=None):
@@ -129,12 +128,7 @@ def main(argv=None):
     args = parse_args(argv)
     runtime = init_runtime(args.device, args.dtype, args.seed, args.num_threads)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path)
-    val_path = args.val_data_path or default_val_path(args.data_path)
-    if val_path is None:
-        raise SystemExit(f"error: no held-out file: pass --val_data_path (looked for the _val.jsonl beside "
-                         f"{args.data_path})")
-    train_chats = load_chat_dataset(args.data_path, tokenizer, args, runtime, "train")
-    own_val = load_chat_dataset(val_path, tokenizer, args, runtime, "held-out")
+    train_chats, own_val, val_path, val_lines = load_chats_with_held_out(args, tokenizer, runtime)
     general_val = load_chat_dataset(args.general_val_path, tokenizer, args, runtime, "general held-out")
     if args.replay_data_path not in (None, "", "none") and args.replay_ratio > 0:
         replay = load_chat_dataset(args.replay_data_path, tokenizer, args, runtime, "replay")
@@ -144,7 +138,7 @@ def main(argv=None):
     train_set, collate_fn = training_batches(train_chats, args, tokenizer.pad_token_id)
     prompts = []
     if args.keyword and args.eval_prompts > 0:
-        prompts = [(messages, reference) for messages, reference in held_out_prompts(val_path, 10 ** 9)
+        prompts = [(messages, reference) for messages, reference in held_out_prompts(val_path, 10 ** 9, val_lines)
                    if args.keyword.lower() in reference.lower()][:args.eval_prompts]
 
     model, base_file = build_model(args, vocab_size=len(tokenizer))

@@ -198,6 +198,21 @@ def _require_conversation(obj) -> str | None:
     return check_conversation(obj["conversations"])
 
 
+def tools_of(messages: list[dict]) -> list | None:
+    """MiniMind's tool-calling chats carry the tool schemas in the system message's "functions" field."""
+    first = messages[0] if messages else {}
+    tools = first.get("functions") if first.get("role") == "system" else None
+    return json.loads(tools) if isinstance(tools, str) else tools or None
+
+
+def iter_conversations(path: str, lines: set | None = None):
+    """The "conversations" of each line of a chat file (only of `lines`, if given: a held-out split's). Bad lines
+    are skipped: the dataset that read the file first has stopped at or reported them."""
+    for line_number, obj in iter_jsonl(path, skip_bad_lines=True, validate=_require_conversation):
+        if lines is None or line_number in lines:
+            yield obj["conversations"]
+
+
 def encode_chat(tokenizer, messages: list[dict], **template_kwargs) -> tuple[list[int], list[int]]:
     """(token ids, assistant mask) of a rendered conversation; mask is 1 on reply tokens and their <|im_end|>."""
     encoded = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
@@ -208,7 +223,7 @@ def encode_chat(tokenizer, messages: list[dict], **template_kwargs) -> tuple[lis
 def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
     """The conversation so far plus the header that asks the model for the next assistant turn."""
     return list(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
-                                              return_dict=True)["input_ids"])
+                                              tools=tools_of(messages), return_dict=True)["input_ids"])
 
 
 class SFTDataset(Dataset):
@@ -222,14 +237,16 @@ class SFTDataset(Dataset):
         from tqdm import tqdm
         if truncation not in ("drop", "keep_prefix"):
             raise ValueError(f"truncation must be 'drop' or 'keep_prefix', not {truncation!r}")
-        self.max_seq_len = max_seq_len
+        self.path, self.max_seq_len = data_path, max_seq_len
         self.samples: list[tuple[np.ndarray, np.ndarray]] = []
+        self.line_numbers: list[int] = []  # the file line of each sample, to find its messages again
         self.stats = {"bad_lines": 0, "dropped_too_long": 0, "truncated": 0, "no_target_tokens": 0}
         dtype = np.uint16 if len(tokenizer) <= 65536 else np.uint32
         progress = tqdm(total=os.path.getsize(data_path) if os.path.exists(data_path) else 0, unit="B",
                         unit_scale=True, desc=f"tokenizing {os.path.basename(data_path)}", disable=not show_progress)
-        for _, obj in iter_jsonl(data_path, skip_bad_lines, self.stats, _require_conversation, progress.update):
-            ids, mask = encode_chat(tokenizer, obj["conversations"])
+        for line_number, obj in iter_jsonl(data_path, skip_bad_lines, self.stats, _require_conversation,
+                                           progress.update):
+            ids, mask = encode_chat(tokenizer, obj["conversations"], tools=tools_of(obj["conversations"]))
             if len(ids) > max_seq_len:
                 if truncation == "drop":
                     self.stats["dropped_too_long"] += 1
@@ -240,6 +257,7 @@ class SFTDataset(Dataset):
                 self.stats["no_target_tokens"] += 1
                 continue
             self.samples.append((np.asarray(ids, dtype=dtype), np.asarray(mask, dtype=np.uint8)))
+            self.line_numbers.append(line_number)
             if max_samples and len(self.samples) >= max_samples:
                 break
         progress.close()
@@ -257,6 +275,22 @@ class SFTDataset(Dataset):
 
     def lengths(self) -> np.ndarray:
         return np.asarray([len(ids) for ids, _ in self.samples])
+
+    def split_held_out(self, fraction: float, seed: int = 0) -> "SFTDataset":
+        """Move a random `fraction` of the samples (at least one, never all) into a new dataset and return it: the
+        held-out set of a file with no _val.jsonl beside it (MiniMind's files have none). Random rather than the
+        file's tail, which may be all one source; its line_numbers say where its conversations are in the file."""
+        if len(self.samples) < 2:
+            raise BadInput(f"{self.path}: {len(self.samples)} usable conversation(s): too few to hold any out")
+        count = min(len(self.samples) - 1, max(1, round(len(self.samples) * fraction)))
+        chosen = set(np.random.default_rng(seed).choice(len(self.samples), count, replace=False).tolist())
+        held_out = object.__new__(SFTDataset)
+        held_out.path, held_out.max_seq_len, held_out.stats = self.path, self.max_seq_len, {}
+        held_out.samples = [s for i, s in enumerate(self.samples) if i in chosen]
+        held_out.line_numbers = [n for i, n in enumerate(self.line_numbers) if i in chosen]
+        self.samples = [s for i, s in enumerate(self.samples) if i not in chosen]
+        self.line_numbers = [n for i, n in enumerate(self.line_numbers) if i not in chosen]
+        return held_out
 
 
 def pad_collate(batch: list[dict], pad_token_id: int = 0, pad_to: int | None = None) -> dict:

@@ -6,6 +6,7 @@
     python scripts/run_pipeline.py --quick --save_dir /tmp/ci/out     # seconds per stage: a smoke test (CI)
     python scripts/run_pipeline.py --recipe minimind_gpu    # MiniMind's datasets on one GPU (see README)
     python scripts/run_pipeline.py --recipe minimind_gpu --nproc 8    # the same under torchrun on 8 GPUs
+    python scripts/run_pipeline.py --recipe minimind_gpu --quick --data_dir D   # its commands, a few steps each
 
 Each stage is the same command a user would type (printed before it runs), so the pipeline doubles as the
 documentation of the recipe. A stage whose output file exists is skipped unless --force, so a killed pipeline
@@ -24,75 +25,81 @@ ORDER = ["clean", "tokenizer", "pretrain", "sft", "lora", "dpo", "teacher", "dis
          "report"]
 
 
-def demo_recipe(out: str, quick: bool) -> dict:
-    """Stage -> (commands, the file that proves the stage is done). `quick` shrinks every stage to a few steps."""
-    q = ["--max_steps", "4", "--eval_batches", "2", "--log_interval", "2", "--save_interval", "1000"] if quick else []
-    model = ["--preset", "nano"] if quick else []
-    teacher = ["--hidden_size", "96", "--num_hidden_layers", "2"] if quick else \
-        ["--hidden_size", "384", "--num_hidden_layers", "4", "--num_attention_heads", "6", "--num_key_value_heads", "2"]
-    small_eval = ["--eval_prompts", "4", "--max_new_tokens", "16"] if quick else []
-    hidden = "64" if quick else "256"
-    teacher_hidden = teacher[1]
-    clean_data = f"{out}/data/demo_pretrain_clean.jsonl"
+# MiniMind's file for each stage (its dataset page on ModelScope / Hugging Face); none has a _val.jsonl twin, so each
+# stage holds out a share of its file (--val_fraction). GRPO keeps our arithmetic set: its rewards are verifiable.
+MINIMIND_FILES = {"pretrain": "pretrain_hq.jsonl", "sft": "sft_mini_512.jsonl", "lora": "lora_identity.jsonl",
+                  "dpo": "dpo.jsonl", "reason": "r1_mix_1024.jsonl"}
+
+
+def build_recipe(out: str, quick: bool, recipe: str = "demo", data_dir: str = "dataset", nproc: int = 1) -> dict:
+    """Stage -> (commands, the file that proves the stage is done).
+
+    demo: the embedded data and the tiny model (4.6M), sized for 2 CPU cores. minimind_gpu: MiniMind's files from
+    `data_dir`, the small model (25.8M, MiniMind2-Small's shape) and a base-sized teacher (MiniMind2's shape), under
+    torchrun when nproc > 1. `quick` shrinks either to a few steps of the nano model: a smoke test of the same
+    commands (CI runs both recipes that way on stand-in files)."""
+    gpu = recipe == "minimind_gpu"
     py = sys.executable
+    launch = ["torchrun", "--nproc_per_node", str(nproc)] if nproc > 1 else [py]
+    q = ["--max_steps", "4", "--eval_batches", "2", "--log_interval", "2", "--save_interval", "1000"] if quick else []
+    small_eval = ["--eval_prompts", "4", "--max_new_tokens", "16"] if quick else []
+    if quick:
+        student, teacher = ["--preset", "nano"], ["--hidden_size", "96", "--num_hidden_layers", "2"]
+    elif gpu:
+        student, teacher = ["--preset", "small"], ["--preset", "base"]
+    else:
+        student = ["--preset", "tiny"]
+        teacher = ["--hidden_size", "384", "--num_hidden_layers", "4", "--num_attention_heads", "6",
+                   "--num_key_value_heads", "2"]
+    hidden = {"nano": "64", "tiny": "256", "small": "512"}[student[1]]
+    teacher_hidden = {"base": "768"}.get(teacher[1], teacher[1])
+    size = ["--hidden_size", hidden]  # later stages find the checkpoint <stage>_<hidden>.pth by its width
+
+    def data(stage: str, demo_default: list) -> list:
+        return ["--data_path", os.path.join(data_dir, MINIMIND_FILES[stage])] if gpu else demo_default
+
+    raw_corpus = os.path.join(data_dir, MINIMIND_FILES["pretrain"]) if gpu else "dataset/demo_pretrain.jsonl"
+    corpus = f"{out}/data/{os.path.splitext(os.path.basename(raw_corpus))[0]}_clean.jsonl"
+    # Gopher's "80% of words contain a letter" rule drops verse drama (speaker names, short lines): keep it.
+    clean_flags = ["--num_workers", "16"] if gpu and not quick else \
+        ["--min_alpha_words_frac", "0", "--num_workers", "2"]
+    pretrain_data = ["--data_path", corpus] + ([] if gpu else ["--val_data_path", "dataset/demo_pretrain_val.jsonl"])
+    sft_data = data("sft", [])
+    # real data at the GPU recipe's sizes: each held-out split is big enough; MiniMind's identity set is small
+    lora_flags = data("lora", []) + (["--keyword", "MiniMind", "--val_fraction", "0.1"] if gpu else [])
+    reason_flags = data("reason", []) + (["--max_seq_len", "1024"] if gpu and not quick else [])
+    distill_limit = ["--max_steps", "2000"] if gpu and not quick else []
+    teacher_sft_flags = ["--epochs", "1"] if gpu and not quick else []
+    grpo_flags = ["--num_generations", "4", "--max_gen_len", "16", "--eval_samples", "8"] if quick else \
+        ([] if gpu else ["--max_steps", "100", "--eval_interval", "25"])
     return {
-        # Gopher's "80% of words contain a letter" rule drops verse drama (speaker names, short lines): keep it.
-        "clean": ([[py, "clean_data.py", "--input", "dataset/demo_pretrain.jsonl", "--output", clean_data,
-                    "--min_alpha_words_frac", "0", "--num_workers", "2"]], clean_data),
+        "clean": ([[py, "clean_data.py", "--input", raw_corpus, "--output", corpus, *clean_flags]], corpus),
         "tokenizer": ([[py, "scripts/train_tokenizer.py"]], "model/tokenizer.json"),
-        "pretrain": ([[py, "train_pretrain.py", "--save_dir", out, "--data_path", clean_data,
-                       "--val_data_path", "dataset/demo_pretrain_val.jsonl", *model, *q]],
+        "pretrain": ([[*launch, "train_pretrain.py", "--save_dir", out, *pretrain_data, *student, *q]],
                      f"{out}/pretrain_{hidden}.pth"),
-        "sft": ([[py, "train_full_sft.py", "--save_dir", out, *q, *small_eval]], f"{out}/full_sft_{hidden}.pth"),
-        "lora": ([[py, "train_lora.py", "--save_dir", out, *q, *small_eval]],
+        "sft": ([[*launch, "train_full_sft.py", "--save_dir", out, *sft_data, *size, *q, *small_eval]],
+                f"{out}/full_sft_{hidden}.pth"),
+        "lora": ([[*launch, "train_lora.py", "--save_dir", out, *lora_flags, *size, *q, *small_eval]],
                  f"{out}/lora/lora_identity_{hidden}.pth"),
-        "dpo": ([[py, "train_dpo.py", "--save_dir", out, *q]], f"{out}/dpo_{hidden}.pth"),
-        "teacher": ([[py, "train_pretrain.py", "--save_dir", out, "--save_weight", "teacher_pretrain", *teacher,
-                      "--data_path", clean_data, "--val_data_path", "dataset/demo_pretrain_val.jsonl", *q],
-                     [py, "train_full_sft.py", "--save_dir", out, "--save_weight", "teacher_sft",
-                      "--from_weight", "teacher_pretrain", "--hidden_size", teacher_hidden, *q, *small_eval]],
+        "dpo": ([[*launch, "train_dpo.py", "--save_dir", out, *data("dpo", []), *size, *q]], f"{out}/dpo_{hidden}.pth"),
+        "teacher": ([[*launch, "train_pretrain.py", "--save_dir", out, "--save_weight", "teacher_pretrain", *teacher,
+                      *pretrain_data, *q],
+                     [*launch, "train_full_sft.py", "--save_dir", out, "--save_weight", "teacher_sft",
+                      "--from_weight", "teacher_pretrain", "--hidden_size", teacher_hidden, *sft_data,
+                      *teacher_sft_flags, *q, *small_eval]],
                     f"{out}/teacher_sft_{teacher_hidden}.pth"),
-        "distill": ([[py, "train_distillation.py", "--save_dir", out, "--teacher_weight", "teacher_sft",
-                      "--teacher_hidden_size", teacher_hidden, "--from_weight", "full_sft", "--hidden_size", hidden,
-                      *q, *small_eval]], f"{out}/distill_{hidden}.pth"),
-        "reason": ([[py, "train_distillation.py", "--mode", "reason", "--save_dir", out, "--from_weight", "full_sft",
-                     "--hidden_size", hidden, *q, *small_eval]], f"{out}/reason_{hidden}.pth"),
-        "grpo": ([[py, "train_grpo.py", "--save_dir", out, "--from_weight", "reason", "--hidden_size", hidden, *q,
-                   *(["--num_generations", "4", "--max_gen_len", "16", "--eval_samples", "8"] if quick else
-                     ["--max_steps", "100", "--eval_interval", "25"])]],
+        "distill": ([[*launch, "train_distillation.py", "--save_dir", out, "--teacher_weight", "teacher_sft",
+                      "--teacher_hidden_size", teacher_hidden, "--from_weight", "full_sft", *sft_data, *size,
+                      *distill_limit, *q, *small_eval]], f"{out}/distill_{hidden}.pth"),
+        "reason": ([[*launch, "train_distillation.py", "--mode", "reason", "--save_dir", out, "--from_weight",
+                     "full_sft", *reason_flags, *size, *q, *small_eval]], f"{out}/reason_{hidden}.pth"),
+        "grpo": ([[*launch, "train_grpo.py", "--save_dir", out, "--from_weight", "reason", *size, *q, *grpo_flags]],
                  f"{out}/grpo_{hidden}.pth"),
-        "eval": ([[py, "eval_model.py", "--save_dir", out, "--weight", stage, "--hidden_size", hidden,
-                   "--prompts", "builtin", "--max_new_tokens", "24" if quick else "96",
-                   "--output", f"{out}/summaries/samples_{stage}.json"]
+        "eval": ([[py, "eval_model.py", "--save_dir", out, "--weight", stage, *size, "--prompts", "builtin",
+                   "--max_new_tokens", "24" if quick else "96", "--output", f"{out}/summaries/samples_{stage}.json"]
                   for stage in ("pretrain", "full_sft", "dpo", "reason", "grpo")],
                  f"{out}/summaries/samples_grpo.json"),
         "report": ([[py, "scripts/report.py", "--save_dir", out]], f"{out}/report.md"),
-    }
-
-
-def minimind_gpu_recipe(out: str, nproc: int) -> dict:
-    """MiniMind's datasets (put them in dataset/): the documented single-GPU / torchrun recipe, small preset."""
-    launch = ["torchrun", "--nproc_per_node", str(nproc)] if nproc > 1 else [sys.executable]
-    return {
-        "clean": ([[sys.executable, "clean_data.py", "--input", "dataset/pretrain_hq.jsonl", "--output",
-                    f"{out}/data/pretrain_hq_clean.jsonl", "--num_workers", "16"]],
-                  f"{out}/data/pretrain_hq_clean.jsonl"),
-        "tokenizer": ([[sys.executable, "scripts/train_tokenizer.py"]], "model/tokenizer.json"),
-        "pretrain": ([[*launch, "train_pretrain.py", "--save_dir", out, "--preset", "small", "--batch_size", "32",
-                       "--data_path", f"{out}/data/pretrain_hq_clean.jsonl", "--max_seq_len", "512"]],
-                     f"{out}/pretrain_512.pth"),
-        "sft": ([[*launch, "train_full_sft.py", "--save_dir", out, "--data_path", "dataset/sft_mini_512.jsonl",
-                  "--hidden_size", "512"]], f"{out}/full_sft_512.pth"),
-        "lora": ([[*launch, "train_lora.py", "--save_dir", out, "--data_path", "dataset/lora_identity.jsonl",
-                   "--hidden_size", "512"]], f"{out}/lora/lora_identity_512.pth"),
-        "dpo": ([[*launch, "train_dpo.py", "--save_dir", out, "--data_path", "dataset/dpo.jsonl",
-                  "--hidden_size", "512"]], f"{out}/dpo_512.pth"),
-        "reason": ([[*launch, "train_distillation.py", "--mode", "reason", "--save_dir", out, "--data_path",
-                     "dataset/r1_mix_1024.jsonl", "--max_seq_len", "1024", "--hidden_size", "512"]],
-                   f"{out}/reason_512.pth"),
-        "grpo": ([[*launch, "train_grpo.py", "--save_dir", out, "--from_weight", "reason", "--hidden_size", "512",
-                   "--data_path", "dataset/demo_grpo.jsonl"]], f"{out}/grpo_512.pth"),
-        "report": ([[sys.executable, "scripts/report.py", "--save_dir", out]], f"{out}/report.md"),
     }
 
 
@@ -115,11 +122,17 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="a few steps per stage with the nano model (smoke test)")
     parser.add_argument("--recipe", default="demo", choices=["demo", "minimind_gpu"],
                         help="demo: embedded data on any machine; minimind_gpu: MiniMind's datasets on GPUs")
-    parser.add_argument("--nproc", type=int, default=1, help="GPUs for torchrun (minimind_gpu recipe)")
+    parser.add_argument("--nproc", type=int, default=1, help="processes (GPUs) per stage under torchrun")
+    parser.add_argument("--data_dir", default="dataset", help="where MiniMind's files are (minimind_gpu recipe)")
     parser.add_argument("--dry_run", action="store_true", help="print the commands without running them")
     args = parser.parse_args(argv)
     save_dir = os.path.abspath(args.save_dir) if os.path.isabs(args.save_dir) else args.save_dir
-    recipe = demo_recipe(save_dir, args.quick) if args.recipe == "demo" else minimind_gpu_recipe(save_dir, args.nproc)
+    if args.recipe == "minimind_gpu" and not args.dry_run:
+        missing = [name for name in MINIMIND_FILES.values() if not os.path.exists(os.path.join(args.data_dir, name))]
+        if missing:
+            raise SystemExit(f"--recipe minimind_gpu: {', '.join(missing)} not in {args.data_dir}/; download "
+                             f"MiniMind's datasets there (or point --data_dir at them)")
+    recipe = build_recipe(save_dir, args.quick, args.recipe, args.data_dir, args.nproc)
     wanted = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = [s for s in wanted if s not in ORDER]
     if unknown:

@@ -167,6 +167,20 @@ def test_reason_mode_weights_the_tags_in_the_logged_loss(tmp_path, tokenizer):
     assert abs(expected - plain) > 1e-3
 
 
+def test_reason_mode_without_a_val_file_measures_the_format_on_held_out_lines(tmp_path, tokenizer):
+    write_reason_chats(tmp_path / "r1_mix_1024.jsonl", 80)  # MiniMind's file, no _val.jsonl beside it
+    args = base_args(tmp_path, tokenizer, extra=["--mode", "reason", "--eval_prompts", "4", "--max_new_tokens", "8",
+                                                 "--val_fraction", "0.1"])
+    args[args.index("--data_path") + 1] = str(tmp_path / "r1_mix_1024.jsonl")
+    train, val, val_path, val_lines = distill.load_conversations(distill.parse_args(args), tokenizer, False)
+    assert (len(train), len(val), val_path) == (72, 8, str(tmp_path / "r1_mix_1024.jsonl"))
+    prompts = distill.held_out_prompts(val_path, 100, val_lines)
+    assert len(prompts) == 8 and all(p[0][0]["content"] == f"Compute {(n - 1) % 10} + {7 * (n - 1) % 10}."
+                                     for p, n in zip(prompts, sorted(val_lines)))
+    result = distill.main(args)
+    assert "well_formed" in result["format_before"] and "well_formed" in result["format_after"]
+
+
 def test_well_formed_replies():
     good = "<think>\n8 + 5 = 13.\n</think>\n<answer>\n13\n</answer>"
     assert distill.parse_reasoning(good) == "13"

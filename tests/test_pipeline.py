@@ -1,21 +1,30 @@
-"""The whole pipeline on the quick setting: every stage leaves its checkpoint, its metrics log and the report."""
+"""The whole pipeline on the quick setting: every stage leaves its checkpoint, its metrics log and the report; and
+the GPU recipe's own commands on stand-ins for MiniMind's files (same names, same shapes, no _val.jsonl twins)."""
 import json
 import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_quick_pipeline_runs_every_stage_and_writes_the_report(tmp_path):
-    out = tmp_path / "out"
-    result = subprocess.run([sys.executable, "scripts/run_pipeline.py", "--quick", "--save_dir", str(out)],
+def run_quick_pipeline(out, *flags) -> str:
+    """The pipeline at the quick setting; checks every stage left its checkpoint and returns what it printed."""
+    result = subprocess.run([sys.executable, "scripts/run_pipeline.py", "--quick", "--save_dir", str(out), *flags],
                             cwd=ROOT, capture_output=True, text=True, timeout=1500,
                             env=dict(os.environ, WANDB_MODE="disabled", OMP_NUM_THREADS="2"))
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     for weights in ["pretrain_64.pth", "full_sft_64.pth", "lora/lora_identity_64.pth", "dpo_64.pth",
                     "teacher_sft_96.pth", "distill_64.pth", "reason_64.pth", "grpo_64.pth"]:
         assert (out / weights).exists(), weights
+    return result.stdout
+
+
+def test_quick_pipeline_runs_every_stage_and_writes_the_report(tmp_path):
+    out = tmp_path / "out"
+    run_quick_pipeline(out)
     for log in ["pretrain", "full_sft", "dpo", "distill", "reason", "grpo"]:
         records = [json.loads(line) for line in open(out / "logs" / f"{log}.jsonl")]
         assert any("loss" in r for r in records), log
@@ -27,3 +36,47 @@ def test_quick_pipeline_runs_every_stage_and_writes_the_report(tmp_path):
     # stages that measure their own before/after (SFT, LoRA, reasoning format) pair them in the report
     assert "| full_sft | end_of_turn_rate |" in report and "| reason | well_formed |" in report
     assert (out / "data" / "demo_pretrain_clean.jsonl").exists()
+
+
+def write_minimind_stand_ins(data_dir, lines_per_file=400):
+    """MiniMind's file names and formats, filled from the demo data: pretraining text is several
+    `<|im_start|>...<|im_end|>` passages per line as in pretrain_hq.jsonl, the SFT file has a tool-calling chat whose
+    schemas sit in the system message's "functions" field, and no file has a _val.jsonl beside it."""
+    os.makedirs(data_dir, exist_ok=True)
+
+    def demo_lines(name):
+        with open(os.path.join(ROOT, "dataset", name), encoding="utf-8") as f:
+            return [json.loads(line) for line in f][:lines_per_file]
+
+    def write(name, rows):
+        with open(os.path.join(data_dir, name), "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+
+    texts = [row["text"] for row in demo_lines("demo_pretrain.jsonl")]
+    write("pretrain_hq.jsonl", [{"text": " ".join(f"<|im_start|>{t}<|im_end|>" for t in texts[i:i + 2])}
+                                for i in range(0, len(texts), 2)])
+    schema = {"type": "function", "function": {"name": "add", "description": "Add two numbers",
+                                               "parameters": {"type": "object", "properties": {
+                                                   "a": {"type": "number"}, "b": {"type": "number"}}}}}
+    tool_chat = {"conversations": [
+        {"role": "system", "content": "You can call tools.", "functions": [schema]},
+        {"role": "user", "content": "What is 2 + 3?"},
+        {"role": "assistant", "content": "",
+         "tool_calls": [{"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}]},
+        {"role": "tool", "content": "5"}, {"role": "assistant", "content": "2 + 3 = 5."}]}
+    write("sft_mini_512.jsonl", demo_lines("demo_sft.jsonl") + [tool_chat] * 3)
+    write("lora_identity.jsonl", demo_lines("demo_lora_identity.jsonl"))
+    write("dpo.jsonl", demo_lines("demo_dpo.jsonl"))
+    write("r1_mix_1024.jsonl", demo_lines("demo_reason.jsonl"))
+
+
+@pytest.mark.slow
+def test_the_gpu_recipe_commands_run_on_minimind_shaped_files(tmp_path):
+    """What `--recipe minimind_gpu` runs, flag for flag, at the quick setting on the CPU: catches a flag or a data
+    assumption (a _val.jsonl twin, a field) that MiniMind's files would break before anyone rents a GPU."""
+    data_dir, out = tmp_path / "minimind", tmp_path / "out"
+    write_minimind_stand_ins(str(data_dir))
+    printed = run_quick_pipeline(out, "--recipe", "minimind_gpu", "--data_dir", str(data_dir))
+    assert "sft_mini_512.jsonl, so 4 of its conversations chosen at random" in printed
+    assert (out / "data" / "pretrain_hq_clean.jsonl").exists()
+    assert "![report card]" in (out / "report.md").read_text()

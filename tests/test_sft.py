@@ -117,6 +117,42 @@ def test_truncation_drop_or_keep_prefix(tokenizer, tmp_path):
     assert len(cut["input_ids"]) == 64 and tokenizer.eos_token_id not in cut["labels"].tolist()  # cut mid-reply
 
 
+def test_tool_schemas_in_a_minimind_system_message_are_rendered_and_not_learned(tokenizer, tmp_path):
+    # MiniMind's tool-calling chats put the schemas in the system message's "functions" field
+    schema = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    messages = [{"role": "system", "content": "Be brief.", "functions": [schema]},
+                {"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": "",
+                 "tool_calls": [{"type": "function", "function": {"name": "get_weather",
+                                                                  "arguments": {"city": "Paris"}}}]},
+                {"role": "tool", "content": "sunny"}, {"role": "assistant", "content": "Sunny."}]
+    data = tmp_path / "tools.jsonl"
+    data.write_text(json.dumps({"conversations": messages}) + "\n", encoding="utf-8")
+    item = SFTDataset(str(data), tokenizer, 512, show_progress=False)[0]
+    text = tokenizer.decode(item["input_ids"])
+    learned = tokenizer.decode([t for t in item["labels"].tolist() if t != -100])
+    assert '"name": "get_weather", "parameters"' in text and "<tools>" in text  # the schema is in the prompt
+    assert learned == '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>' \
+                      'Sunny.<|im_end|>'
+
+
+def test_held_out_split_is_random_disjoint_and_finds_its_conversations_again(tokenizer, tmp_path):
+    data = tmp_path / "chats.jsonl"
+    rows = [{"conversations": [{"role": "user", "content": f"question {i}"},
+                               {"role": "assistant", "content": f"answer {i}"}]} for i in range(200)]
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    train = SFTDataset(str(data), tokenizer, 64, show_progress=False)
+    val = train.split_held_out(0.05, seed=3)
+    assert len(val) == 10 and len(train) == 190
+    assert not set(val.line_numbers) & set(train.line_numbers) and max(val.line_numbers) - min(val.line_numbers) > 10
+    again = SFTDataset(str(data), tokenizer, 64, show_progress=False)
+    assert again.split_held_out(0.05, seed=3).line_numbers == val.line_numbers  # every rank holds out the same
+    prompts = train_full_sft.held_out_prompts(str(data), 100, set(val.line_numbers))
+    assert [reference for _, reference in prompts] == [f"answer {n - 1}" for n in val.line_numbers]
+    assert [tokenizer.decode(val[i]["input_ids"]).count(f"answer {n - 1}<") for i, n in
+            enumerate(val.line_numbers)] == [1] * 10
+
+
 # ================================================================================================ packing
 
 
@@ -226,6 +262,15 @@ def test_sft_lowers_held_out_assistant_loss(tmp_path, capsys):
     output = capsys.readouterr().out
     assert f"val_loss {before['val_loss']:.4f} -> {after['val_loss']:.4f}" in output
     assert "packed" in output and "per-sample to max_seq_len" in output
+
+
+def test_data_without_a_val_file_holds_out_part_of_itself(tmp_path, capsys):
+    write_chats(tmp_path / "sft_mini_512.jsonl", 300, seed=0)  # MiniMind's files come without a _val.jsonl
+    args = run_args(tmp_path, steps=2, extra=["--val_fraction", "0.1"])
+    args[args.index("--data_path") + 1] = str(tmp_path / "sft_mini_512.jsonl")
+    results = train_full_sft.main(args)
+    assert "30 of its conversations chosen at random (--val_fraction 0.1) are held out" in capsys.readouterr().out
+    assert results["after"]["end_of_turn_rate"] is not None and (tmp_path / "out" / "full_sft_64.pth").exists()
 
 
 def test_bad_line_is_reported_with_path_and_line(tmp_path):
