@@ -436,8 +436,9 @@ class GRPOTrainer:
         warmup = args.warmup_steps or max(1, total_steps // 100)
         print0(f"grpo: {len(self.train_set):,} prompts, {total_steps:,} optimizer steps: {self.prompts_per_step} "
                f"prompts x {args.num_generations} completions x {runtime.world_size} ranks per rollout, "
-               f"{args.num_iterations} update(s) per rollout; rewards {self.describe_rewards()}; loss {args.loss_type}, "
-               f"beta {args.beta}; device {runtime.device}, dtype {str(runtime.dtype).replace('torch.', '')}")
+               f"{args.num_iterations} update(s) per rollout; rewards {self.describe_rewards()}; "
+               f"loss {args.loss_type}, beta {args.beta}; device {runtime.device}, "
+               f"dtype {str(runtime.dtype).replace('torch.', '')}")
         # Time per phase since the last log line: rollout = generation + rewards + pi_old/pi_ref passes.
         window = {"rollout": 0.0, "update": 0.0, "tokens": 0.0, "generation": 0.0}
         run_start = time.time() - state.elapsed
@@ -573,7 +574,8 @@ def main(argv=None):
 
     model, _ = build_model(args, vocab_size=len(tokenizer))
     if len(tokenizer) > model.config.vocab_size:
-        raise SystemExit(f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {model.config.vocab_size}")
+        raise SystemExit(f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
+                         f"{model.config.vocab_size}")
     # The reference is the starting policy, frozen: copied before the Trainer can load resumed weights into `model`.
     ref_model = None
     if args.beta != 0.0:

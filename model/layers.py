@@ -103,7 +103,7 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_
     attention_mask is either None, meaning plain causal attention (only valid when Tq == Tk, or Tq == 1 when
     decoding one token against a cache), or a boolean [B, 1, Tq, Tk] mask (True = may attend) built by the model
     for padding, packed documents or chunked prefill. None lets SDPA pick its flash kernel on CUDA."""
-    q_len, k_len = q.shape[2], k.shape[2]
+    q_len = q.shape[2]
     gqa = q.shape[1] != k.shape[1]
     if attention_mask is None:
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale,

@@ -229,7 +229,8 @@ class CheckpointRewardScorer:
         scores = []
         for start in range(0, len(texts), self.batch_size):
             batch = self.tokenizer(texts[start:start + self.batch_size], return_tensors="pt", padding=True,
-                                   truncation=True, max_length=self.max_length, add_special_tokens=False).to(self.device)
+                                   truncation=True, max_length=self.max_length, add_special_tokens=False)
+            batch = batch.to(self.device)
             hidden, _ = self.model.model(batch["input_ids"], attention_mask=batch["attention_mask"])
             last = batch["attention_mask"].sum(dim=1) - 1  # right padding: the last real token of each row
             scores += self.head(hidden[torch.arange(len(last)), last].float()).squeeze(-1).tolist()

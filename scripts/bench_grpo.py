@@ -40,8 +40,10 @@ def parse_args():
     parser.add_argument("--num_generations", type=int, default=8, help="completions per prompt (G)")
     parser.add_argument("--new_tokens", type=int, default=64, help="tokens generated per completion")
     parser.add_argument("--uncached_rows", type=int, default=2, help="rows timed without the KV cache (0: skip)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed repeats of the batched/sequential runs (best kept)")
-    parser.add_argument("--step_time_steps", type=int, default=6, help="train_grpo.py steps for the time split (0: skip)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed repeats of the batched/sequential runs (best kept)")
+    parser.add_argument("--step_time_steps", type=int, default=6,
+                        help="train_grpo.py steps for the time split (0: skip)")
     parser.add_argument("--max_gen_len", type=int, default=128, help="completion limit in those training steps")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", default=None, help="autocast dtype (default: the training default for the device)")

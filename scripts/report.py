@@ -181,7 +181,8 @@ def build_report(save_dir: str) -> str:
         lines += [f"![report card]({os.path.relpath(card, save_dir)})", ""]
     lines += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in environment().items()] + [""]
 
-    lines += ["## Stages", "", "| stage | steps | wall time | tokens/s (mean) | final train loss |", "|---|---|---|---|---|"]
+    lines += ["## Stages", "", "| stage | steps | wall time | tokens/s (mean) | final train loss |",
+              "|---|---|---|---|---|"]
     for stage in stages:
         records = [r for r in logs.get(stage, []) if "loss" in r]
         summary = summaries.get(stage, {})

@@ -57,7 +57,8 @@ def greedy(max_new_tokens=12, **kwargs):
 
 def run_args(tmp_path, data, steps=2, extra=()):
     return ["--data_path", str(data), "--tokenizer_path", TOKENIZER, "--save_dir", str(tmp_path / "out"),
-            "--preset", "nano", "--from_weight", "none", "--max_steps", str(steps), "--batch_size", "2", "--num_generations", "4", "--max_gen_len", "8",
+            "--preset", "nano", "--from_weight", "none", "--max_steps", str(steps), "--batch_size", "2",
+            "--num_generations", "4", "--max_gen_len", "8",
             "--eval_samples", "4", "--eval_interval", "0", "--dtype", "float32", "--num_threads", "1",
             "--device", "cpu", *extra]
 
