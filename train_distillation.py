@@ -36,7 +36,7 @@ from model.losses import distillation_loss, kd_loss
 from model.model import TinyMindForCausalLM
 from model.train_utils import (DTYPES, Trainer, TrainingDiverged, add_common_args, all_reduce_mean, barrier,
                                before_after, build_model, cleanup, default_device, init_runtime, load_state_into,
-                               load_weights, print0, resolve_weight, write_summary)
+                               load_weights, main_rank_first, print0, resolve_weight, write_summary)
 
 TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
 REASONING_FORMAT = re.compile(r"\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*", re.S)
@@ -96,15 +96,18 @@ def parse_args(argv=None):
 # ================================================================================================ data
 
 
-def load_conversations(args, tokenizer, show_progress: bool):
-    train = SFTDataset(args.data_path, tokenizer, args.max_seq_len, bool(args.skip_bad_lines),
-                       show_progress=show_progress)
+def load_conversations(args, tokenizer, runtime):
+    """(train, held-out, the held-out file, its lines or None for all of it)."""
     val_path, val_lines = args.val_data_path or default_val_path(args.data_path), None
-    if val_path:
-        val = SFTDataset(val_path, tokenizer, args.max_seq_len, bool(args.skip_bad_lines), show_progress=show_progress)
-    else:
+    with main_rank_first(runtime):  # rank 0 tokenizes into the cache the others open
+        train = SFTDataset(args.data_path, tokenizer, args.max_seq_len, bool(args.skip_bad_lines),
+                           show_progress=runtime.is_main)
+        if val_path:
+            val = SFTDataset(val_path, tokenizer, args.max_seq_len, bool(args.skip_bad_lines),
+                             show_progress=runtime.is_main)
+    if not val_path:
         val = train.split_held_out(args.val_fraction, args.seed)
-        val_path, val_lines = args.data_path, set(val.line_numbers)
+        val_path, val_lines = args.data_path, set(val.line_numbers.tolist())
     if any(train.stats.values()):
         print0(f"training conversations skipped: {train.stats}")
     return train, val, val_path, val_lines
@@ -338,7 +341,7 @@ def main(argv=None):
     runtime = init_runtime(args.device, args.dtype, args.seed, args.num_threads)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path)
     try:
-        train_set, val_set, val_path, val_lines = load_conversations(args, tokenizer, show_progress=runtime.is_main)
+        train_set, val_set, val_path, val_lines = load_conversations(args, tokenizer, runtime)
     except (BadInput, FileNotFoundError) as error:
         raise SystemExit(f"error: {error}")
     print0(f"data: {len(train_set):,} train / {len(val_set):,} held-out conversations ({args.data_path})")

@@ -40,7 +40,7 @@ from transformers import AutoTokenizer
 from model.dataset import (BadInput, PackedDataset, SFTDataset, default_val_path, iter_conversations, packed_collate,
                            pad_collate)
 from model.train_utils import (ResumableSampler, Trainer, TrainingDiverged, add_common_args, before_after, build_model,
-                               cleanup, default_device, init_runtime, print0, write_summary)
+                               cleanup, default_device, init_runtime, main_rank_first, print0, write_summary)
 
 
 def parse_args(argv=None):
@@ -85,8 +85,9 @@ def add_chat_data_args(parser, data_path: str):
 def load_chat_dataset(path: str, tokenizer, args, runtime, what: str) -> SFTDataset:
     """Tokenize a conversation file (errors name path:line) and report what was dropped or cut."""
     try:
-        dataset = SFTDataset(path, tokenizer, args.max_seq_len, bool(args.skip_bad_lines), args.truncation,
-                             show_progress=runtime.is_main)
+        with main_rank_first(runtime):
+            dataset = SFTDataset(path, tokenizer, args.max_seq_len, bool(args.skip_bad_lines), args.truncation,
+                                 show_progress=runtime.is_main)
     except (BadInput, FileNotFoundError) as error:
         raise SystemExit(f"error: {error}")
     lengths = dataset.lengths()
@@ -220,7 +221,7 @@ def load_chats_with_held_out(args, tokenizer, runtime) -> tuple[SFTDataset, SFTD
         raise SystemExit(f"error: {error}; pass --val_data_path")
     print0(f"held-out: no _val.jsonl beside {args.data_path}, so {len(val):,} of its conversations chosen at random "
            f"(--val_fraction {args.val_fraction}) are held out")
-    return train, val, args.data_path, set(val.line_numbers)
+    return train, val, args.data_path, set(val.line_numbers.tolist())
 
 
 def held_out_prompts(path: str, count: int, lines: set | None = None) -> list[tuple[list[dict], str]]:

@@ -16,8 +16,8 @@ from torch.utils.data import Subset
 from transformers import AutoTokenizer
 
 from model.dataset import BadInput, PretrainDataset, default_val_path
-from model.train_utils import (Trainer, TrainingDiverged, add_common_args, barrier, build_model, cleanup,
-                               default_device, evaluate_lm_loss, init_runtime, print0, write_summary)
+from model.train_utils import (Trainer, TrainingDiverged, add_common_args, build_model, cleanup, default_device,
+                               evaluate_lm_loss, init_runtime, main_rank_first, print0, write_summary)
 
 SAMPLE_PROMPTS = ["《静夜思》 李白\n", "To be, or not to be"]
 
@@ -47,21 +47,17 @@ def parse_args(argv=None):
 def load_datasets(args, tokenizer, runtime):
     """Rank 0 tokenizes (once; later runs reuse the cache), the other ranks wait and then open the cache."""
     val_path = args.val_data_path or default_val_path(args.data_path)
-    datasets = None
-    for turn in ("main", "others"):
-        if (turn == "main") == runtime.is_main:
-            train = PretrainDataset(args.data_path, tokenizer, args.max_seq_len, args.cache_dir,
-                                    bool(args.skip_bad_lines), show_progress=runtime.is_main)
-            if val_path:
-                val = PretrainDataset(val_path, tokenizer, args.max_seq_len, args.cache_dir,
-                                      bool(args.skip_bad_lines), show_progress=runtime.is_main)
-            else:
-                held_out = max(1, int(len(train) * args.val_fraction))
-                val = Subset(train, range(len(train) - held_out, len(train)))
-                train = Subset(train, range(len(train) - held_out))
-            datasets = train, val
-        barrier(runtime)
-    return datasets
+    with main_rank_first(runtime):
+        train = PretrainDataset(args.data_path, tokenizer, args.max_seq_len, args.cache_dir,
+                                bool(args.skip_bad_lines), show_progress=runtime.is_main)
+        if val_path:
+            val = PretrainDataset(val_path, tokenizer, args.max_seq_len, args.cache_dir,
+                                  bool(args.skip_bad_lines), show_progress=runtime.is_main)
+    if not val_path:
+        held_out = max(1, int(len(train) * args.val_fraction))
+        val = Subset(train, range(len(train) - held_out, len(train)))
+        train = Subset(train, range(len(train) - held_out))
+    return train, val
 
 
 def main(argv=None):
@@ -79,7 +75,8 @@ def main(argv=None):
 
     model, _ = build_model(args, vocab_size=len(tokenizer))
     if len(tokenizer) > model.config.vocab_size:
-        raise SystemExit(f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {model.config.vocab_size}")
+        raise SystemExit(f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
+                         f"{model.config.vocab_size}")
 
     def loss_fn(model, batch):
         out = model(batch["input_ids"], labels=batch["labels"])

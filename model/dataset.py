@@ -5,9 +5,11 @@ as packed windows: documents are concatenated end to end (`<|im_start|> text <|i
 max_seq_len-token windows, so no FLOP is spent on padding. Files of any size work: neither the text nor the tokens
 are ever held in RAM.
 """
+import copy
 import hashlib
 import json
 import os
+import signal
 
 import numpy as np
 import torch
@@ -34,21 +36,31 @@ def iter_jsonl(path: str, skip_bad_lines: bool = False, stats: dict | None = Non
                 on_bytes(len(raw))
             if not raw.strip():
                 continue
-            try:
-                obj = json.loads(raw)
-                reason = None if isinstance(obj, dict) else f"expected a JSON object, got {type(obj).__name__}"
-            except (json.JSONDecodeError, UnicodeDecodeError) as error:
-                obj, reason = None, f"not valid JSON ({error})"
-            if reason is None and validate is not None:
-                reason = validate(obj)
+            obj, reason = parse_line(raw, validate)
             if reason is not None:
-                if not skip_bad_lines:
-                    raise BadInput(f"{path}:{line_number}: {reason} (pass --skip_bad_lines 1 to skip such lines)")
-                if stats is not None:
-                    stats["bad_lines"] = stats.get("bad_lines", 0) + 1
-                    stats.setdefault("bad_line_numbers", []).append(line_number)
+                note_bad_line(path, line_number, reason, skip_bad_lines, stats)
                 continue
             yield line_number, obj
+
+
+def parse_line(raw: bytes, validate=None) -> tuple[dict | None, str | None]:
+    """(object, None) for a good JSON-object line, (None or object, why not) for a bad one."""
+    try:
+        obj = json.loads(raw)
+        reason = None if isinstance(obj, dict) else f"expected a JSON object, got {type(obj).__name__}"
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        obj, reason = None, f"not valid JSON ({error})"
+    if reason is None and validate is not None:
+        reason = validate(obj)
+    return obj, reason
+
+
+def note_bad_line(path: str, line_number: int, reason: str, skip_bad_lines: bool, stats: dict | None):
+    if not skip_bad_lines:
+        raise BadInput(f"{path}:{line_number}: {reason} (pass --skip_bad_lines 1 to skip such lines)")
+    if stats is not None:
+        stats["bad_lines"] = stats.get("bad_lines", 0) + 1
+        stats.setdefault("bad_line_numbers", []).append(line_number)
 
 
 def _require_text(obj) -> str | None:
@@ -62,16 +74,17 @@ def _require_text(obj) -> str | None:
 def tokenizer_fingerprint(tokenizer) -> str:
     """Changes whenever the vocabulary or merges change, so a stale token cache is never reused."""
     state = tokenizer.backend_tokenizer.to_str() if hasattr(tokenizer, "backend_tokenizer") else str(tokenizer.vocab)
+    state += str(getattr(tokenizer, "chat_template", None))  # chat caches hold rendered conversations
     return hashlib.sha1(state.encode()).hexdigest()[:12]
 
 
-def token_cache_path(data_path: str, tokenizer, cache_dir: str | None = None) -> str:
+def token_cache_path(data_path: str, tokenizer, cache_dir: str | None = None, suffix: str = "tokens") -> str:
     stat = os.stat(data_path)
     key = f"{os.path.abspath(data_path)}|{stat.st_size}|{stat.st_mtime_ns}|{tokenizer_fingerprint(tokenizer)}|" \
           f"{CACHE_FORMAT_VERSION}"
     digest = hashlib.sha1(key.encode()).hexdigest()[:16]
     cache_dir = cache_dir or os.path.join(os.path.dirname(os.path.abspath(data_path)), ".cache")
-    return os.path.join(cache_dir, f"{os.path.basename(data_path)}.{digest}.tokens")
+    return os.path.join(cache_dir, f"{os.path.basename(data_path)}.{digest}.{suffix}")
 
 
 def build_token_cache(data_path: str, tokenizer, cache_file: str, skip_bad_lines: bool = False,
@@ -226,70 +239,188 @@ def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
                                               tools=tools_of(messages), return_dict=True)["input_ids"])
 
 
+_worker_tokenizer = None
+
+
+def _init_tokenizing_worker(tokenizer):
+    global _worker_tokenizer
+    _worker_tokenizer = tokenizer
+    # a forked worker inherits the trainer's SIGTERM handler (save and stop), which would make Pool.terminate() hang
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+
+
+def _encode_chat_lines(chunk: list[tuple[int, bytes]]) -> list[tuple[int, np.ndarray | None, np.ndarray | str]]:
+    """(line, ids, mask) per good line, (line, None, why) per bad one; runs in a tokenizing worker process."""
+    encoded = []
+    for line_number, raw in chunk:
+        obj, reason = parse_line(raw, _require_conversation)
+        if reason is not None:
+            encoded.append((line_number, None, reason))
+            continue
+        messages = obj["conversations"]
+        ids, mask = encode_chat(_worker_tokenizer, messages, tools=tools_of(messages))
+        dtype = np.uint16 if len(_worker_tokenizer) <= 65536 else np.uint32
+        encoded.append((line_number, np.asarray(ids, dtype=dtype), np.asarray(mask, dtype=np.uint8)))
+    return encoded
+
+
+def _line_chunks(path: str, on_bytes, lines_per_chunk: int = 512):
+    chunk = []
+    with open(path, "rb") as f:
+        for line_number, raw in enumerate(f, start=1):
+            on_bytes(len(raw))
+            if raw.strip():
+                chunk.append((line_number, raw))
+            if len(chunk) >= lines_per_chunk:
+                yield chunk
+                chunk = []
+    if chunk:
+        yield chunk
+
+
+def build_chat_cache(data_path: str, tokenizer, cache_file: str, skip_bad_lines: bool = False,
+                     num_proc: int | None = None, show_progress: bool = True) -> dict:
+    """Render and tokenize every conversation once, in `num_proc` processes (default: one per core, up to 16,
+    for files over 8 MB), into flat token and mask files plus an index of lengths and line numbers. Whole
+    conversations are stored; max_seq_len is applied when the dataset is opened, so one cache serves every length.
+    Written under temp names and renamed, the summary last: a cache that exists is complete."""
+    import multiprocessing
+    from tqdm import tqdm
+    if not os.path.exists(data_path):
+        raise FileNotFoundError(f"data file not found: {data_path}")
+    if os.path.getsize(data_path) == 0:
+        raise BadInput(f"{data_path}: the file is empty")
+    if num_proc is None:
+        num_proc = min(16, os.cpu_count() or 1) if os.path.getsize(data_path) > 8e6 else 1
+    os.makedirs(os.path.dirname(cache_file), exist_ok=True)
+    tmp = f".tmp.{os.getpid()}"
+    stats, lengths, line_numbers, first_targets, first_bad = {"bad_lines": 0}, [], [], [], None
+    dtype = np.uint16 if len(tokenizer) <= 65536 else np.uint32
+    progress = tqdm(total=os.path.getsize(data_path), unit="B", unit_scale=True, disable=not show_progress,
+                    desc=f"tokenizing {os.path.basename(data_path)} ({num_proc} proc)")
+    chunks = _line_chunks(data_path, progress.update)
+    pool = None
+    if num_proc > 1:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # each worker is one thread of Rust tokenizing
+        context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+        pool = context.Pool(num_proc, initializer=_init_tokenizing_worker, initargs=(tokenizer,))
+        results = pool.imap(_encode_chat_lines, chunks)  # in order, so the first bad line reported is the first
+    else:
+        global _worker_tokenizer
+        _worker_tokenizer = tokenizer
+        results = map(_encode_chat_lines, chunks)
+    failed = True
+    try:
+        with open(cache_file + ".ids" + tmp, "wb") as ids_out, open(cache_file + ".mask" + tmp, "wb") as mask_out:
+            for encoded in results:
+                for line_number, ids, mask in encoded:
+                    if ids is None:
+                        first_bad = first_bad or f"{data_path}:{line_number}: {mask}"
+                        note_bad_line(data_path, line_number, mask, skip_bad_lines, stats)
+                        continue
+                    ids_out.write(ids.astype(dtype).tobytes())
+                    mask_out.write(mask.tobytes())
+                    lengths.append(len(ids))
+                    line_numbers.append(line_number)
+                    first_targets.append(int(mask.argmax()) if mask.any() else len(mask))
+        failed = False
+    finally:
+        if pool is not None and failed:
+            pool.terminate()  # drop the chunks still queued
+        elif pool is not None:
+            pool.close()
+            pool.join()
+        progress.close()
+        if failed:
+            for part in (".ids", ".mask"):
+                if os.path.exists(cache_file + part + tmp):
+                    os.remove(cache_file + part + tmp)
+    np.save(cache_file + ".index" + tmp + ".npy", np.asarray([lengths, line_numbers, first_targets], dtype=np.int64)
+            .reshape(3, -1))
+    for part in (".ids", ".mask"):
+        os.replace(cache_file + part + tmp, cache_file + part)
+    os.replace(cache_file + ".index" + tmp + ".npy", cache_file + ".index.npy")
+    summary = {"conversations": len(lengths), "tokens": int(sum(lengths)), "dtype": np.dtype(dtype).name,
+               "bad_lines": stats["bad_lines"], "first_bad_line": first_bad}
+    with open(cache_file + ".json" + tmp, "w") as f:
+        json.dump(summary, f)
+    os.replace(cache_file + ".json" + tmp, cache_file + ".json")
+    return summary
+
+
 class SFTDataset(Dataset):
     """Tokenized conversations with assistant-only labels.
 
-    Samples longer than max_seq_len are dropped (`truncation="drop"`, the default: a cut reply teaches the model
-    to stop mid-sentence without <|im_end|>) or cut to their first max_seq_len tokens (`"keep_prefix"`)."""
+    Rendering the chat template is slow (about 1.3 MB of jsonl a second per process), so a file is tokenized once,
+    in parallel, into a cache beside it (`<data dir>/.cache`, or `cache_dir`) that later runs, other stages and the
+    other ranks open instantly; neither the text nor the tokens are held in RAM. Samples longer than max_seq_len are
+    dropped (`truncation="drop"`, the default: a cut reply teaches the model to stop mid-sentence without
+    <|im_end|>) or cut to their first max_seq_len tokens (`"keep_prefix"`)."""
 
     def __init__(self, data_path: str, tokenizer, max_seq_len: int, skip_bad_lines: bool = False,
-                 truncation: str = "drop", show_progress: bool = True, max_samples: int | None = None):
-        from tqdm import tqdm
+                 truncation: str = "drop", show_progress: bool = True, max_samples: int | None = None,
+                 cache_dir: str | None = None, build: bool = True, num_proc: int | None = None):
         if truncation not in ("drop", "keep_prefix"):
             raise ValueError(f"truncation must be 'drop' or 'keep_prefix', not {truncation!r}")
+        if not os.path.exists(data_path):
+            raise FileNotFoundError(f"data file not found: {data_path}")
         self.path, self.max_seq_len = data_path, max_seq_len
-        self.samples: list[tuple[np.ndarray, np.ndarray]] = []
-        self.line_numbers: list[int] = []  # the file line of each sample, to find its messages again
-        self.stats = {"bad_lines": 0, "dropped_too_long": 0, "truncated": 0, "no_target_tokens": 0}
-        dtype = np.uint16 if len(tokenizer) <= 65536 else np.uint32
-        progress = tqdm(total=os.path.getsize(data_path) if os.path.exists(data_path) else 0, unit="B",
-                        unit_scale=True, desc=f"tokenizing {os.path.basename(data_path)}", disable=not show_progress)
-        for line_number, obj in iter_jsonl(data_path, skip_bad_lines, self.stats, _require_conversation,
-                                           progress.update):
-            ids, mask = encode_chat(tokenizer, obj["conversations"], tools=tools_of(obj["conversations"]))
-            if len(ids) > max_seq_len:
-                if truncation == "drop":
-                    self.stats["dropped_too_long"] += 1
-                    continue
-                ids, mask = ids[:max_seq_len], mask[:max_seq_len]
-                self.stats["truncated"] += 1
-            if not any(mask):
-                self.stats["no_target_tokens"] += 1
-                continue
-            self.samples.append((np.asarray(ids, dtype=dtype), np.asarray(mask, dtype=np.uint8)))
-            self.line_numbers.append(line_number)
-            if max_samples and len(self.samples) >= max_samples:
-                break
-        progress.close()
-        if not self.samples:
+        cache_file = token_cache_path(data_path, tokenizer, cache_dir, suffix="chat")
+        if not os.path.exists(cache_file + ".json"):
+            if not build:
+                raise FileNotFoundError(f"chat cache {cache_file} missing (rank 0 should have built it)")
+            build_chat_cache(data_path, tokenizer, cache_file, skip_bad_lines, num_proc, show_progress)
+        with open(cache_file + ".json") as f:
+            summary = json.load(f)
+        if summary["bad_lines"] and not skip_bad_lines:  # a cache built with --skip_bad_lines 1
+            raise BadInput(f"{summary['first_bad_line']} (pass --skip_bad_lines 1 to skip such lines)")
+        self.ids = np.memmap(cache_file + ".ids", dtype=summary["dtype"], mode="r") if summary["tokens"] else None
+        self.masks = np.memmap(cache_file + ".mask", dtype=np.uint8, mode="r") if summary["tokens"] else None
+        full_lengths, line_numbers, first_targets = np.load(cache_file + ".index.npy")
+        starts = np.concatenate([[0], np.cumsum(full_lengths)[:-1]]).astype(np.int64)
+        too_long = full_lengths > max_seq_len
+        keep = ~too_long if truncation == "drop" else np.ones(len(full_lengths), dtype=bool)
+        self.starts, self.sample_lengths = starts[keep], np.minimum(full_lengths[keep], max_seq_len)
+        self.line_numbers = line_numbers[keep]
+        has_target = first_targets[keep] < self.sample_lengths  # a cut can leave a sample nothing to learn
+        cut = int(too_long.sum())
+        self.stats = {"bad_lines": summary["bad_lines"], "dropped_too_long": cut if truncation == "drop" else 0,
+                      "truncated": cut if truncation == "keep_prefix" else 0,
+                      "no_target_tokens": int((~has_target).sum())}
+        self._select(np.flatnonzero(has_target)[:max_samples] if max_samples else np.flatnonzero(has_target))
+        if not len(self.starts):
             raise BadInput(f"{data_path}: no usable conversations ({self.stats})")
 
+    def _select(self, rows: np.ndarray):
+        self.starts, self.sample_lengths = self.starts[rows], self.sample_lengths[rows]
+        self.line_numbers = self.line_numbers[rows]
+
     def __len__(self):
-        return len(self.samples)
+        return len(self.starts)
 
     def __getitem__(self, index):
-        ids, mask = self.samples[index]
-        input_ids = torch.from_numpy(ids.astype(np.int64))
-        labels = input_ids.masked_fill(torch.from_numpy(mask) == 0, -100)
+        start, length = int(self.starts[index]), int(self.sample_lengths[index])
+        input_ids = torch.from_numpy(self.ids[start:start + length].astype(np.int64))
+        labels = input_ids.masked_fill(torch.from_numpy(self.masks[start:start + length] == 0), -100)
         return {"input_ids": input_ids, "labels": labels}
 
     def lengths(self) -> np.ndarray:
-        return np.asarray([len(ids) for ids, _ in self.samples])
+        return self.sample_lengths
 
     def split_held_out(self, fraction: float, seed: int = 0) -> "SFTDataset":
         """Move a random `fraction` of the samples (at least one, never all) into a new dataset and return it: the
         held-out set of a file with no _val.jsonl beside it (MiniMind's files have none). Random rather than the
         file's tail, which may be all one source; its line_numbers say where its conversations are in the file."""
-        if len(self.samples) < 2:
-            raise BadInput(f"{self.path}: {len(self.samples)} usable conversation(s): too few to hold any out")
-        count = min(len(self.samples) - 1, max(1, round(len(self.samples) * fraction)))
-        chosen = set(np.random.default_rng(seed).choice(len(self.samples), count, replace=False).tolist())
-        held_out = object.__new__(SFTDataset)
-        held_out.path, held_out.max_seq_len, held_out.stats = self.path, self.max_seq_len, {}
-        held_out.samples = [s for i, s in enumerate(self.samples) if i in chosen]
-        held_out.line_numbers = [n for i, n in enumerate(self.line_numbers) if i in chosen]
-        self.samples = [s for i, s in enumerate(self.samples) if i not in chosen]
-        self.line_numbers = [n for i, n in enumerate(self.line_numbers) if i not in chosen]
+        if len(self) < 2:
+            raise BadInput(f"{self.path}: {len(self)} usable conversation(s): too few to hold any out")
+        count = min(len(self) - 1, max(1, round(len(self) * fraction)))
+        chosen = np.zeros(len(self), dtype=bool)
+        chosen[np.random.default_rng(seed).choice(len(self), count, replace=False)] = True
+        held_out = copy.copy(self)
+        held_out.stats = {}
+        held_out._select(np.flatnonzero(chosen))
+        self._select(np.flatnonzero(~chosen))
         return held_out
 
 

@@ -133,6 +133,17 @@ def barrier(runtime: Runtime):
         dist.barrier()
 
 
+@contextlib.contextmanager
+def main_rank_first(runtime: Runtime):
+    """Rank 0 runs the block first (tokenizing data into a cache), the other ranks after it (opening that cache).
+    If rank 0 fails inside, torchrun stops the waiting ranks."""
+    if not runtime.is_main:
+        barrier(runtime)
+    yield
+    if runtime.is_main:
+        barrier(runtime)
+
+
 def cleanup(runtime: Runtime):
     """Leave the process group. The barrier and short sleep first let gloo's worker threads finish freeing the tensors
     of the last collectives (they need the GIL for it): destroying the group, or freeing the DDP wrapper that owns it,
@@ -150,7 +161,8 @@ def add_common_args(parser: argparse.ArgumentParser, stage: str, **defaults):
     """Flags every stage takes (MiniMind's names where it has one). `defaults` sets stage-specific defaults."""
     g = parser.add_argument_group("output")
     g.add_argument("--save_dir", default="out", help="directory for weights, resume checkpoints and logs")
-    g.add_argument("--save_weight", default=stage, help="name prefix of the saved weights: <save_dir>/<name>_<hidden>.pth")
+    g.add_argument("--save_weight", default=stage,
+                   help="name prefix of the saved weights: <save_dir>/<name>_<hidden>.pth")
     g = parser.add_argument_group("model (default: the checkpoint's own config, or --preset)")
     g.add_argument("--preset", default=None, choices=sorted(PRESETS),
                    help="named size for a new model: nano (tests), tiny (CPU demo), small (26M), base (104M)")
@@ -171,10 +183,12 @@ def add_common_args(parser: argparse.ArgumentParser, stage: str, **defaults):
     g.add_argument("--epochs", type=int, default=defaults.get("epochs", 1), help="passes over the training data")
     g.add_argument("--max_steps", type=int, default=defaults.get("max_steps", -1),
                    help="stop after this many optimizer steps (-1: run all epochs)")
-    g.add_argument("--batch_size", type=int, default=defaults.get("batch_size", 16), help="sequences per micro-batch per rank")
+    g.add_argument("--batch_size", type=int, default=defaults.get("batch_size", 16),
+                   help="sequences per micro-batch per rank")
     g.add_argument("--accumulation_steps", type=int, default=defaults.get("accumulation_steps", 1),
                    help="micro-batches per optimizer step")
-    g.add_argument("--learning_rate", type=float, default=defaults.get("learning_rate", 5e-4), help="peak learning rate")
+    g.add_argument("--learning_rate", type=float, default=defaults.get("learning_rate", 5e-4),
+                   help="peak learning rate")
     g.add_argument("--min_lr_ratio", type=float, default=0.1, help="cosine schedule floor, as a fraction of the peak")
     g.add_argument("--warmup_steps", type=int, default=defaults.get("warmup_steps", 0),
                    help="linear warmup steps (0 with --warmup_ratio unset: 1%% of the steps)")
@@ -183,11 +197,14 @@ def add_common_args(parser: argparse.ArgumentParser, stage: str, **defaults):
     g.add_argument("--grad_clip", type=float, default=1.0, help="clip the global gradient norm to this (0: off)")
     g.add_argument("--max_seq_len", type=int, default=defaults.get("max_seq_len", 512), help="tokens per sequence")
     g.add_argument("--seed", type=int, default=42, help="seed for init, data order and dropout")
-    g.add_argument("--num_workers", type=int, default=defaults.get("num_workers", 0), help="DataLoader worker processes")
+    g.add_argument("--num_workers", type=int, default=defaults.get("num_workers", 0),
+                   help="DataLoader worker processes")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: the best available)")
     g.add_argument("--dtype", default=None, choices=sorted(DTYPES),
-                   help="autocast dtype (default: bfloat16 on GPUs and bf16-capable CPUs, float16 on old GPUs, else float32)")
-    g.add_argument("--num_threads", type=int, default=None, help="CPU threads per process (default: cores / local ranks)")
+                   help="autocast dtype (default: bfloat16 on GPUs and bf16-capable CPUs, float16 on old GPUs, "
+                        "else float32)")
+    g.add_argument("--num_threads", type=int, default=None,
+                   help="CPU threads per process (default: cores / local ranks)")
     g.add_argument("--use_compile", type=int, default=0, choices=[0, 1], help="1: torch.compile the model")
     g.add_argument("--deepspeed", default=None, help="DeepSpeed config JSON (ZeRO-1/2), e.g. ds_config.json")
     g = parser.add_argument_group("checkpoints, evaluation and logging")
@@ -604,7 +621,8 @@ class Trainer:
             else:
                 save_weights(self.raw_model, self.weights_file)
             if self.deepspeed_engine is None:
-                atomic_torch_save({"model": unwrap(self.raw_model).state_dict(), "optimizer": self.optimizer.state_dict(),
+                atomic_torch_save({"model": unwrap(self.raw_model).state_dict(),
+                                   "optimizer": self.optimizer.state_dict(),
                                    "scaler": self.scaler.state_dict(), "train_state": vars(self.state),
                                    "rng": rng_state(), "wandb_id": self.log.wandb_id, "args": vars(self.args),
                                    "config": self.config.to_dict()}, self.resume_file)
@@ -687,7 +705,17 @@ class Trainer:
     # ---- the loop --------------------------------------------------------------------------------------------
     def fit(self, train_dataset, loss_fn, collate_fn=None, evaluate=None, shuffle=True):
         """Train over `train_dataset` for args.epochs (or args.max_steps). `evaluate(model) -> dict` runs on all
-        ranks every eval_interval steps and at the end; its metrics are logged with an 'eval/' prefix."""
+        ranks every eval_interval steps and at the end; its metrics are logged with an 'eval/' prefix. SIGTERM
+        (preemption) meanwhile means: write a resume checkpoint and exit; the old handler is back afterwards, even
+        when training fails (processes forked later, e.g. tokenizing workers, inherit handlers)."""
+        previous_handler = signal.signal(signal.SIGTERM, self._request_stop) if _in_main_thread() else None
+        try:
+            return self._fit(train_dataset, loss_fn, collate_fn, evaluate, shuffle)
+        finally:
+            if previous_handler is not None:
+                signal.signal(signal.SIGTERM, previous_handler)
+
+    def _fit(self, train_dataset, loss_fn, collate_fn, evaluate, shuffle):
         args, runtime = self.args, self.runtime
         micro_batches_per_epoch = len(train_dataset) // runtime.world_size // args.batch_size
         steps_per_epoch = micro_batches_per_epoch // args.accumulation_steps
@@ -702,7 +730,6 @@ class Trainer:
                f"(batch {args.batch_size} x accum {args.accumulation_steps} x {runtime.world_size} ranks), "
                f"device {runtime.device}, dtype {str(runtime.dtype).replace('torch.', '')}")
 
-        previous_handler = signal.signal(signal.SIGTERM, self._request_stop) if _in_main_thread() else None
         from tqdm import tqdm
         progress = tqdm(total=total_steps, initial=self.state.step, disable=not runtime.is_main, desc=self.stage,
                         dynamic_ncols=True, file=sys.stdout, mininterval=0.5 if sys.stdout.isatty() else 30)
@@ -735,7 +762,8 @@ class Trainer:
                 window_tokens += tokens
                 self.state.tokens_seen += tokens * runtime.world_size
                 for k, v in metrics.items():
-                    metric_sums[k] = metric_sums.get(k, 0.0) + (v.detach().float() if isinstance(v, torch.Tensor) else v)
+                    value = v.detach().float() if isinstance(v, torch.Tensor) else v
+                    metric_sums[k] = metric_sums.get(k, 0.0) + value
                 if not last_micro:
                     continue
                 grad_norm = self.optimizer_step(lr, loss_sum)
@@ -801,8 +829,6 @@ class Trainer:
         write_summary(args.save_dir, args.save_weight, summary, runtime)
         if runtime.distributed:
             self.check_ranks_in_sync()
-        if previous_handler is not None:
-            signal.signal(signal.SIGTERM, previous_handler)
         print0(f"{self.stage} done: {self.state.step} steps in {format_seconds(self.state.elapsed)}; "
                f"weights -> {self.weights_file}")
         self.log.finish()
@@ -862,6 +888,7 @@ def evaluate_lm_loss(model, dataset, runtime: Runtime, batch_size: int, max_batc
         if i >= max_batches:
             break
         batch = {k: v.to(runtime.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-        total += model(batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"]).loss.float()
+        output = model(batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"])
+        total += output.loss.float()
         count += 1
     return all_reduce_mean(total / max(count, 1), runtime).item()

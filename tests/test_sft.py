@@ -3,6 +3,7 @@ its end-of-turn metric, bad input, and an end-to-end run that learns tiny genera
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 
@@ -143,14 +144,61 @@ def test_held_out_split_is_random_disjoint_and_finds_its_conversations_again(tok
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
     train = SFTDataset(str(data), tokenizer, 64, show_progress=False)
     val = train.split_held_out(0.05, seed=3)
+    held_out_lines = val.line_numbers.tolist()
     assert len(val) == 10 and len(train) == 190
-    assert not set(val.line_numbers) & set(train.line_numbers) and max(val.line_numbers) - min(val.line_numbers) > 10
+    assert not set(held_out_lines) & set(train.line_numbers.tolist()) and np.ptp(held_out_lines) > 10
     again = SFTDataset(str(data), tokenizer, 64, show_progress=False)
-    assert again.split_held_out(0.05, seed=3).line_numbers == val.line_numbers  # every rank holds out the same
-    prompts = train_full_sft.held_out_prompts(str(data), 100, set(val.line_numbers))
-    assert [reference for _, reference in prompts] == [f"answer {n - 1}" for n in val.line_numbers]
+    assert again.split_held_out(0.05, seed=3).line_numbers.tolist() == held_out_lines  # the same on every rank
+    prompts = train_full_sft.held_out_prompts(str(data), 100, set(held_out_lines))
+    assert [reference for _, reference in prompts] == [f"answer {n - 1}" for n in held_out_lines]
     assert [tokenizer.decode(val[i]["input_ids"]).count(f"answer {n - 1}<") for i, n in
             enumerate(val.line_numbers)] == [1] * 10
+
+
+def test_chat_cache_is_the_same_from_one_or_two_processes_and_reused(tokenizer, tmp_path, monkeypatch):
+    import model.dataset as dataset_module
+    data = tmp_path / "chats.jsonl"
+    write_chats(data, 1200, seed=5)  # > 1 chunk of lines, so two workers really split it
+    with open(data, "a") as f:
+        f.write("{broken\n")
+    single = SFTDataset(str(data), tokenizer, 128, skip_bad_lines=True, show_progress=False,
+                        cache_dir=str(tmp_path / "c1"), num_proc=1)
+    double = SFTDataset(str(data), tokenizer, 128, skip_bad_lines=True, show_progress=False,
+                        cache_dir=str(tmp_path / "c2"), num_proc=2)
+    assert len(single) == len(double) == 1200 and single.stats["bad_lines"] == double.stats["bad_lines"] == 1
+    assert single.line_numbers.tolist() == double.line_numbers.tolist() == list(range(1, 1201))
+    for i in (0, 1, 599, 1199):
+        assert torch.equal(single[i]["input_ids"], double[i]["input_ids"])
+        assert torch.equal(single[i]["labels"], double[i]["labels"])
+    ids, _ = encode_chat(tokenizer, json.loads(open(data).readlines()[599])["conversations"])
+    assert double[599]["input_ids"].tolist() == ids
+    # opened again: read from the cache, not tokenized; without --skip_bad_lines the skipped line is an error
+    monkeypatch.setattr(dataset_module, "build_chat_cache", lambda *a, **k: pytest.fail("rebuilt the cache"))
+    assert len(SFTDataset(str(data), tokenizer, 64, skip_bad_lines=True, show_progress=False,
+                          cache_dir=str(tmp_path / "c2"))) == len(single.lengths()[single.lengths() <= 64])
+    with pytest.raises(Exception, match=rf"{data}:1201: not valid JSON"):
+        SFTDataset(str(data), tokenizer, 128, show_progress=False, cache_dir=str(tmp_path / "c2"))
+
+
+def test_a_failed_chat_cache_build_leaves_nothing_behind(tokenizer, tmp_path):
+    data = tmp_path / "chats.jsonl"
+    write_chats(data, 1100, seed=6)
+    lines = open(data).read().splitlines()
+    lines[700] = json.dumps({"conversations": [{"role": "bot", "content": "hi"}]})
+    lines[1000] = "{broken"
+    data.write_text("\n".join(lines) + "\n")
+    # as inside a training run: the trainer's SIGTERM handler, which forked workers inherit, must not stop the
+    # pool from being torn down (it once hung here)
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        for num_proc in (1, 2):
+            cache_dir = tmp_path / f"cache{num_proc}"
+            with pytest.raises(Exception, match=rf"{data}:701: message 0 has role 'bot'"):  # the first in the file
+                SFTDataset(str(data), tokenizer, 128, show_progress=False, cache_dir=str(cache_dir),
+                           num_proc=num_proc)
+            assert not list(cache_dir.iterdir())
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # ================================================================================================ packing
