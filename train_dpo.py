@@ -32,8 +32,8 @@ from model.dataset import BadInput, DPODataset, default_val_path, dpo_collate
 from model.losses import dpo_loss, sequence_logprobs
 from model.model import TinyMindForCausalLM
 from model.train_utils import (Trainer, TrainingDiverged, add_common_args, all_reduce_mean, build_model, cleanup,
-                               default_device, init_runtime, load_state_into, load_weights, print0,
-                               resolve_weight)
+                               default_device, init_runtime, load_state_into, load_weights, main_rank_first,
+                               print0, resolve_weight)
 
 
 def parse_args(argv=None):
@@ -95,12 +95,13 @@ def collate_pairs(items: list[dict], pad_token_id: int = 0) -> dict:
     return batch
 
 
-def load_pairs(args, tokenizer, show_progress: bool):
-    train = DPODataset(args.data_path, tokenizer, args.max_seq_len, bool(args.skip_bad_lines), show_progress)
+def load_pairs(args, tokenizer, runtime):
     val_path = args.val_data_path or default_val_path(args.data_path)
-    if val_path:
-        val = DPODataset(val_path, tokenizer, args.max_seq_len, bool(args.skip_bad_lines), show_progress)
-    else:
+    with main_rank_first(runtime):  # rank 0 tokenizes into the cache the others open
+        train = DPODataset(args.data_path, tokenizer, args.max_seq_len, bool(args.skip_bad_lines), runtime.is_main)
+        if val_path:
+            val = DPODataset(val_path, tokenizer, args.max_seq_len, bool(args.skip_bad_lines), runtime.is_main)
+    if not val_path:
         held_out = max(1, int(len(train) * args.val_fraction))
         val = Subset(train, range(len(train) - held_out, len(train)))
         train = Subset(train, range(len(train) - held_out))
@@ -243,7 +244,7 @@ def main(argv=None):
     runtime = init_runtime(args.device, args.dtype, args.seed, args.num_threads)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path)
     try:
-        train_set, val_set = load_pairs(args, tokenizer, show_progress=runtime.is_main)
+        train_set, val_set = load_pairs(args, tokenizer, runtime)
     except (BadInput, FileNotFoundError) as error:
         raise SystemExit(f"error: {error}")
     print0(f"data: {len(train_set):,} train / {len(val_set):,} held-out preference pairs")

@@ -250,18 +250,24 @@ def _init_tokenizing_worker(tokenizer):
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
 
 
-def _encode_chat_lines(chunk: list[tuple[int, bytes]]) -> list[tuple[int, np.ndarray | None, np.ndarray | str]]:
-    """(line, ids, mask) per good line, (line, None, why) per bad one; runs in a tokenizing worker process."""
+def _encode_lines(kind: str, chunk: list[tuple[int, bytes]]) -> list[tuple[int, list | None, str | None]]:
+    """Per line (line, [(ids, mask), ...], None), or (line, None, why) for a bad one; runs in a tokenizing worker.
+    kind "sft": one sequence per line, masked on every assistant reply; "dpo": chosen then rejected, each masked on
+    its final reply only (DPO compares completions, not the shared history)."""
+    dtype = np.uint16 if len(_worker_tokenizer) <= 65536 else np.uint32
     encoded = []
     for line_number, raw in chunk:
-        obj, reason = parse_line(raw, _require_conversation)
+        obj, reason = parse_line(raw, _require_conversation if kind == "sft" else _require_pair)
         if reason is not None:
             encoded.append((line_number, None, reason))
             continue
-        messages = obj["conversations"]
-        ids, mask = encode_chat(_worker_tokenizer, messages, tools=tools_of(messages))
-        dtype = np.uint16 if len(_worker_tokenizer) <= 65536 else np.uint32
-        encoded.append((line_number, np.asarray(ids, dtype=dtype), np.asarray(mask, dtype=np.uint8)))
+        sequences = []
+        for messages in [obj["conversations"]] if kind == "sft" else [obj["chosen"], obj["rejected"]]:
+            ids, mask = encode_chat(_worker_tokenizer, messages, tools=tools_of(messages))
+            if kind == "dpo":
+                mask = [int(label != -100) for label in final_turn_labels(ids, mask)]
+            sequences.append((np.asarray(ids, dtype=dtype), np.asarray(mask, dtype=np.uint8)))
+        encoded.append((line_number, sequences, None))
     return encoded
 
 
@@ -280,11 +286,13 @@ def _line_chunks(path: str, on_bytes, lines_per_chunk: int = 512):
 
 
 def build_chat_cache(data_path: str, tokenizer, cache_file: str, skip_bad_lines: bool = False,
-                     num_proc: int | None = None, show_progress: bool = True) -> dict:
+                     num_proc: int | None = None, show_progress: bool = True, kind: str = "sft") -> dict:
     """Render and tokenize every conversation once, in `num_proc` processes (default: one per core, up to 16,
-    for files over 8 MB), into flat token and mask files plus an index of lengths and line numbers. Whole
-    conversations are stored; max_seq_len is applied when the dataset is opened, so one cache serves every length.
-    Written under temp names and renamed, the summary last: a cache that exists is complete."""
+    for files over 8 MB), into flat token and mask files plus an index (length, file line, first masked position)
+    of each sequence. Whole sequences are stored; max_seq_len is applied when a dataset opens the cache, so one
+    cache serves every length. Written under temp names and renamed, the summary last: a cache that exists is
+    complete."""
+    import functools
     import multiprocessing
     from tqdm import tqdm
     if not os.path.exists(data_path):
@@ -300,30 +308,32 @@ def build_chat_cache(data_path: str, tokenizer, cache_file: str, skip_bad_lines:
     progress = tqdm(total=os.path.getsize(data_path), unit="B", unit_scale=True, disable=not show_progress,
                     desc=f"tokenizing {os.path.basename(data_path)} ({num_proc} proc)")
     chunks = _line_chunks(data_path, progress.update)
+    encode = functools.partial(_encode_lines, kind)
     pool = None
     if num_proc > 1:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # each worker is one thread of Rust tokenizing
         context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
         pool = context.Pool(num_proc, initializer=_init_tokenizing_worker, initargs=(tokenizer,))
-        results = pool.imap(_encode_chat_lines, chunks)  # in order, so the first bad line reported is the first
+        results = pool.imap(encode, chunks)  # in order, so the first bad line reported is the first in the file
     else:
         global _worker_tokenizer
         _worker_tokenizer = tokenizer
-        results = map(_encode_chat_lines, chunks)
+        results = map(encode, chunks)
     failed = True
     try:
         with open(cache_file + ".ids" + tmp, "wb") as ids_out, open(cache_file + ".mask" + tmp, "wb") as mask_out:
             for encoded in results:
-                for line_number, ids, mask in encoded:
-                    if ids is None:
-                        first_bad = first_bad or f"{data_path}:{line_number}: {mask}"
-                        note_bad_line(data_path, line_number, mask, skip_bad_lines, stats)
+                for line_number, sequences, reason in encoded:
+                    if sequences is None:
+                        first_bad = first_bad or f"{data_path}:{line_number}: {reason}"
+                        note_bad_line(data_path, line_number, reason, skip_bad_lines, stats)
                         continue
-                    ids_out.write(ids.astype(dtype).tobytes())
-                    mask_out.write(mask.tobytes())
-                    lengths.append(len(ids))
-                    line_numbers.append(line_number)
-                    first_targets.append(int(mask.argmax()) if mask.any() else len(mask))
+                    for ids, mask in sequences:
+                        ids_out.write(ids.astype(dtype).tobytes())
+                        mask_out.write(mask.tobytes())
+                        lengths.append(len(ids))
+                        line_numbers.append(line_number)
+                        first_targets.append(int(mask.argmax()) if mask.any() else len(mask))
         failed = False
     finally:
         if pool is not None and failed:
@@ -341,12 +351,43 @@ def build_chat_cache(data_path: str, tokenizer, cache_file: str, skip_bad_lines:
     for part in (".ids", ".mask"):
         os.replace(cache_file + part + tmp, cache_file + part)
     os.replace(cache_file + ".index" + tmp + ".npy", cache_file + ".index.npy")
-    summary = {"conversations": len(lengths), "tokens": int(sum(lengths)), "dtype": np.dtype(dtype).name,
+    summary = {"sequences": len(lengths), "tokens": int(sum(lengths)), "dtype": np.dtype(dtype).name,
                "bad_lines": stats["bad_lines"], "first_bad_line": first_bad}
     with open(cache_file + ".json" + tmp, "w") as f:
         json.dump(summary, f)
     os.replace(cache_file + ".json" + tmp, cache_file + ".json")
     return summary
+
+
+class ChatCache:
+    """An opened chat cache (built first if missing): `ids` and `masks` memmaps, and per sequence its `starts`,
+    `lengths`, file `line_numbers` and `first_targets` (position of the first masked token, or its length)."""
+
+    def __init__(self, data_path: str, tokenizer, kind: str, skip_bad_lines: bool = False,
+                 cache_dir: str | None = None, build: bool = True, num_proc: int | None = None,
+                 show_progress: bool = True):
+        if not os.path.exists(data_path):
+            raise FileNotFoundError(f"data file not found: {data_path}")
+        cache_file = token_cache_path(data_path, tokenizer, cache_dir, suffix=kind)
+        if not os.path.exists(cache_file + ".json"):
+            if not build:
+                raise FileNotFoundError(f"cache {cache_file} missing (rank 0 should have built it)")
+            build_chat_cache(data_path, tokenizer, cache_file, skip_bad_lines, num_proc, show_progress, kind)
+        with open(cache_file + ".json") as f:
+            summary = json.load(f)
+        if summary["bad_lines"] and not skip_bad_lines:  # a cache built with --skip_bad_lines 1
+            raise BadInput(f"{summary['first_bad_line']} (pass --skip_bad_lines 1 to skip such lines)")
+        self.bad_lines = summary["bad_lines"]
+        self.ids = np.memmap(cache_file + ".ids", dtype=summary["dtype"], mode="r") if summary["tokens"] else None
+        self.masks = np.memmap(cache_file + ".mask", dtype=np.uint8, mode="r") if summary["tokens"] else None
+        self.lengths, self.line_numbers, self.first_targets = np.load(cache_file + ".index.npy")
+        self.starts = np.concatenate([[0], np.cumsum(self.lengths)[:-1]]).astype(np.int64)
+
+    def tokens(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids, labels) of a stored sequence's first `length` tokens; labels are -100 outside the mask."""
+        input_ids = torch.from_numpy(self.ids[start:start + length].astype(np.int64))
+        labels = input_ids.masked_fill(torch.from_numpy(self.masks[start:start + length] == 0), -100)
+        return input_ids, labels
 
 
 class SFTDataset(Dataset):
@@ -363,29 +404,16 @@ class SFTDataset(Dataset):
                  cache_dir: str | None = None, build: bool = True, num_proc: int | None = None):
         if truncation not in ("drop", "keep_prefix"):
             raise ValueError(f"truncation must be 'drop' or 'keep_prefix', not {truncation!r}")
-        if not os.path.exists(data_path):
-            raise FileNotFoundError(f"data file not found: {data_path}")
         self.path, self.max_seq_len = data_path, max_seq_len
-        cache_file = token_cache_path(data_path, tokenizer, cache_dir, suffix="chat")
-        if not os.path.exists(cache_file + ".json"):
-            if not build:
-                raise FileNotFoundError(f"chat cache {cache_file} missing (rank 0 should have built it)")
-            build_chat_cache(data_path, tokenizer, cache_file, skip_bad_lines, num_proc, show_progress)
-        with open(cache_file + ".json") as f:
-            summary = json.load(f)
-        if summary["bad_lines"] and not skip_bad_lines:  # a cache built with --skip_bad_lines 1
-            raise BadInput(f"{summary['first_bad_line']} (pass --skip_bad_lines 1 to skip such lines)")
-        self.ids = np.memmap(cache_file + ".ids", dtype=summary["dtype"], mode="r") if summary["tokens"] else None
-        self.masks = np.memmap(cache_file + ".mask", dtype=np.uint8, mode="r") if summary["tokens"] else None
-        full_lengths, line_numbers, first_targets = np.load(cache_file + ".index.npy")
-        starts = np.concatenate([[0], np.cumsum(full_lengths)[:-1]]).astype(np.int64)
-        too_long = full_lengths > max_seq_len
-        keep = ~too_long if truncation == "drop" else np.ones(len(full_lengths), dtype=bool)
-        self.starts, self.sample_lengths = starts[keep], np.minimum(full_lengths[keep], max_seq_len)
-        self.line_numbers = line_numbers[keep]
-        has_target = first_targets[keep] < self.sample_lengths  # a cut can leave a sample nothing to learn
+        cache = self.cache = ChatCache(data_path, tokenizer, "sft", skip_bad_lines, cache_dir, build, num_proc,
+                                       show_progress)
+        too_long = cache.lengths > max_seq_len
+        keep = ~too_long if truncation == "drop" else np.ones(len(cache.lengths), dtype=bool)
+        self.starts, self.sample_lengths = cache.starts[keep], np.minimum(cache.lengths[keep], max_seq_len)
+        self.line_numbers = cache.line_numbers[keep]
+        has_target = cache.first_targets[keep] < self.sample_lengths  # a cut can leave a sample nothing to learn
         cut = int(too_long.sum())
-        self.stats = {"bad_lines": summary["bad_lines"], "dropped_too_long": cut if truncation == "drop" else 0,
+        self.stats = {"bad_lines": cache.bad_lines, "dropped_too_long": cut if truncation == "drop" else 0,
                       "truncated": cut if truncation == "keep_prefix" else 0,
                       "no_target_tokens": int((~has_target).sum())}
         self._select(np.flatnonzero(has_target)[:max_samples] if max_samples else np.flatnonzero(has_target))
@@ -400,9 +428,7 @@ class SFTDataset(Dataset):
         return len(self.starts)
 
     def __getitem__(self, index):
-        start, length = int(self.starts[index]), int(self.sample_lengths[index])
-        input_ids = torch.from_numpy(self.ids[start:start + length].astype(np.int64))
-        labels = input_ids.masked_fill(torch.from_numpy(self.masks[start:start + length] == 0), -100)
+        input_ids, labels = self.cache.tokens(int(self.starts[index]), int(self.sample_lengths[index]))
         return {"input_ids": input_ids, "labels": labels}
 
     def lengths(self) -> np.ndarray:
@@ -535,39 +561,32 @@ def final_turn_labels(ids: list[int], mask: list[int]) -> list[int]:
 class DPODataset(Dataset):
     """MiniMind's DPO format: {"chosen": [messages], "rejected": [messages]} with identical prompts. Pairs longer
     than max_seq_len keep their start (TRL's keep_start), so the prompt survives; a pair whose completion is cut
-    away entirely is dropped."""
+    away entirely is dropped. Tokenized once into a cache, like SFTDataset (MiniMind's dpo.jsonl is 0.9 GB: as
+    Python lists of token ids it would not fit in RAM on every rank)."""
 
     def __init__(self, data_path: str, tokenizer, max_seq_len: int, skip_bad_lines: bool = False,
-                 show_progress: bool = True):
-        from tqdm import tqdm
-        self.pairs = []
-        self.stats = {"bad_lines": 0, "dropped_no_completion": 0, "truncated": 0}
-        progress = tqdm(total=os.path.getsize(data_path) if os.path.exists(data_path) else 0, unit="B",
-                        unit_scale=True, desc=f"tokenizing {os.path.basename(data_path)}", disable=not show_progress)
-        for _, obj in iter_jsonl(data_path, skip_bad_lines, self.stats, _require_pair, progress.update):
-            sides = []
-            for side in ("chosen", "rejected"):
-                ids, mask = encode_chat(tokenizer, obj[side])
-                labels = final_turn_labels(ids, mask)
-                if len(ids) > max_seq_len:
-                    ids, labels = ids[:max_seq_len], labels[:max_seq_len]
-                    self.stats["truncated"] += 1
-                sides.append((ids, labels))
-            if all(any(l != -100 for l in labels[1:]) for _, labels in sides):
-                self.pairs.append(sides)
-            else:
-                self.stats["dropped_no_completion"] += 1
-        progress.close()
-        if not self.pairs:
+                 show_progress: bool = True, cache_dir: str | None = None, build: bool = True,
+                 num_proc: int | None = None):
+        self.cache = ChatCache(data_path, tokenizer, "dpo", skip_bad_lines, cache_dir, build, num_proc, show_progress)
+        lengths = self.cache.lengths.reshape(-1, 2)  # rows: (chosen, rejected)
+        kept_lengths = np.minimum(lengths, max_seq_len)
+        survives = (self.cache.first_targets.reshape(-1, 2) < kept_lengths).all(axis=1)
+        self.starts, self.lengths = self.cache.starts.reshape(-1, 2)[survives], kept_lengths[survives]
+        self.line_numbers = self.cache.line_numbers[::2][survives]
+        self.stats = {"bad_lines": self.cache.bad_lines, "dropped_no_completion": int((~survives).sum()),
+                      "truncated": int((lengths > max_seq_len).sum())}
+        if not len(self.starts):
             raise BadInput(f"{data_path}: no usable preference pairs ({self.stats})")
 
     def __len__(self):
-        return len(self.pairs)
+        return len(self.starts)
 
     def __getitem__(self, index):
-        (chosen_ids, chosen_labels), (rejected_ids, rejected_labels) = self.pairs[index]
-        return {"chosen_input_ids": torch.tensor(chosen_ids), "chosen_labels": torch.tensor(chosen_labels),
-                "rejected_input_ids": torch.tensor(rejected_ids), "rejected_labels": torch.tensor(rejected_labels)}
+        (chosen_start, rejected_start), (chosen_length, rejected_length) = self.starts[index], self.lengths[index]
+        chosen_ids, chosen_labels = self.cache.tokens(int(chosen_start), int(chosen_length))
+        rejected_ids, rejected_labels = self.cache.tokens(int(rejected_start), int(rejected_length))
+        return {"chosen_input_ids": chosen_ids, "chosen_labels": chosen_labels,
+                "rejected_input_ids": rejected_ids, "rejected_labels": rejected_labels}
 
 
 def dpo_collate(batch: list[dict], pad_token_id: int = 0) -> dict:

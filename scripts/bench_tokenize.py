@@ -1,8 +1,9 @@
-"""How fast conversations become training tokens: the SFT chat cache built with 1 and with N processes, then
-reopened. Rendering the chat template is the slow part of every chat stage's start (SFT, LoRA, distillation);
-this says how long MiniMind's files will take.
+"""How fast conversations become training tokens: the chat cache of SFTDataset (or DPODataset, --kind dpo)
+built with 1 and with N processes, then reopened. Rendering the chat template is the slow part of every chat
+stage's start (SFT, LoRA, distillation, DPO); this says how long MiniMind's files will take.
 
     python scripts/bench_tokenize.py                            # demo_sft.jsonl repeated to ~20 MB, 1 vs all cores
+    python scripts/bench_tokenize.py --kind dpo                 # demo_dpo.jsonl repeated
     python scripts/bench_tokenize.py --data_path dataset/sft_mini_512.jsonl --num_proc 1 16
 
 Each build writes to a fresh temporary cache directory, so nothing is reused between the timed builds.
@@ -17,18 +18,21 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from transformers import AutoTokenizer  # noqa: E402
 
-from model.dataset import SFTDataset  # noqa: E402
+from model.dataset import DPODataset, SFTDataset  # noqa: E402
+
+FULL_SIZE_MB = {"sft": ("sft_mini_512", 1200), "dpo": ("dpo", 900)}  # MiniMind's files
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kind", default="sft", choices=["sft", "dpo"], help="SFT conversations or DPO pairs")
     parser.add_argument("--data_path", default=None,
-                        help="conversations to tokenize (default: dataset/demo_sft.jsonl repeated to --target_mb)")
+                        help="file to tokenize (default: dataset/demo_<kind>.jsonl repeated to --target_mb)")
     parser.add_argument("--target_mb", type=float, default=20, help="size of the default input")
     parser.add_argument("--tokenizer_path", default="model", help="directory with the tokenizer")
     parser.add_argument("--num_proc", type=int, nargs="+", default=[1, os.cpu_count() or 1],
                         help="process counts to time")
-    parser.add_argument("--max_seq_len", type=int, default=512, help="applied when the cache is opened")
+    parser.add_argument("--max_seq_len", type=int, default=1024, help="applied when the cache is opened")
     return parser.parse_args(argv)
 
 
@@ -39,28 +43,29 @@ def main(argv=None):
     try:
         data_path = args.data_path
         if data_path is None:
-            data_path = os.path.join(scratch, "demo_sft_repeated.jsonl")
-            with open("dataset/demo_sft.jsonl", "rb") as f:
+            data_path = os.path.join(scratch, f"demo_{args.kind}_repeated.jsonl")
+            with open(f"dataset/demo_{args.kind}.jsonl", "rb") as f:
                 demo = f.read()
             with open(data_path, "wb") as f:
                 for _ in range(max(1, round(args.target_mb * 1e6 / len(demo)))):
                     f.write(demo)
         size_mb = os.path.getsize(data_path) / 1e6
         print(f"{data_path}: {size_mb:.1f} MB; {os.cpu_count()} CPU cores")
-        results = {}
+        results, dataset_class = {}, SFTDataset if args.kind == "sft" else DPODataset
+        full_name, full_mb = FULL_SIZE_MB[args.kind]
         for num_proc in args.num_proc:
             cache_dir = os.path.join(scratch, f"cache_{num_proc}")
             start = time.perf_counter()
-            dataset = SFTDataset(data_path, tokenizer, args.max_seq_len, show_progress=False, cache_dir=cache_dir,
-                                 num_proc=num_proc)
+            dataset = dataset_class(data_path, tokenizer, args.max_seq_len, show_progress=False, cache_dir=cache_dir,
+                                    num_proc=num_proc)
             built = time.perf_counter() - start
             start = time.perf_counter()
-            SFTDataset(data_path, tokenizer, args.max_seq_len, show_progress=False, cache_dir=cache_dir)
+            dataset_class(data_path, tokenizer, args.max_seq_len, show_progress=False, cache_dir=cache_dir)
             reopened = time.perf_counter() - start
             results[num_proc] = {"seconds": built, "mb_per_s": size_mb / built, "reopen_seconds": reopened}
             print(f"{num_proc:>3} proc: {built:6.1f} s, {size_mb / built:5.2f} MB/s, {len(dataset) / built:8,.0f} "
-                  f"conversations/s; reopening the cache: {reopened:.2f} s; 1.2 GB (sft_mini_512) would take "
-                  f"{1200 / (size_mb / built) / 60:.1f} min")
+                  f"{'conversations' if args.kind == 'sft' else 'pairs'}/s; reopening the cache: {reopened:.2f} s; "
+                  f"{full_name}.jsonl ({full_mb} MB) would take {full_mb / (size_mb / built) / 60:.1f} min")
         return results
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 
 import train_dpo
 from model import PRESETS, TinyMindConfig, TinyMindForCausalLM
-from model.dataset import DPODataset
+from model.dataset import DPODataset, encode_chat, final_turn_labels
 from model.train_utils import save_weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -128,6 +128,36 @@ def test_reference_gets_no_gradient_and_keeps_its_weights(tmp_path, tokenizer, m
     assert any(not torch.equal(trained[k], start[k]) for k in start), "the policy should have trained"
     losses = [r["loss"] for r in read_log(tmp_path)]
     assert losses[-1] < losses[0], losses
+
+
+def test_cached_pairs_equal_a_direct_encoding_with_keep_start_truncation(tmp_path, tokenizer):
+    """Each pair read back from the cache (1 or 2 tokenizing processes) is the chat template's encoding, labels on
+    the final reply only, cut to max_seq_len from the end; a pair whose reply is cut away entirely is dropped."""
+    rows = [pair(f"question {i}", "yes " * (i % 7 + 1), "no " * (i % 5 + 1)) for i in range(1100)]
+    history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]
+    rows[3] = {side: history + rows[3][side] for side in ("chosen", "rejected")}  # multi-turn: last reply only
+    rows[5] = pair("long " * 80, "yes", "no")  # the prompt alone fills max_seq_len: dropped
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    max_seq_len = 40
+    expected = []
+    for row in rows:
+        sides = []
+        for side in ("chosen", "rejected"):
+            ids, mask = encode_chat(tokenizer, row[side])
+            labels = final_turn_labels(ids, mask)[:max_seq_len]
+            sides.append((ids[:max_seq_len], labels))
+        if all(any(label != -100 for label in labels) for _, labels in sides):
+            expected.append(sides)
+    for num_proc in (1, 2):
+        pairs = DPODataset(str(path), tokenizer, max_seq_len, show_progress=False, num_proc=num_proc,
+                           cache_dir=str(tmp_path / f"cache{num_proc}"))
+        assert len(pairs) == len(expected) == 1099 and pairs.stats["dropped_no_completion"] == 1
+        for i in (0, 3, 4, 5, 700, 1098):
+            item = pairs[i]
+            for side, (ids, labels) in zip(("chosen", "rejected"), expected[i]):
+                assert item[f"{side}_input_ids"].tolist() == ids and item[f"{side}_labels"].tolist() == labels
+    assert tokenizer.decode([t for t in pairs[3]["chosen_labels"].tolist() if t != -100]).startswith("yes")
 
 
 def test_duplicated_completion_has_twice_the_logprob_end_to_end(tmp_path, tokenizer):
