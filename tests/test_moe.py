@@ -2,6 +2,7 @@
 against a per-token loop, the loss-free bias rule (sign, size, convergence, eval, DDP) and the balancing losses."""
 import copy
 import socket
+import time
 
 import pytest
 import torch
@@ -316,6 +317,9 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str):
         update_moe_biases(model)
     torch.save({"phase_one": phase_one, "bias": layer.e_score_correction_bias, "state": layer.state_dict()},
                f"{out_dir}/rank{rank}.pt")
+    del model  # then leave as model.train_utils.cleanup does: gloo's teardown can deadlock otherwise (hung once here)
+    dist.barrier()
+    time.sleep(0.5)
     dist.destroy_process_group()
 
 
