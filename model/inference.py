@@ -200,7 +200,9 @@ def load_model_for_inference(load_from: str | None = None, weight: str | None = 
                              "there, or save it with `TinyMindConfig(...).to_json_file(path)`.")
         model = build_tinymind(state, config, source)
         name = os.path.basename(source)[:-len(".pth")]
-        tokenizer = load_tokenizer(tokenizer_path or DEFAULT_TOKENIZER)
+        trained_with = getattr(config, "tokenizer_path", None)  # recorded by training (model/train_utils.py)
+        tokenizer = load_tokenizer(tokenizer_path or (trained_with if trained_with and os.path.isdir(trained_with)
+                                                      else DEFAULT_TOKENIZER))
     vocab_size = model.config.vocab_size
     if len(tokenizer) > vocab_size:
         raise SystemExit(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab_size}: "

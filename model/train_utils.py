@@ -7,6 +7,7 @@ prints, logs and writes files. DeepSpeed ZeRO is optional (`--deepspeed ds_confi
 """
 import argparse
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -256,6 +257,28 @@ def config_from_args(args, base: TinyMindConfig | None = None, vocab_size: int |
     return TinyMindConfig(**settings)
 
 
+def tokenizer_digest(tokenizer_path: str) -> str | None:
+    path = os.path.join(tokenizer_path, "tokenizer.json")
+    if not os.path.exists(path):
+        return None
+    with open(path, "rb") as f:
+        return hashlib.sha1(f.read()).hexdigest()[:16]
+
+
+def record_tokenizer(config: TinyMindConfig, tokenizer_path: str | None, base: TinyMindConfig | None, source: str):
+    """Write which tokenizer the weights are trained with into their config (chat, serving and export then default
+    to it), and refuse to go on from weights trained with another one: both may have 6,400 tokens, but the ids
+    would mean other things, and nothing else would notice."""
+    if not tokenizer_path:
+        return
+    digest = tokenizer_digest(tokenizer_path)
+    trained_with = getattr(base, "tokenizer_digest", None) if base is not None else None
+    if trained_with and digest and trained_with != digest:
+        raise SystemExit(f"{source} was trained with the tokenizer in {base.tokenizer_path}/, not the one in "
+                         f"{tokenizer_path}/ (pass --tokenizer_path {base.tokenizer_path})")
+    config.tokenizer_path, config.tokenizer_digest = tokenizer_path, digest
+
+
 def weight_path(save_dir: str, name: str, config: TinyMindConfig) -> str:
     """MiniMind's naming: <save_dir>/<stage>_<hidden>[_moe].pth (plus _mla for latent attention)."""
     suffix = ("_moe" if config.use_moe else "") + ("_mla" if config.use_mla else "")
@@ -363,6 +386,7 @@ def build_model(args, stage_default_from: str = "none", vocab_size: int | None =
         source = resolve_weight(args.from_weight, args.save_dir, args.hidden_size)
         state, base_config = load_weights(source)
     config = config_from_args(args, base_config, vocab_size, default_preset)
+    record_tokenizer(config, getattr(args, "tokenizer_path", None), base_config, source)
     model = TinyMindForCausalLM(config)
     if state is not None:
         load_state_into(model, state, source)

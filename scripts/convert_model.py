@@ -99,7 +99,8 @@ def export(model: TinyMindForCausalLM, tokenizer, out_dir: str, dtype: torch.dty
         hf_config = transformers_config_for(config)
     else:
         hf_config = TinyMindConfig.from_dict({k: v for k, v in config.to_dict().items()
-                                              if k not in ("architectures", "auto_map", "transformers_version")})
+                                              if k not in ("architectures", "auto_map", "transformers_version",
+                                                           "tokenizer_path", "tokenizer_digest")})  # it has its own
         hf_config.architectures = ["TinyMindForCausalLM"]
         hf_config.auto_map = {"AutoConfig": "config.TinyMindConfig",
                               "AutoModelForCausalLM": "model.TinyMindForCausalLM"}

@@ -54,6 +54,10 @@ def build_recipe(out: str, quick: bool, recipe: str = "demo", data_dir: str = "d
     hidden = {"nano": "64", "tiny": "256", "small": "512"}[student[1]]
     teacher_hidden = {"base": "768"}.get(teacher[1], teacher[1])
     size = ["--hidden_size", hidden]  # later stages find the checkpoint <stage>_<hidden>.pth by its width
+    # The shipped tokenizer learned classical poems and Shakespeare (under 1 character per token on modern Chinese
+    # prose); on MiniMind's data the GPU recipe learns its own, and every stage then uses it.
+    tokenizer_dir = f"{out}/tokenizer" if gpu else "model"
+    tokenizer = ["--tokenizer_path", tokenizer_dir] if gpu else []
 
     def data(stage: str, demo_default: list) -> list:
         return ["--data_path", os.path.join(data_dir, MINIMIND_FILES[stage])] if gpu else demo_default
@@ -63,25 +67,29 @@ def build_recipe(out: str, quick: bool, recipe: str = "demo", data_dir: str = "d
     # Gopher's "80% of words contain a letter" rule drops verse drama (speaker names, short lines): keep it.
     clean_flags = ["--num_workers", "16"] if gpu and not quick else \
         ["--min_alpha_words_frac", "0", "--num_workers", "2"]
-    pretrain_data = ["--data_path", corpus] + ([] if gpu else ["--val_data_path", "dataset/demo_pretrain_val.jsonl"])
-    sft_data = data("sft", [])
+    pretrain_data = ["--data_path", corpus, *tokenizer] + \
+        ([] if gpu else ["--val_data_path", "dataset/demo_pretrain_val.jsonl"])
+    sft_data = data("sft", []) + tokenizer
     # real data at the GPU recipe's sizes: each held-out split is big enough; MiniMind's identity set is small
-    lora_flags = data("lora", []) + (["--keyword", "MiniMind", "--val_fraction", "0.1"] if gpu else [])
-    reason_flags = data("reason", []) + (["--max_seq_len", "1024"] if gpu and not quick else [])
+    lora_flags = data("lora", []) + tokenizer + (["--keyword", "MiniMind", "--val_fraction", "0.1"] if gpu else [])
+    reason_flags = data("reason", []) + tokenizer + (["--max_seq_len", "1024"] if gpu and not quick else [])
     distill_limit = ["--max_steps", "2000"] if gpu and not quick else []
     teacher_sft_flags = ["--epochs", "1"] if gpu and not quick else []
     grpo_flags = ["--num_generations", "4", "--max_gen_len", "16", "--eval_samples", "8"] if quick else \
         ([] if gpu else ["--max_steps", "100", "--eval_interval", "25"])
     return {
         "clean": ([[py, "clean_data.py", "--input", raw_corpus, "--output", corpus, *clean_flags]], corpus),
-        "tokenizer": ([[py, "scripts/train_tokenizer.py"]], "model/tokenizer.json"),
+        "tokenizer": ([[py, "scripts/train_tokenizer.py", "--out_dir", tokenizer_dir,
+                        *(["--data", raw_corpus, sft_data[1], "--max_mb", "1" if quick else "200"] if gpu else [])]],
+                      f"{tokenizer_dir}/tokenizer.json"),
         "pretrain": ([[*launch, "train_pretrain.py", "--save_dir", out, *pretrain_data, *student, *q]],
                      f"{out}/pretrain_{hidden}.pth"),
         "sft": ([[*launch, "train_full_sft.py", "--save_dir", out, *sft_data, *size, *q, *small_eval]],
                 f"{out}/full_sft_{hidden}.pth"),
         "lora": ([[*launch, "train_lora.py", "--save_dir", out, *lora_flags, *size, *q, *small_eval]],
                  f"{out}/lora/lora_identity_{hidden}.pth"),
-        "dpo": ([[*launch, "train_dpo.py", "--save_dir", out, *data("dpo", []), *size, *q]], f"{out}/dpo_{hidden}.pth"),
+        "dpo": ([[*launch, "train_dpo.py", "--save_dir", out, *data("dpo", []), *tokenizer, *size, *q]],
+                f"{out}/dpo_{hidden}.pth"),
         "teacher": ([[*launch, "train_pretrain.py", "--save_dir", out, "--save_weight", "teacher_pretrain", *teacher,
                       *pretrain_data, *q],
                      [*launch, "train_full_sft.py", "--save_dir", out, "--save_weight", "teacher_sft",
@@ -93,9 +101,10 @@ def build_recipe(out: str, quick: bool, recipe: str = "demo", data_dir: str = "d
                       *distill_limit, *q, *small_eval]], f"{out}/distill_{hidden}.pth"),
         "reason": ([[*launch, "train_distillation.py", "--mode", "reason", "--save_dir", out, "--from_weight",
                      "full_sft", *reason_flags, *size, *q, *small_eval]], f"{out}/reason_{hidden}.pth"),
-        "grpo": ([[*launch, "train_grpo.py", "--save_dir", out, "--from_weight", "reason", *size, *q, *grpo_flags]],
+        "grpo": ([[*launch, "train_grpo.py", "--save_dir", out, "--from_weight", "reason", *tokenizer, *size, *q,
+                   *grpo_flags]],
                  f"{out}/grpo_{hidden}.pth"),
-        "eval": ([[py, "eval_model.py", "--save_dir", out, "--weight", stage, *size, "--prompts", "builtin",
+        "eval": ([[py, "eval_model.py", "--save_dir", out, "--weight", stage, *tokenizer, *size, "--prompts", "builtin",
                    "--max_new_tokens", "24" if quick else "96", "--output", f"{out}/summaries/samples_{stage}.json"]
                   for stage in ("pretrain", "full_sft", "dpo", "reason", "grpo")],
                  f"{out}/summaries/samples_grpo.json"),

@@ -41,6 +41,8 @@ Chat template (ChatML, as Qwen and MiniMind use)
 Usage:
     python scripts/train_tokenizer.py                                   # 6,400 tokens -> model/
     python scripts/train_tokenizer.py --vocab_size 8000 --data my.jsonl --out_dir /tmp/tok
+    python scripts/train_tokenizer.py --data dataset/pretrain_hq.jsonl dataset/sft_mini_512.jsonl --max_mb 200 \\
+        --out_dir out/gpu/tokenizer                                     # MiniMind's data (the GPU recipe)
 """
 
 from __future__ import annotations
@@ -129,11 +131,18 @@ CHAT_TEMPLATE = """\
 """
 
 
-def iter_texts(paths: list[Path]) -> Iterator[str]:
-    """Pretraining text and the contents of chat messages (the template's own tokens are added tokens anyway)."""
+def iter_texts(paths: list[Path], max_mb: float = 0) -> Iterator[str]:
+    """Pretraining text and the contents of chat messages (the template's own tokens are added tokens anyway), from
+    the first `max_mb` megabytes of each file (0: all of it)."""
     for path in paths:
         with path.open(encoding="utf-8") as f:
+            read = 0
             for line in f:
+                read += len(line.encode("utf-8"))
+                if max_mb and read > max_mb * 1e6:
+                    break
+                if not line.strip():
+                    continue
                 sample = json.loads(line)
                 if "text" in sample:
                     yield sample["text"]
@@ -142,7 +151,7 @@ def iter_texts(paths: list[Path]) -> Iterator[str]:
                         yield message["content"]
 
 
-def train_tokenizer(paths: list[Path], vocab_size: int) -> Tokenizer:
+def train_tokenizer(paths: list[Path], vocab_size: int, max_mb: float = 0) -> Tokenizer:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -153,7 +162,7 @@ def train_tokenizer(paths: list[Path], vocab_size: int) -> Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes, even those absent from the data
         show_progress=True,
     )
-    tokenizer.train_from_iterator(iter_texts(paths), trainer=trainer)
+    tokenizer.train_from_iterator(iter_texts(paths, max_mb), trainer=trainer)
     # The trainer registers every added token as special; mark <think> ... </tool_call> as ordinary added tokens.
     serialized = json.loads(tokenizer.to_str())
     is_special = dict(ADDED_TOKENS)
@@ -182,7 +191,7 @@ def tokenizer_config() -> dict:
     }
 
 
-def report(out_dir: Path, paths: list[Path]) -> None:
+def report(out_dir: Path, paths: list[Path], max_mb: float = 0) -> None:
     """Load the result the way training code will, and print what a reader wants to know about it."""
     from transformers import AutoTokenizer
 
@@ -193,7 +202,7 @@ def report(out_dir: Path, paths: list[Path]) -> None:
         ids = tokenizer.encode(text)
         print(f"{text!r}: {len(ids)} tokens {tokenizer.convert_ids_to_tokens(ids)}")
     for path in paths:
-        texts = list(iter_texts([path]))
+        texts = list(iter_texts([path], min(max_mb or 20, 20)))  # 20 MB tell the rate as well as 2 GB
         tokens = sum(len(ids) for ids in tokenizer(texts)["input_ids"])
         characters = sum(map(len, texts))
         print(f"{path.name}: {len(texts)} texts, {tokens / len(texts):.1f} tokens per text, "
@@ -209,19 +218,22 @@ def parse_args() -> argparse.Namespace:
                         help="jsonl files with {'text'} or {'conversations'} samples to learn merges from")
     parser.add_argument("--out_dir", type=Path, default=REPO_ROOT / "model",
                         help="where tokenizer.json and tokenizer_config.json are written")
+    parser.add_argument("--max_mb", type=float, default=0,
+                        help="learn from the first N MB of each file only (0: all): training time and memory "
+                             "grow with the text")
     return parser.parse_args()
 
 
 def main() -> None:
     args = parse_args()
-    tokenizer = train_tokenizer(args.data, args.vocab_size)
+    tokenizer = train_tokenizer(args.data, args.vocab_size, args.max_mb)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(args.out_dir / "tokenizer.json"))
     with (args.out_dir / "tokenizer_config.json").open("w", encoding="utf-8") as f:
         json.dump(tokenizer_config(), f, ensure_ascii=False, indent=2)
         f.write("\n")
     print(f"wrote {args.out_dir / 'tokenizer.json'} and {args.out_dir / 'tokenizer_config.json'}")
-    report(args.out_dir, args.data)
+    report(args.out_dir, args.data, args.max_mb)
 
 
 if __name__ == "__main__":

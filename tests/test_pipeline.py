@@ -79,4 +79,9 @@ def test_the_gpu_recipe_commands_run_on_minimind_shaped_files(tmp_path):
     printed = run_quick_pipeline(out, "--recipe", "minimind_gpu", "--data_dir", str(data_dir))
     assert "sft_mini_512.jsonl, so 4 of its conversations chosen at random" in printed
     assert (out / "data" / "pretrain_hq_clean.jsonl").exists()
+    # its own tokenizer, learned from the stand-ins, recorded in every checkpoint's config
+    assert (out / "tokenizer" / "tokenizer.json").exists()
+    for weights in ["pretrain_64", "grpo_64"]:
+        config = json.loads((out / f"{weights}.json").read_text())
+        assert config["tokenizer_path"] == str(out / "tokenizer"), weights
     assert "![report card]" in (out / "report.md").read_text()

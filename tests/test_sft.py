@@ -321,6 +321,31 @@ def test_data_without_a_val_file_holds_out_part_of_itself(tmp_path, capsys):
     assert results["after"]["end_of_turn_rate"] is not None and (tmp_path / "out" / "full_sft_64.pth").exists()
 
 
+def test_weights_remember_their_tokenizer_and_refuse_another(tmp_path):
+    import shutil
+    from model.inference import load_model_for_inference
+    from model.train_utils import load_weights
+    own = tmp_path / "own_tokenizer"
+    shutil.copytree(TOKENIZER, own, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    train_full_sft.main(run_args(tmp_path, steps=1, extra=["--tokenizer_path", str(own), "--eval_prompts", "0"]))
+    _, config = load_weights(str(tmp_path / "out" / "full_sft_64.pth"))
+    assert config.tokenizer_path == str(own) and len(config.tokenizer_digest) == 16
+    loaded = load_model_for_inference(weight="full_sft", save_dir=str(tmp_path / "out"), hidden_size=64,
+                                      device="cpu", verbose=False)
+    assert os.path.samefile(loaded.tokenizer.name_or_path, own)  # chat finds the tokenizer without a flag
+    other = tmp_path / "other_tokenizer"
+    shutil.copytree(own, other)
+    vocab = json.loads((own / "tokenizer.json").read_text(encoding="utf-8"))
+    vocab["model"]["merges"] = vocab["model"]["merges"][::-1]  # same size, other ids: nothing else would notice
+    (other / "tokenizer.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    args = run_args(tmp_path, steps=1, extra=["--tokenizer_path", str(other), "--eval_prompts", "0",
+                                              "--save_weight", "again"])
+    args[args.index("--from_weight") + 1] = "full_sft"
+    args.remove("--preset"), args.remove("nano")
+    with pytest.raises(SystemExit, match=f"was trained with the tokenizer in {own}/"):
+        train_full_sft.main(args + ["--hidden_size", "64"])
+
+
 def test_bad_line_is_reported_with_path_and_line(tmp_path):
     data = tmp_path / "bad.jsonl"
     good = json.dumps(color_chat(random.Random(0)))
