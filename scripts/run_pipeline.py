@@ -9,8 +9,9 @@
     python scripts/run_pipeline.py --recipe minimind_gpu --quick --data_dir D   # its commands, a few steps each
 
 Each stage is the same command a user would type (printed before it runs), so the pipeline doubles as the
-documentation of the recipe. A stage whose output file exists is skipped unless --force, so a killed pipeline
-continues where it stopped.
+documentation of the recipe. A stage whose output file exists is skipped unless --force, and a training stage that
+was killed goes on from its last resume checkpoint (--from_resume 1), so a killed pipeline continues where it
+stopped. --force reruns the chosen stages from scratch.
 """
 import argparse
 import json
@@ -31,16 +32,19 @@ MINIMIND_FILES = {"pretrain": "pretrain_hq.jsonl", "sft": "sft_mini_512.jsonl", 
                   "dpo": "dpo.jsonl", "reason": "r1_mix_1024.jsonl"}
 
 
-def build_recipe(out: str, quick: bool, recipe: str = "demo", data_dir: str = "dataset", nproc: int = 1) -> dict:
+def build_recipe(out: str, quick: bool, recipe: str = "demo", data_dir: str = "dataset", nproc: int = 1,
+                 resume: bool = True) -> dict:
     """Stage -> (commands, the file that proves the stage is done).
 
     demo: the embedded data and the tiny model (4.6M), sized for 2 CPU cores. minimind_gpu: MiniMind's files from
     `data_dir`, the small model (25.8M, MiniMind2-Small's shape) and a base-sized teacher (MiniMind2's shape), under
     torchrun when nproc > 1. `quick` shrinks either to a few steps of the nano model: a smoke test of the same
-    commands (CI runs both recipes that way on stand-in files)."""
+    commands (CI runs both recipes that way on stand-in files). `resume`: a training stage that was killed goes on
+    from its last resume checkpoint (--from_resume 1) instead of starting over; --force turns it off."""
     gpu = recipe == "minimind_gpu"
     py = sys.executable
     launch = ["torchrun", "--nproc_per_node", str(nproc)] if nproc > 1 else [py]
+    saving = ["--save_dir", out] + (["--from_resume", "1"] if resume else [])
     q = ["--max_steps", "4", "--eval_batches", "2", "--log_interval", "2", "--save_interval", "1000"] if quick else []
     small_eval = ["--eval_prompts", "4", "--max_new_tokens", "16"] if quick else []
     if quick:
@@ -82,26 +86,26 @@ def build_recipe(out: str, quick: bool, recipe: str = "demo", data_dir: str = "d
         "tokenizer": ([[py, "scripts/train_tokenizer.py", "--out_dir", tokenizer_dir,
                         *(["--data", raw_corpus, sft_data[1], "--max_mb", "1" if quick else "200"] if gpu else [])]],
                       f"{tokenizer_dir}/tokenizer.json"),
-        "pretrain": ([[*launch, "train_pretrain.py", "--save_dir", out, *pretrain_data, *student, *q]],
+        "pretrain": ([[*launch, "train_pretrain.py", *saving, *pretrain_data, *student, *q]],
                      f"{out}/pretrain_{hidden}.pth"),
-        "sft": ([[*launch, "train_full_sft.py", "--save_dir", out, *sft_data, *size, *q, *small_eval]],
+        "sft": ([[*launch, "train_full_sft.py", *saving, *sft_data, *size, *q, *small_eval]],
                 f"{out}/full_sft_{hidden}.pth"),
-        "lora": ([[*launch, "train_lora.py", "--save_dir", out, *lora_flags, *size, *q, *small_eval]],
+        "lora": ([[*launch, "train_lora.py", *saving, *lora_flags, *size, *q, *small_eval]],
                  f"{out}/lora/lora_identity_{hidden}.pth"),
-        "dpo": ([[*launch, "train_dpo.py", "--save_dir", out, *data("dpo", []), *tokenizer, *size, *q]],
+        "dpo": ([[*launch, "train_dpo.py", *saving, *data("dpo", []), *tokenizer, *size, *q]],
                 f"{out}/dpo_{hidden}.pth"),
-        "teacher": ([[*launch, "train_pretrain.py", "--save_dir", out, "--save_weight", "teacher_pretrain", *teacher,
+        "teacher": ([[*launch, "train_pretrain.py", *saving, "--save_weight", "teacher_pretrain", *teacher,
                       *pretrain_data, *q],
-                     [*launch, "train_full_sft.py", "--save_dir", out, "--save_weight", "teacher_sft",
+                     [*launch, "train_full_sft.py", *saving, "--save_weight", "teacher_sft",
                       "--from_weight", "teacher_pretrain", "--hidden_size", teacher_hidden, *sft_data,
                       *teacher_sft_flags, *q, *small_eval]],
                     f"{out}/teacher_sft_{teacher_hidden}.pth"),
-        "distill": ([[*launch, "train_distillation.py", "--save_dir", out, "--teacher_weight", "teacher_sft",
+        "distill": ([[*launch, "train_distillation.py", *saving, "--teacher_weight", "teacher_sft",
                       "--teacher_hidden_size", teacher_hidden, "--from_weight", "full_sft", *sft_data, *size,
                       *distill_limit, *q, *small_eval]], f"{out}/distill_{hidden}.pth"),
-        "reason": ([[*launch, "train_distillation.py", "--mode", "reason", "--save_dir", out, "--from_weight",
+        "reason": ([[*launch, "train_distillation.py", "--mode", "reason", *saving, "--from_weight",
                      "full_sft", *reason_flags, *size, *q, *small_eval]], f"{out}/reason_{hidden}.pth"),
-        "grpo": ([[*launch, "train_grpo.py", "--save_dir", out, "--from_weight", "reason", *tokenizer, *size, *q,
+        "grpo": ([[*launch, "train_grpo.py", *saving, "--from_weight", "reason", *tokenizer, *size, *q,
                    *grpo_flags]],
                  f"{out}/grpo_{hidden}.pth"),
         "eval": ([[py, "eval_model.py", "--save_dir", out, "--weight", stage, *tokenizer, *size, "--prompts", "builtin",
@@ -141,7 +145,7 @@ def main(argv=None):
         if missing:
             raise SystemExit(f"--recipe minimind_gpu: {', '.join(missing)} not in {args.data_dir}/; download "
                              f"MiniMind's datasets there (or point --data_dir at them)")
-    recipe = build_recipe(save_dir, args.quick, args.recipe, args.data_dir, args.nproc)
+    recipe = build_recipe(save_dir, args.quick, args.recipe, args.data_dir, args.nproc, resume=not args.force)
     wanted = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = [s for s in wanted if s not in ORDER]
     if unknown:

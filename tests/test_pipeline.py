@@ -7,6 +7,9 @@ import sys
 
 import pytest
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+import run_pipeline  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -85,3 +88,16 @@ def test_the_gpu_recipe_commands_run_on_minimind_shaped_files(tmp_path):
         config = json.loads((out / f"{weights}.json").read_text())
         assert config["tokenizer_path"] == str(out / "tokenizer"), weights
     assert "![report card]" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("recipe", ["demo", "minimind_gpu"])
+def test_killed_training_stages_resume_unless_forced(recipe):
+    """Without --force every training command carries --from_resume 1 (a killed multi-hour stage goes on from its
+    last checkpoint); with --force none does (a rerun starts from scratch)."""
+    for resume in (True, False):
+        stages = run_pipeline.build_recipe("out", quick=False, recipe=recipe, resume=resume)
+        commands = [c for commands, _ in stages.values() for c in commands]
+        training = [c for c in commands if any(part.startswith("train_") for part in c)]
+        assert len(training) == 9
+        assert all(("--from_resume" in c) == resume for c in training)
+        assert not any("--from_resume" in c for c in commands if c not in training)
