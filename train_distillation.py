@@ -35,8 +35,8 @@ from model.dataset import BadInput, SFTDataset, default_val_path, iter_conversat
 from model.losses import distillation_loss, kd_loss
 from model.model import TinyMindForCausalLM
 from model.train_utils import (DTYPES, Trainer, TrainingDiverged, add_common_args, all_reduce_mean, barrier,
-                               before_after, build_model, cleanup, default_device, init_runtime, load_state_into,
-                               load_weights, main_rank_first, print0, resolve_weight, write_summary)
+                               before_after, build_model, check_same_tokenizer, cleanup, default_device, init_runtime,
+                               load_state_into, load_weights, main_rank_first, print0, resolve_weight, write_summary)
 
 TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
 REASONING_FORMAT = re.compile(r"\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*", re.S)
@@ -136,6 +136,7 @@ def load_teacher(args, tokenizer, student, student_source: str | None, runtime) 
         state, config = load_weights(source)
         if config is None:
             raise SystemExit(f"error: teacher {source} has no config JSON beside it (saved by an older script?)")
+        check_same_tokenizer(config, args.tokenizer_path, f"the teacher {source}")
         teacher = TinyMindForCausalLM(config)
         load_state_into(teacher, state, source)
     teacher_vocab = teacher.get_output_embeddings().weight.shape[0]

@@ -265,18 +265,23 @@ def tokenizer_digest(tokenizer_path: str) -> str | None:
         return hashlib.sha1(f.read()).hexdigest()[:16]
 
 
+def check_same_tokenizer(config: TinyMindConfig | None, tokenizer_path: str | None, source: str):
+    """Refuse weights trained with another tokenizer than `tokenizer_path`: both may have 6,400 tokens, but the
+    ids would mean other things, and nothing else would notice. Weights saved before this record pass."""
+    trained_with = getattr(config, "tokenizer_digest", None) if config is not None else None
+    digest = tokenizer_digest(tokenizer_path) if tokenizer_path else None
+    if trained_with and digest and trained_with != digest:
+        raise SystemExit(f"{source} was trained with the tokenizer in {config.tokenizer_path}/, not the one in "
+                         f"{tokenizer_path}/ (pass --tokenizer_path {config.tokenizer_path})")
+
+
 def record_tokenizer(config: TinyMindConfig, tokenizer_path: str | None, base: TinyMindConfig | None, source: str):
     """Write which tokenizer the weights are trained with into their config (chat, serving and export then default
-    to it), and refuse to go on from weights trained with another one: both may have 6,400 tokens, but the ids
-    would mean other things, and nothing else would notice."""
+    to it), after checking that the weights they start from were trained with the same one."""
     if not tokenizer_path:
         return
-    digest = tokenizer_digest(tokenizer_path)
-    trained_with = getattr(base, "tokenizer_digest", None) if base is not None else None
-    if trained_with and digest and trained_with != digest:
-        raise SystemExit(f"{source} was trained with the tokenizer in {base.tokenizer_path}/, not the one in "
-                         f"{tokenizer_path}/ (pass --tokenizer_path {base.tokenizer_path})")
-    config.tokenizer_path, config.tokenizer_digest = tokenizer_path, digest
+    check_same_tokenizer(base, tokenizer_path, source)
+    config.tokenizer_path, config.tokenizer_digest = tokenizer_path, tokenizer_digest(tokenizer_path)
 
 
 def weight_path(save_dir: str, name: str, config: TinyMindConfig) -> str:

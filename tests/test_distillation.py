@@ -120,6 +120,17 @@ def test_teacher_with_another_tokenizer_is_refused(tmp_path, tokenizer):
         distill.main(args + ["--teacher_weight", str(directory)])
 
 
+def test_our_teacher_trained_with_another_tokenizer_is_refused(tmp_path, tokenizer):
+    args = base_args(tmp_path, tokenizer)
+    teacher = make_checkpoint(tmp_path / "teacher_64.pth", len(tokenizer), seed=1)
+    config = json.loads((tmp_path / "teacher_64.json").read_text())
+    config.update(tokenizer_path="elsewhere/tokenizer", tokenizer_digest="0123456789abcdef")  # as build_model records
+    (tmp_path / "teacher_64.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit, match=r"the teacher .*teacher_64.pth was trained with the tokenizer in "
+                                         r"elsewhere/tokenizer/"):
+        distill.main(args + ["--teacher_weight", teacher])
+
+
 def test_missing_teacher_is_a_clear_error(tmp_path, tokenizer):
     with pytest.raises(SystemExit, match="no 'big_teacher' weights"):
         distill.main(base_args(tmp_path, tokenizer, extra=["--teacher_weight", "big_teacher"]))
