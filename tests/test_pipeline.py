@@ -101,3 +101,10 @@ def test_killed_training_stages_resume_unless_forced(recipe):
         assert len(training) == 9
         assert all(("--from_resume" in c) == resume for c in training)
         assert not any("--from_resume" in c for c in commands if c not in training)
+
+
+def test_gpu_recipe_names_the_missing_minimind_files(tmp_path):
+    (tmp_path / "dpo.jsonl").write_text("")
+    with pytest.raises(SystemExit, match=f"pretrain_hq.jsonl, sft_mini_512.jsonl, lora_identity.jsonl, "
+                                         f"r1_mix_1024.jsonl not in {tmp_path}/"):
+        run_pipeline.main(["--recipe", "minimind_gpu", "--data_dir", str(tmp_path), "--save_dir", str(tmp_path)])
