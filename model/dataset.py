@@ -364,14 +364,11 @@ class ChatCache:
     `lengths`, file `line_numbers` and `first_targets` (position of the first masked token, or its length)."""
 
     def __init__(self, data_path: str, tokenizer, kind: str, skip_bad_lines: bool = False,
-                 cache_dir: str | None = None, build: bool = True, num_proc: int | None = None,
-                 show_progress: bool = True):
+                 cache_dir: str | None = None, num_proc: int | None = None, show_progress: bool = True):
         if not os.path.exists(data_path):
             raise FileNotFoundError(f"data file not found: {data_path}")
         cache_file = token_cache_path(data_path, tokenizer, cache_dir, suffix=kind)
         if not os.path.exists(cache_file + ".json"):
-            if not build:
-                raise FileNotFoundError(f"cache {cache_file} missing (rank 0 should have built it)")
             build_chat_cache(data_path, tokenizer, cache_file, skip_bad_lines, num_proc, show_progress, kind)
         with open(cache_file + ".json") as f:
             summary = json.load(f)
@@ -401,12 +398,11 @@ class SFTDataset(Dataset):
 
     def __init__(self, data_path: str, tokenizer, max_seq_len: int, skip_bad_lines: bool = False,
                  truncation: str = "drop", show_progress: bool = True, max_samples: int | None = None,
-                 cache_dir: str | None = None, build: bool = True, num_proc: int | None = None):
+                 cache_dir: str | None = None, num_proc: int | None = None):
         if truncation not in ("drop", "keep_prefix"):
             raise ValueError(f"truncation must be 'drop' or 'keep_prefix', not {truncation!r}")
         self.path, self.max_seq_len = data_path, max_seq_len
-        cache = self.cache = ChatCache(data_path, tokenizer, "sft", skip_bad_lines, cache_dir, build, num_proc,
-                                       show_progress)
+        cache = self.cache = ChatCache(data_path, tokenizer, "sft", skip_bad_lines, cache_dir, num_proc, show_progress)
         too_long = cache.lengths > max_seq_len
         keep = ~too_long if truncation == "drop" else np.ones(len(cache.lengths), dtype=bool)
         self.starts, self.sample_lengths = cache.starts[keep], np.minimum(cache.lengths[keep], max_seq_len)
@@ -565,14 +561,12 @@ class DPODataset(Dataset):
     Python lists of token ids it would not fit in RAM on every rank)."""
 
     def __init__(self, data_path: str, tokenizer, max_seq_len: int, skip_bad_lines: bool = False,
-                 show_progress: bool = True, cache_dir: str | None = None, build: bool = True,
-                 num_proc: int | None = None):
-        self.cache = ChatCache(data_path, tokenizer, "dpo", skip_bad_lines, cache_dir, build, num_proc, show_progress)
+                 show_progress: bool = True, cache_dir: str | None = None, num_proc: int | None = None):
+        self.cache = ChatCache(data_path, tokenizer, "dpo", skip_bad_lines, cache_dir, num_proc, show_progress)
         lengths = self.cache.lengths.reshape(-1, 2)  # rows: (chosen, rejected)
         kept_lengths = np.minimum(lengths, max_seq_len)
         survives = (self.cache.first_targets.reshape(-1, 2) < kept_lengths).all(axis=1)
         self.starts, self.lengths = self.cache.starts.reshape(-1, 2)[survives], kept_lengths[survives]
-        self.line_numbers = self.cache.line_numbers[::2][survives]
         self.stats = {"bad_lines": self.cache.bad_lines, "dropped_no_completion": int((~survives).sum()),
                       "truncated": int((lengths > max_seq_len).sum())}
         if not len(self.starts):

@@ -63,8 +63,8 @@ def build_recipe(out: str, quick: bool, recipe: str = "demo", data_dir: str = "d
     tokenizer_dir = f"{out}/tokenizer" if gpu else "model"
     tokenizer = ["--tokenizer_path", tokenizer_dir] if gpu else []
 
-    def data(stage: str, demo_default: list) -> list:
-        return ["--data_path", os.path.join(data_dir, MINIMIND_FILES[stage])] if gpu else demo_default
+    def data(stage: str) -> list:  # the demo files are each script's default --data_path
+        return ["--data_path", os.path.join(data_dir, MINIMIND_FILES[stage])] if gpu else []
 
     raw_corpus = os.path.join(data_dir, MINIMIND_FILES["pretrain"]) if gpu else "dataset/demo_pretrain.jsonl"
     corpus = f"{out}/data/{os.path.splitext(os.path.basename(raw_corpus))[0]}_clean.jsonl"
@@ -73,10 +73,10 @@ def build_recipe(out: str, quick: bool, recipe: str = "demo", data_dir: str = "d
         ["--min_alpha_words_frac", "0", "--num_workers", "2"]
     pretrain_data = ["--data_path", corpus, *tokenizer] + \
         ([] if gpu else ["--val_data_path", "dataset/demo_pretrain_val.jsonl"])
-    sft_data = data("sft", []) + tokenizer
+    sft_data = data("sft") + tokenizer
     # real data at the GPU recipe's sizes: each held-out split is big enough; MiniMind's identity set is small
-    lora_flags = data("lora", []) + tokenizer + (["--keyword", "MiniMind", "--val_fraction", "0.1"] if gpu else [])
-    reason_flags = data("reason", []) + tokenizer + (["--max_seq_len", "1024"] if gpu and not quick else [])
+    lora_flags = data("lora") + tokenizer + (["--keyword", "MiniMind", "--val_fraction", "0.1"] if gpu else [])
+    reason_flags = data("reason") + tokenizer + (["--max_seq_len", "1024"] if gpu and not quick else [])
     distill_limit = ["--max_steps", "2000"] if gpu and not quick else []
     teacher_sft_flags = ["--epochs", "1"] if gpu and not quick else []
     grpo_flags = ["--num_generations", "4", "--max_gen_len", "16", "--eval_samples", "8"] if quick else \
@@ -84,7 +84,8 @@ def build_recipe(out: str, quick: bool, recipe: str = "demo", data_dir: str = "d
     return {
         "clean": ([[py, "clean_data.py", "--input", raw_corpus, "--output", corpus, *clean_flags]], corpus),
         "tokenizer": ([[py, "scripts/train_tokenizer.py", "--out_dir", tokenizer_dir,
-                        *(["--data", raw_corpus, sft_data[1], "--max_mb", "1" if quick else "200"] if gpu else [])]],
+                        *(["--data", raw_corpus, os.path.join(data_dir, MINIMIND_FILES["sft"]),
+                           "--max_mb", "1" if quick else "200"] if gpu else [])]],
                       f"{tokenizer_dir}/tokenizer.json"),
         "pretrain": ([[*launch, "train_pretrain.py", *saving, *pretrain_data, *student, *q]],
                      f"{out}/pretrain_{hidden}.pth"),
@@ -92,7 +93,7 @@ def build_recipe(out: str, quick: bool, recipe: str = "demo", data_dir: str = "d
                 f"{out}/full_sft_{hidden}.pth"),
         "lora": ([[*launch, "train_lora.py", *saving, *lora_flags, *size, *q, *small_eval]],
                  f"{out}/lora/lora_identity_{hidden}.pth"),
-        "dpo": ([[*launch, "train_dpo.py", *saving, *data("dpo", []), *tokenizer, *size, *q]],
+        "dpo": ([[*launch, "train_dpo.py", *saving, *data("dpo"), *tokenizer, *size, *q]],
                 f"{out}/dpo_{hidden}.pth"),
         "teacher": ([[*launch, "train_pretrain.py", *saving, "--save_weight", "teacher_pretrain", *teacher,
                       *pretrain_data, *q],
