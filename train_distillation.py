@@ -31,12 +31,13 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer
 
-from model.dataset import BadInput, SFTDataset, default_val_path, iter_conversations, pad_collate
+from model.dataset import BadInput, iter_conversations, pad_collate
 from model.losses import distillation_loss, kd_loss
 from model.model import TinyMindForCausalLM
 from model.train_utils import (DTYPES, Trainer, TrainingDiverged, add_common_args, all_reduce_mean, barrier,
                                before_after, build_model, check_same_tokenizer, cleanup, default_device, init_runtime,
-                               load_state_into, load_weights, main_rank_first, print0, resolve_weight, write_summary)
+                               load_state_into, load_weights, print0, resolve_weight, write_summary)
+from train_full_sft import load_chats_with_held_out
 
 TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
 REASONING_FORMAT = re.compile(r"\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*", re.S)
@@ -94,23 +95,6 @@ def parse_args(argv=None):
 
 
 # ================================================================================================ data
-
-
-def load_conversations(args, tokenizer, runtime):
-    """(train, held-out, the held-out file, its lines or None for all of it)."""
-    val_path, val_lines = args.val_data_path or default_val_path(args.data_path), None
-    with main_rank_first(runtime):  # rank 0 tokenizes into the cache the others open
-        train = SFTDataset(args.data_path, tokenizer, args.max_seq_len, bool(args.skip_bad_lines),
-                           show_progress=runtime.is_main)
-        if val_path:
-            val = SFTDataset(val_path, tokenizer, args.max_seq_len, bool(args.skip_bad_lines),
-                             show_progress=runtime.is_main)
-    if not val_path:
-        val = train.split_held_out(args.val_fraction, args.seed)
-        val_path, val_lines = args.data_path, set(val.line_numbers.tolist())
-    if any(train.stats.values()):
-        print0(f"training conversations skipped: {train.stats}")
-    return train, val, val_path, val_lines
 
 
 # ================================================================================================ the teacher
@@ -342,7 +326,7 @@ def main(argv=None):
     runtime = init_runtime(args.device, args.dtype, args.seed, args.num_threads)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path)
     try:
-        train_set, val_set, val_path, val_lines = load_conversations(args, tokenizer, runtime)
+        train_set, val_set, val_path, val_lines = load_chats_with_held_out(args, tokenizer, runtime)
     except (BadInput, FileNotFoundError) as error:
         raise SystemExit(f"error: {error}")
     print0(f"data: {len(train_set):,} train / {len(val_set):,} held-out conversations ({args.data_path})")

@@ -83,18 +83,19 @@ def add_chat_data_args(parser, data_path: str):
 
 
 def load_chat_dataset(path: str, tokenizer, args, runtime, what: str) -> SFTDataset:
-    """Tokenize a conversation file (errors name path:line) and report what was dropped or cut."""
+    """Tokenize a conversation file (errors name path:line) and report what was dropped or cut. Shared by SFT, LoRA
+    and distillation (which has no --truncation flag: it drops what is too long)."""
     try:
-        with main_rank_first(runtime):
-            dataset = SFTDataset(path, tokenizer, args.max_seq_len, bool(args.skip_bad_lines), args.truncation,
-                                 show_progress=runtime.is_main)
+        with main_rank_first(runtime):  # rank 0 tokenizes into the cache the others open
+            dataset = SFTDataset(path, tokenizer, args.max_seq_len, bool(args.skip_bad_lines),
+                                 getattr(args, "truncation", "drop"), show_progress=runtime.is_main)
     except (BadInput, FileNotFoundError) as error:
         raise SystemExit(f"error: {error}")
     lengths = dataset.lengths()
     stats = dataset.stats
     print0(f"{what}: {path}: {len(dataset):,} conversations, {int(lengths.sum()):,} tokens (mean {lengths.mean():.0f}, "
            f"max {lengths.max()}); longer than {args.max_seq_len}: {stats['dropped_too_long']} dropped, "
-           f"{stats['truncated']} cut (--truncation {args.truncation}); {stats['bad_lines']} bad lines skipped")
+           f"{stats['truncated']} cut; {stats['bad_lines']} bad lines skipped")
     return dataset
 
 
@@ -224,6 +225,13 @@ def load_chats_with_held_out(args, tokenizer, runtime) -> tuple[SFTDataset, SFTD
     return train, val, args.data_path, set(val.line_numbers.tolist())
 
 
+def write_chat_summary(args, before: dict, after: dict, prompts: list, runtime):
+    """Add the before/after metrics and the first four held-out replies to out/summaries/<name>.json (the report)."""
+    samples = {m[-1]["content"]: r["text"] for (m, _), r in list(zip(prompts, after.get("replies", [])))[:4]}
+    write_summary(args.save_dir, args.save_weight, {**before_after(before, after), "samples": samples}, runtime,
+                  merge=True)
+
+
 def held_out_prompts(path: str, count: int, lines: set | None = None) -> list[tuple[list[dict], str]]:
     """(conversation up to the last assistant turn, that turn's reference reply) for the first `count`
     conversations of a held-out file (of its `lines` only, if given)."""
@@ -336,9 +344,7 @@ def main(argv=None):
     if before is not None:
         results["before"] = {k: v for k, v in before.items() if k != "replies"}
         print_changes(before, after, ["val_loss", "end_of_turn_rate", "mean_reply_tokens"])
-        samples = {m[-1]["content"]: r["text"] for (m, _), r in list(zip(prompts, after.get("replies", [])))[:4]}
-        write_summary(args.save_dir, args.save_weight, {**before_after(before, after), "samples": samples}, runtime,
-                      merge=True)
+        write_chat_summary(args, before, after, prompts, runtime)
     for (messages, reference), reply in list(zip(prompts, after.get("replies", [])))[:args.show_replies]:
         print0(f"reply | {messages[-1]['content']!r} -> {reply['text']!r} (reference {reference!r})")
     cleanup(runtime)

@@ -31,11 +31,11 @@ from torch.utils.data import Dataset
 from transformers import AutoTokenizer
 
 from model.lora import DEFAULT_TARGETS, MLA_TARGETS, apply_lora, export_peft, remove_lora, save_lora
-from model.train_utils import (Trainer, TrainingDiverged, add_common_args, before_after, build_model, cleanup,
-                               default_device, init_runtime, print0, save_weights, weight_path, write_summary)
+from model.train_utils import (Trainer, TrainingDiverged, add_common_args, build_model, cleanup, default_device,
+                               init_runtime, print0, save_weights, weight_path)
 from train_full_sft import (add_chat_data_args, assistant_token_loss, describe_metrics, end_of_turn_rate,
                             generate_replies, held_out_prompts, load_chat_dataset, load_chats_with_held_out,
-                            print_changes, sft_loss, training_batches)
+                            print_changes, sft_loss, training_batches, write_chat_summary)
 
 
 def parse_args(argv=None):
@@ -175,9 +175,7 @@ def main(argv=None):
     if before is not None:
         results["before"] = {k: v for k, v in before.items() if k != "replies"}
         print_changes(before, after, ["val_loss", "keyword_rate", "end_of_turn_rate", "general_val_loss"])
-        samples = {m[-1]["content"]: r["text"] for (m, _), r in list(zip(prompts, after.get("replies", [])))[:4]}
-        write_summary(args.save_dir, args.save_weight, {**before_after(before, after), "samples": samples}, runtime,
-                      merge=True)
+        write_chat_summary(args, before, after, prompts, runtime)
         rise = after["general_val_loss"] - before["general_val_loss"]
         results["general_loss_rise"], results["within_margin"] = rise, rise <= args.forgetting_margin
         print0(f"general held-out loss rose by {rise:+.4f} nats/token: "

@@ -145,14 +145,12 @@ class PretrainDataset(Dataset):
     <|im_start|>/<|im_end|> markers, so every position is a real training token."""
 
     def __init__(self, data_path: str, tokenizer, max_seq_len: int, cache_dir: str | None = None,
-                 skip_bad_lines: bool = False, build: bool = True, show_progress: bool = True):
+                 skip_bad_lines: bool = False, show_progress: bool = True):
         self.data_path, self.max_seq_len = data_path, max_seq_len
         if not os.path.exists(data_path):
             raise FileNotFoundError(f"data file not found: {data_path}")
         self.cache_file = token_cache_path(data_path, tokenizer, cache_dir)
         if not os.path.exists(self.cache_file):
-            if not build:
-                raise FileNotFoundError(f"token cache {self.cache_file} missing (rank 0 should have built it)")
             build_token_cache(data_path, tokenizer, self.cache_file, skip_bad_lines, show_progress=show_progress)
         with open(self.cache_file + ".json") as f:
             self.summary = json.load(f)
@@ -329,7 +327,7 @@ def build_chat_cache(data_path: str, tokenizer, cache_file: str, skip_bad_lines:
                         note_bad_line(data_path, line_number, reason, skip_bad_lines, stats)
                         continue
                     for ids, mask in sequences:
-                        ids_out.write(ids.astype(dtype).tobytes())
+                        ids_out.write(ids.tobytes())  # already `dtype`: the workers choose it the same way
                         mask_out.write(mask.tobytes())
                         lengths.append(len(ids))
                         line_numbers.append(line_number)
@@ -390,7 +388,7 @@ class ChatCache:
 class SFTDataset(Dataset):
     """Tokenized conversations with assistant-only labels.
 
-    Rendering the chat template is slow (about 1.3 MB of jsonl a second per process), so a file is tokenized once,
+    Rendering the chat template is slow (about 1.2 MB of jsonl a second per process), so a file is tokenized once,
     in parallel, into a cache beside it (`<data dir>/.cache`, or `cache_dir`) that later runs, other stages and the
     other ranks open instantly; neither the text nor the tokens are held in RAM. Samples longer than max_seq_len are
     dropped (`truncation="drop"`, the default: a cut reply teaches the model to stop mid-sentence without

@@ -23,7 +23,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, 
 
 from .config import TinyMindConfig
 from .model import TinyMindForCausalLM, describe
-from .train_utils import DTYPES, config_path_for, default_device, load_state_into, load_weights, resolve_weight
+from .train_utils import (DTYPES, SHIPPED_TOKENIZER, config_path_for, default_device, load_state_into, load_weights,
+                          resolve_weight, trained_tokenizer_path)
 
 # Special token ids of the TinyMind/MiniMind tokenizer; the tokenizer's own ids are used when it has them.
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
@@ -32,7 +33,7 @@ PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 GENERATION_DEFAULTS = dict(max_new_tokens=512, temperature=0.7, top_p=0.85, top_k=0, repetition_penalty=1.1)
 
 # The repository's tokenizer (model/tokenizer.json), found from any working directory.
-DEFAULT_TOKENIZER = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_TOKENIZER = SHIPPED_TOKENIZER
 
 
 @dataclass
@@ -200,9 +201,7 @@ def load_model_for_inference(load_from: str | None = None, weight: str | None = 
                              "there, or save it with `TinyMindConfig(...).to_json_file(path)`.")
         model = build_tinymind(state, config, source)
         name = os.path.basename(source)[:-len(".pth")]
-        trained_with = getattr(config, "tokenizer_path", None)  # recorded by training (model/train_utils.py)
-        tokenizer = load_tokenizer(tokenizer_path or (trained_with if trained_with and os.path.isdir(trained_with)
-                                                      else DEFAULT_TOKENIZER))
+        tokenizer = load_tokenizer(tokenizer_path or trained_tokenizer_path(config))
     vocab_size = model.config.vocab_size
     if len(tokenizer) > vocab_size:
         raise SystemExit(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab_size}: "

@@ -145,7 +145,23 @@ def answer_reward(prompts, completions, answer=None, **kwargs) -> list[float]:
 # ================================================================================================ reward model
 
 
-class RewardModelScorer:
+class _BatchScorer:
+    """What both reward-model scorers share: render each (prompt, completion) with the scorer's tokenizer, tokenize
+    in right-padded batches, and ask `score_batch` for one number per row."""
+    __name__ = "reward_model"
+
+    @torch.no_grad()
+    def __call__(self, prompts, completions, **kwargs) -> list[float]:
+        texts = [render_pair(self.tokenizer, p, c) for p, c in zip(prompts, completions)]
+        scores = []
+        for start in range(0, len(texts), self.batch_size):
+            batch = self.tokenizer(texts[start:start + self.batch_size], return_tensors="pt", padding=True,
+                                   truncation=True, max_length=self.max_length, add_special_tokens=False)
+            scores += self.score_batch(batch.to(self.device)).float().tolist()
+        return scores
+
+
+class RewardModelScorer(_BatchScorer):
     """Scores (prompt, completion) pairs with a transformers AutoModelForSequenceClassification directory: the
     score is logits[:, 0] at the last token, as in TRL. Local files only (nothing is downloaded). The pair is
     rendered with the reward model's own chat template when it has one (its tokenizer need not match the policy's),
@@ -156,7 +172,6 @@ class RewardModelScorer:
         if not os.path.isdir(path):
             raise FileNotFoundError(f"--reward_model {path}: not a directory (expected a transformers model folder "
                                     "with config.json, weights and a tokenizer)")
-        self.__name__ = "reward_model"
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         self.tokenizer.padding_side = "right"
         if self.tokenizer.pad_token is None:
@@ -167,19 +182,8 @@ class RewardModelScorer:
         self.model.to(device).eval().requires_grad_(False)
         self.device, self.batch_size, self.max_length = torch.device(device), batch_size, max_length
 
-    def render(self, prompt, completion) -> str:
-        return render_pair(self.tokenizer, prompt, completion)
-
-    @torch.no_grad()
-    def __call__(self, prompts, completions, **kwargs) -> list[float]:
-        texts = [self.render(p, c) for p, c in zip(prompts, completions)]
-        scores = []
-        for start in range(0, len(texts), self.batch_size):
-            batch = self.tokenizer(texts[start:start + self.batch_size], return_tensors="pt", padding=True,
-                                   truncation=True, max_length=self.max_length, add_special_tokens=False)
-            logits = self.model(**batch.to(self.device)).logits
-            scores += logits[:, 0].float().tolist()
-        return scores
+    def score_batch(self, batch) -> torch.Tensor:
+        return self.model(**batch).logits[:, 0]
 
 
 def render_pair(tokenizer, prompt, completion) -> str:
@@ -192,17 +196,17 @@ def render_pair(tokenizer, prompt, completion) -> str:
     return "\n".join(m["content"] for m in messages)
 
 
-class CheckpointRewardScorer:
+class CheckpointRewardScorer(_BatchScorer):
     """One of our checkpoints with a value head as the reward model: a .pth holding the model's weights plus
     "score.weight" ([1, hidden]; "score.bias" optional), its config JSON beside it, our tokenizer. The score is the
     head applied to the final hidden state (after the last RMSNorm) at each row's last real token, which is what a
     transformers *ForSequenceClassification computes."""
 
-    def __init__(self, path: str, tokenizer_path: str = "model", device="cpu", batch_size: int = 16,
+    def __init__(self, path: str, tokenizer_path: str | None = None, device="cpu", batch_size: int = 16,
                  max_length: int = 1024):
         from transformers import AutoTokenizer
         from model.model import TinyMindForCausalLM
-        from model.train_utils import load_state_into, load_weights
+        from model.train_utils import load_state_into, load_weights, trained_tokenizer_path
         if not os.path.exists(path):
             raise FileNotFoundError(f"--reward_model {path}: no such file")
         state, config = load_weights(path)
@@ -212,29 +216,20 @@ class CheckpointRewardScorer:
         if "weight" not in head:
             raise ValueError(f"--reward_model {path}: no value head (a 'score.weight' tensor of shape "
                              f"[1, {config.hidden_size}]) in the checkpoint")
-        self.__name__ = "reward_model"
         self.model = TinyMindForCausalLM(config)
         load_state_into(self.model, state, path)
         self.head = torch.nn.Linear(config.hidden_size, 1, bias="bias" in head)
         self.head.load_state_dict(head)
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or trained_tokenizer_path(config))
         self.tokenizer.padding_side = "right"
         self.model.to(device).eval().requires_grad_(False)
         self.head.to(device).requires_grad_(False)
         self.device, self.batch_size, self.max_length = torch.device(device), batch_size, max_length
 
-    @torch.no_grad()
-    def __call__(self, prompts, completions, **kwargs) -> list[float]:
-        texts = [render_pair(self.tokenizer, p, c) for p, c in zip(prompts, completions)]
-        scores = []
-        for start in range(0, len(texts), self.batch_size):
-            batch = self.tokenizer(texts[start:start + self.batch_size], return_tensors="pt", padding=True,
-                                   truncation=True, max_length=self.max_length, add_special_tokens=False)
-            batch = batch.to(self.device)
-            hidden, _ = self.model.model(batch["input_ids"], attention_mask=batch["attention_mask"])
-            last = batch["attention_mask"].sum(dim=1) - 1  # right padding: the last real token of each row
-            scores += self.head(hidden[torch.arange(len(last)), last].float()).squeeze(-1).tolist()
-        return scores
+    def score_batch(self, batch) -> torch.Tensor:
+        hidden, _ = self.model.model(batch["input_ids"], attention_mask=batch["attention_mask"])
+        last = batch["attention_mask"].sum(dim=1) - 1  # right padding: the last real token of each row
+        return self.head(hidden[torch.arange(len(last)), last].float()).squeeze(-1)
 
 
 # ================================================================================================ loading

@@ -284,6 +284,16 @@ def record_tokenizer(config: TinyMindConfig, tokenizer_path: str | None, base: T
     config.tokenizer_path, config.tokenizer_digest = tokenizer_path, tokenizer_digest(tokenizer_path)
 
 
+SHIPPED_TOKENIZER = os.path.dirname(os.path.abspath(__file__))  # model/
+
+
+def trained_tokenizer_path(config: TinyMindConfig) -> str:
+    """The tokenizer directory the weights were trained with, as record_tokenizer wrote it, else the shipped one
+    (weights saved before the record, or a recorded directory that is not there from here)."""
+    recorded = getattr(config, "tokenizer_path", None)
+    return recorded if recorded and os.path.isdir(recorded) else SHIPPED_TOKENIZER
+
+
 def weight_path(save_dir: str, name: str, config: TinyMindConfig) -> str:
     """MiniMind's naming: <save_dir>/<stage>_<hidden>[_moe].pth (plus _mla for latent attention)."""
     suffix = ("_moe" if config.use_moe else "") + ("_mla" if config.use_mla else "")

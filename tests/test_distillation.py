@@ -11,6 +11,7 @@ import torch
 from transformers import AutoTokenizer
 
 import train_distillation as distill
+from train_full_sft import load_chats_with_held_out
 from model import PRESETS, TinyMindConfig, TinyMindForCausalLM
 from model.dataset import SFTDataset, pad_collate
 from model.train_utils import ResumableSampler, init_runtime, save_weights
@@ -183,7 +184,7 @@ def test_reason_mode_without_a_val_file_measures_the_format_on_held_out_lines(tm
     args = base_args(tmp_path, tokenizer, extra=["--mode", "reason", "--eval_prompts", "4", "--max_new_tokens", "8",
                                                  "--val_fraction", "0.1"])
     args[args.index("--data_path") + 1] = str(tmp_path / "r1_mix_1024.jsonl")
-    train, val, val_path, val_lines = distill.load_conversations(distill.parse_args(args), tokenizer,
+    train, val, val_path, val_lines = load_chats_with_held_out(distill.parse_args(args), tokenizer,
                                                                init_runtime("cpu", "float32", 0, 1))
     assert (len(train), len(val), val_path) == (72, 8, str(tmp_path / "r1_mix_1024.jsonl"))
     prompts = distill.held_out_prompts(val_path, 100, val_lines)

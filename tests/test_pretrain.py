@@ -102,8 +102,10 @@ def test_nan_loss_stops_before_the_update_and_keeps_the_checkpoint(tmp_path):
         return (loss * float("nan") if len(calls) == 3 else loss), {}
 
     trainer = Trainer(args, model, runtime, "pretrain")
+    handler = signal.getsignal(signal.SIGTERM)
     with pytest.raises(TrainingDiverged, match="non-finite loss"):
         trainer.fit(data, loss_fn)
+    assert signal.getsignal(signal.SIGTERM) is handler  # fit's save-and-stop handler is gone even after a failure
     saved = torch.load(trainer.weights_file, weights_only=True)
     assert all(torch.isfinite(t).all() for t in saved.values())
     for name, param in model.named_parameters():  # the NaN step never reached the live weights either

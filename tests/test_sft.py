@@ -187,18 +187,24 @@ def test_a_failed_chat_cache_build_leaves_nothing_behind(tokenizer, tmp_path):
     lines[700] = json.dumps({"conversations": [{"role": "bot", "content": "hi"}]})
     lines[1000] = "{broken"
     data.write_text("\n".join(lines) + "\n")
-    # as inside a training run: the trainer's SIGTERM handler, which forked workers inherit, must not stop the
-    # pool from being torn down (it once hung here)
-    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    for num_proc in (1, 2):
+        cache_dir = tmp_path / f"cache{num_proc}"
+        with pytest.raises(Exception, match=rf"{data}:701: message 0 has role 'bot'"):  # the first in the file
+            SFTDataset(str(data), tokenizer, 128, show_progress=False, cache_dir=str(cache_dir), num_proc=num_proc)
+        assert not list(cache_dir.iterdir())
+
+
+def test_tokenizing_workers_drop_an_inherited_sigterm_handler(tokenizer):
+    """A forked worker inherits the trainer's save-and-stop SIGTERM handler; kept, it makes Pool.terminate() (on
+    a bad line) wait forever for a worker that ignores the signal. The suite once hung there."""
+    import model.dataset as dataset_module
+    previous = (signal.signal(signal.SIGTERM, lambda *_: None), signal.getsignal(signal.SIGINT))
     try:
-        for num_proc in (1, 2):
-            cache_dir = tmp_path / f"cache{num_proc}"
-            with pytest.raises(Exception, match=rf"{data}:701: message 0 has role 'bot'"):  # the first in the file
-                SFTDataset(str(data), tokenizer, 128, show_progress=False, cache_dir=str(cache_dir),
-                           num_proc=num_proc)
-            assert not list(cache_dir.iterdir())
+        dataset_module._init_tokenizing_worker(tokenizer)
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, previous[0])
+        signal.signal(signal.SIGINT, previous[1])
 
 
 # ================================================================================================ packing
