@@ -33,18 +33,19 @@ MINIMIND_FILES = {"pretrain": "pretrain_hq.jsonl", "sft": "sft_mini_512.jsonl", 
 
 
 def build_recipe(out: str, quick: bool, recipe: str = "demo", data_dir: str = "dataset", nproc: int = 1,
-                 resume: bool = True) -> dict:
+                 resume: bool = True, dtype: str | None = None) -> dict:
     """Stage -> (commands, the file that proves the stage is done).
 
     demo: the embedded data and the tiny model (4.6M), sized for 2 CPU cores. minimind_gpu: MiniMind's files from
     `data_dir`, the small model (25.8M, MiniMind2-Small's shape) and a base-sized teacher (MiniMind2's shape), under
     torchrun when nproc > 1. `quick` shrinks either to a few steps of the nano model: a smoke test of the same
     commands (CI runs both recipes that way on stand-in files). `resume`: a training stage that was killed goes on
-    from its last resume checkpoint (--from_resume 1) instead of starting over; --force turns it off."""
+    from its last resume checkpoint (--from_resume 1) instead of starting over; --force turns it off. `dtype`: every
+    training command's --dtype (default: each script's own choice)."""
     gpu = recipe == "minimind_gpu"
     py = sys.executable
     launch = ["torchrun", "--nproc_per_node", str(nproc)] if nproc > 1 else [py]
-    saving = ["--save_dir", out] + (["--from_resume", "1"] if resume else [])
+    saving = ["--save_dir", out] + (["--from_resume", "1"] if resume else []) + (["--dtype", dtype] if dtype else [])
     q = ["--max_steps", "4", "--eval_batches", "2", "--log_interval", "2", "--save_interval", "1000"] if quick else []
     small_eval = ["--eval_prompts", "4", "--max_new_tokens", "16"] if quick else []
     if quick:
@@ -138,6 +139,8 @@ def main(argv=None):
                         help="demo: embedded data on any machine; minimind_gpu: MiniMind's datasets on GPUs")
     parser.add_argument("--nproc", type=int, default=1, help="processes (GPUs) per stage under torchrun")
     parser.add_argument("--data_dir", default="dataset", help="where MiniMind's files are (minimind_gpu recipe)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="every training stage's --dtype (default: each script picks for the device)")
     parser.add_argument("--dry_run", action="store_true", help="print the commands without running them")
     args = parser.parse_args(argv)
     save_dir = os.path.abspath(args.save_dir) if os.path.isabs(args.save_dir) else args.save_dir
@@ -146,7 +149,8 @@ def main(argv=None):
         if missing:
             raise SystemExit(f"--recipe minimind_gpu: {', '.join(missing)} not in {args.data_dir}/; download "
                              f"MiniMind's datasets there (or point --data_dir at them)")
-    recipe = build_recipe(save_dir, args.quick, args.recipe, args.data_dir, args.nproc, resume=not args.force)
+    recipe = build_recipe(save_dir, args.quick, args.recipe, args.data_dir, args.nproc, resume=not args.force,
+                          dtype=args.dtype)
     wanted = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = [s for s in wanted if s not in ORDER]
     if unknown:
