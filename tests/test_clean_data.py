@@ -1,6 +1,6 @@
-"""clean_data.py: every filter rule on keep/drop fixtures (English ones against datatrove's Gopher filters),
-MinHash/LSH against datasketch, dedup across workers, the Kneser-Ney LM, and the pipeline's I/O guarantees."""
-import importlib.util
+"""clean_data.py and its package model.data.cleaning: every filter rule on keep/drop fixtures (English ones against
+datatrove's Gopher filters), MinHash/LSH against datasketch, dedup across workers, the Kneser-Ney LM, and the
+pipeline's I/O guarantees."""
 import json
 import math
 import os
@@ -11,7 +11,14 @@ from collections import Counter
 import numpy as np
 import pytest
 
-import clean_data as cd
+import clean_data as cd  # the command line: make_config, build_parser, run_pipeline, main
+from model.data.cleaning.config import REASONS
+from model.data.cleaning.dedup import UnionFind, band_keys, lsh_params, minhash_signature, shingles
+from model.data.cleaning.ngram_lm import KneserNeyLM, document_perplexity, train_reference_lm
+from model.data.cleaning.rules import (GOPHER_QUALITY_RULES, GOPHER_REPETITION_RULES, DocView, filter_record,
+                                       first_failed_rule)
+from model.data.cleaning.text import normalize_text, normalize_unicode
+from model.data.cleaning.words import english_words
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "clean")
 with open(os.path.join(FIXTURES, "clean_zh.txt"), encoding="utf-8") as f:
@@ -24,15 +31,13 @@ CFG = cd.make_config()
 
 def reason_of(text, **overrides):
     cfg = cd.make_config(**overrides) if overrides else CFG
-    return cd.filter_record({"text": text}, cfg)[1]
+    return filter_record({"text": text}, cfg)[1]
 
 
 def load_bench():
-    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts", "bench_clean_data.py")
-    spec = importlib.util.spec_from_file_location("bench_clean_data", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """scripts/bench/bench_clean_data.py (imported when a test needs it: the benchmark is not the thing tested)."""
+    from scripts.bench import bench_clean_data
+    return bench_clean_data
 
 
 def write_jsonl(path, records):
@@ -139,8 +144,7 @@ def test_english_fixtures_agree_with_datatrove():
         if result is True:
             result = quality.filter(Document(text=text, id=name))
         theirs = None if result is True else result[1]
-        ours = cd.first_failed_rule(cd.DocView(text, "text", cfg), cfg,
-                                    cd.GOPHER_REPETITION_RULES + cd.GOPHER_QUALITY_RULES)
+        ours = first_failed_rule(DocView(text, "text", cfg), cfg, GOPHER_REPETITION_RULES + GOPHER_QUALITY_RULES)
         if theirs != ours:
             disagreements.append((name, theirs, ours))
     assert not disagreements
@@ -152,7 +156,7 @@ def test_english_tokenizer_matches_spacy():
     samples = EN + ["I'll say it's the U.S.A.'s best, isn't it? Dr. Smith wasn't... sure--then 'em left (quietly).",
                     "well-known e-mail x@y.com $4.99 50% 3.5kg CELIA. etc. e.g. o'clock cannot"]
     for text in samples:
-        assert cd.english_words(text) == [t.text for t in nlp(text) if t.text.strip()]
+        assert english_words(text) == [t.text for t in nlp(text) if t.text.strip()]
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -217,7 +221,7 @@ def test_every_flag_has_help():
 
 def test_reason_codes_are_documented():
     produced = {f[2] for f in EN_FIXTURES + ZH_FIXTURES if f[2]}
-    patterns = [re.compile("^" + code.replace("{n}", r"\d+") + "$") for code in cd.REASONS]
+    patterns = [re.compile("^" + code.replace("{n}", r"\d+") + "$") for code in REASONS]
     assert all(any(p.match(code) for p in patterns) for code in produced)
 
 
@@ -226,39 +230,39 @@ def test_reason_codes_are_documented():
 
 def test_nfkc_keeps_chinese_punctuation():
     text = "ＡＢＣ１２３，你好！（测试）：对；好吗？～…　全角空格"
-    assert cd.normalize_unicode(text) == "ABC123，你好！（测试）：对；好吗？～… 全角空格"
-    assert cd.normalize_unicode(text, fold_cjk_punct=True) == "ABC123,你好!(测试):对;好吗?~... 全角空格"
+    assert normalize_unicode(text) == "ABC123，你好！（测试）：对；好吗？～… 全角空格"
+    assert normalize_unicode(text, fold_cjk_punct=True) == "ABC123,你好!(测试):对;好吗?~... 全角空格"
 
 
 def test_normalize_text_removes_controls_and_zero_width():
     text = "第一行\u200b文字\x07\r\n第二行\ufeff  \r\n\n\n\n第三行 "
-    assert cd.normalize_text(text, CFG) == "第一行文字\n第二行\n\n第三行"
+    assert normalize_text(text, CFG) == "第一行文字\n第二行\n\n第三行"
 
 
 def test_traditional_to_simplified():
     pytest.importorskip("opencc")
     cfg = cd.make_config(t2s=True)
-    assert cd.normalize_text("漢字轉換，頭髮與發展", cfg) == "汉字转换，头发与发展"
+    assert normalize_text("漢字轉換，頭髮與發展", cfg) == "汉字转换，头发与发展"
 
 
 def test_conversation_turns_are_normalized_and_dropped_as_a_unit():
     chat = {"id": 7, "conversations": [{"role": "user", "content": "你好\u200b！"},
                                         {"role": "assistant", "content": "你好！有什么可以帮你？"}]}
-    record, reason = cd.filter_record(chat, CFG)
+    record, reason = filter_record(chat, CFG)
     assert reason is None  # short chats are exempt from too_short and the English word-count rules
     assert record["conversations"][0] == {"role": "user", "content": "你好！"} and record["id"] == 7
     empty_turn = {"conversations": [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "\u200b"}]}
-    assert cd.filter_record(empty_turn, CFG) == (None, "empty_turn")
+    assert filter_record(empty_turn, CFG) == (None, "empty_turn")
     spam = {"conversations": [{"role": "user", "content": "推荐一下"},
                               {"role": "assistant",
                                "content": "赌博网站，网上赌场，六合彩，博彩平台"}]}
-    assert cd.filter_record(spam, CFG) == (None, "bad_words")
+    assert filter_record(spam, CFG) == (None, "bad_words")
 
 
 def test_special_tokens_are_line_breaks_for_the_rules():
     text = "<|im_start|>" + ZH[0] + "<|im_end|> <|im_start|>" + ZH[1] + "<|im_end|>"
     assert reason_of(text) is None
-    assert "<|im_start|>" not in cd.DocView(text, "text", CFG).text
+    assert "<|im_start|>" not in DocView(text, "text", CFG).text
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -269,9 +273,9 @@ def test_lsh_bands_equal_datasketch():
     reference = {0.7: (14, 9), 0.8: (9, 13), 0.9: (5, 25)}  # references.md 5.8
     for t in (0.4, 0.5, 0.7, 0.8, 0.9):
         lsh = MinHashLSH(threshold=t, num_perm=128)
-        assert cd.lsh_params(t, 128) == (lsh.b, lsh.r)
+        assert lsh_params(t, 128) == (lsh.b, lsh.r)
         if t in reference:
-            assert cd.lsh_params(t, 128) == reference[t]
+            assert lsh_params(t, 128) == reference[t]
 
 
 def test_minhash_estimates_within_three_sigma():
@@ -285,7 +289,7 @@ def test_minhash_estimates_within_three_sigma():
             common, rest = union[:n_common], union[n_common:]
             a, b = set(common + rest[::2]), set(common + rest[1::2])
             exact = len(a & b) / len(a | b)
-            sig_a, sig_b = cd.minhash_signature(a, 128, 1), cd.minhash_signature(b, 128, 1)
+            sig_a, sig_b = minhash_signature(a, 128, 1), minhash_signature(b, 128, 1)
             estimate = float(np.mean(sig_a == sig_b))
             sigma = math.sqrt(exact * (1 - exact) / 128)
             assert abs(estimate - exact) <= 3 * sigma, (target, estimate, exact)
@@ -300,16 +304,16 @@ def test_band_buckets_give_the_same_candidates_as_datasketch_lsh():
     bench = load_bench()
     records = bench.make_dedup_corpus("en", 60, 4, seed=3)
     t = 0.5
-    b, r = cd.lsh_params(t, 128)
+    b, r = lsh_params(t, 128)
     lsh = MinHashLSH(threshold=t, num_perm=128)
     buckets, sketches = {}, {}
     for rec in records:
-        shingle_set = cd.shingles(rec["text"], CFG)
+        shingle_set = shingles(rec["text"], CFG)
         m = MinHash(num_perm=128)
         m.update_batch([s.encode() for s in shingle_set])
         sketches[rec["bench_id"]] = m
         lsh.insert(rec["bench_id"], m)
-        for key in cd.band_keys(cd.minhash_signature(shingle_set, 128, 1), b, r):
+        for key in band_keys(minhash_signature(shingle_set, 128, 1), b, r):
             buckets.setdefault(key, []).append(rec["bench_id"])
     ours = {tuple(sorted((x, y))) for ids in buckets.values() for x in ids for y in ids if x != y}
     theirs = {tuple(sorted((i, j))) for i, m in sketches.items() for j in lsh.query(m) if i != j}
@@ -319,12 +323,12 @@ def test_band_buckets_give_the_same_candidates_as_datasketch_lsh():
 def test_shingles_ignore_sentence_order_and_need_three_words():
     a = "我们今天去公园散步。然后回家吃了一顿丰盛的晚饭！"
     b = "然后回家吃了一顿丰盛的晚饭！我们今天去公园散步。"
-    assert cd.shingles(a, CFG) == cd.shingles(b, CFG)
-    assert all(len(s.split()) == 3 for s in cd.shingles(EN[0], CFG))
+    assert shingles(a, CFG) == shingles(b, CFG)
+    assert all(len(s.split()) == 3 for s in shingles(EN[0], CFG))
 
 
 def test_union_find_keeps_lowest_id():
-    uf = cd.UnionFind()
+    uf = UnionFind()
     for a, b in ((5, 3), (9, 5), (2, 7), (7, 9)):
         uf.union(a, b)
     assert {uf.find(x) for x in (2, 3, 5, 7, 9)} == {2}
@@ -421,7 +425,7 @@ def direct_kneser_ney(lm_counts, order, context, token, discounts, vocab_size):
 
 def test_kneser_ney_matches_the_recursive_formula_and_normalizes():
     corpus = ["abracadabra", "abba", "cabbage", "bad cab"]
-    lm = cd.KneserNeyLM(order=3).fit(corpus)
+    lm = KneserNeyLM(order=3).fit(corpus)
     counts = {3: Counter()}
     for seq in corpus:
         padded = lm.pad(seq)
@@ -447,8 +451,8 @@ def test_kneser_ney_matches_the_recursive_formula_and_normalizes():
 
 def test_word_level_lm():
     cfg = cd.make_config(lm_unit="word", lm_order=3)
-    lm, _ = cd.train_reference_lm(EN, cfg)
-    assert cd.document_perplexity({"text": EN[0]}, lm, cfg) < cd.document_perplexity(
+    lm, _ = train_reference_lm(EN, cfg)
+    assert document_perplexity({"text": EN[0]}, lm, cfg) < document_perplexity(
         {"text": " ".join(reversed(EN[0].split()))}, lm, cfg)
 
 
@@ -457,10 +461,10 @@ def test_corrupted_documents_score_clearly_worse():
     rng = random.Random(0)
     for docs in (ZH, EN):
         for i in range(0, len(docs), 3):
-            lm, _ = cd.train_reference_lm(docs[:i] + docs[i + 1:], CFG)  # held out: the scored document
-            clean = cd.document_perplexity({"text": docs[i]}, lm, CFG)
+            lm, _ = train_reference_lm(docs[:i] + docs[i + 1:], CFG)  # held out: the scored document
+            clean = document_perplexity({"text": docs[i]}, lm, CFG)
             for kind in ("symbol_noise", "shuffled_chars"):
-                corrupted = cd.document_perplexity({"text": bench.corrupt(docs[i], kind, rng)}, lm, CFG)
+                corrupted = document_perplexity({"text": bench.corrupt(docs[i], kind, rng)}, lm, CFG)
                 assert corrupted > 1.3 * clean, (kind, docs[i][:20], clean, corrupted)
             # a repeated natural span is fluent text to any n-gram LM; stage 1's repetition rules drop it instead
             for kind in ("repeated_span", "repeated_sentence"):
