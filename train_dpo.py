@@ -21,40 +21,34 @@ scored. Writes out/dpo_<hidden>.pth (+ config JSON), a resume checkpoint and out
 the implicit rewards beta * (log pi - log pi_ref) of both answers, their margin and how often chosen wins.
 """
 import argparse
-import copy
 import functools
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
-from transformers import AutoTokenizer
+from torch.utils.data import Subset
 
-from model.dataset import BadInput, DPODataset, default_val_path, dpo_collate
-from model.losses import dpo_loss, sequence_logprobs
-from model.model import TinyMindForCausalLM
-from model.train_utils import (Trainer, TrainingDiverged, add_common_args, all_reduce_mean, build_model, cleanup,
-                               default_device, init_runtime, load_state_into, load_weights, main_rank_first,
-                               print0, resolve_weight)
+from model.data.jsonl import default_val_path
+from model.data.preference import DPODataset, IndexedPairs, collate_pairs
+from model.device import default_device
+from model.training.cli import add_common_args, add_data_args, build_model, exit_on_user_error, start_stage
+from model.training.evaluation import held_out_batches
+from model.training.frozen import frozen_copy, load_frozen_checkpoint
+from model.training.losses import dpo_loss, with_aux_loss
+from model.training.preference import pair_logps, precompute_reference_logps, reference_logps
+from model.training.runtime import all_reduce_mean, cleanup, main_rank_first, print0
+from model.training.trainer import Trainer
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     on_gpu = default_device() == "cuda"
     # LR: MiniMind's 4e-8 leaves the loss at ln 2 for a whole epoch; TRL's 1e-6 suits billion-parameter models.
-    # A model of a few million parameters needs more (measured on the demo: see README, "DPO").
+    # A model of a few million parameters needs more (measured on the demo: docs/dpo.md).
     # weight_decay 0: decay would pull the policy towards zero rather than towards the reference (TRL's default).
     add_common_args(parser, "dpo", from_weight="full_sft", batch_size=16 if on_gpu else 8,
                     learning_rate=2e-5, weight_decay=0.0, max_seq_len=1024 if on_gpu else 256,
                     eval_interval=100, save_interval=100, log_interval=10, eval_batches=20)
-    g = parser.add_argument_group("data")
-    g.add_argument("--data_path", default="dataset/demo_dpo.jsonl",
-                   help='jsonl of {"chosen": [messages], "rejected": [messages]} pairs sharing their prompt')
-    g.add_argument("--val_data_path", default=None,
-                   help="held-out pairs (default: <data>_val.jsonl beside the data if it exists, else --val_fraction)")
-    g.add_argument("--val_fraction", type=float, default=0.05,
-                   help="share of the pairs held out when there is no validation file")
-    g.add_argument("--tokenizer_path", default="model", help="directory with tokenizer.json / tokenizer_config.json")
-    g.add_argument("--skip_bad_lines", type=int, default=0, choices=[0, 1],
-                   help="1: skip malformed pairs (counted and reported) instead of stopping at the first")
+    add_data_args(parser, "dataset/demo_dpo.jsonl",
+                  'jsonl of {"chosen": [messages], "rejected": [messages]} pairs sharing their prompt', 0.05)
     g = parser.add_argument_group("DPO")
     g.add_argument("--beta", type=float, default=0.1,
                    help="strength of the pull towards the reference: larger keeps the policy closer to it")
@@ -72,27 +66,6 @@ def parse_args(argv=None):
 
 
 # ================================================================================================ data
-
-
-class IndexedPairs(Dataset):
-    """Preference pairs that also carry their own index, so a shuffled batch can look up each pair's
-    precomputed reference log-probs."""
-
-    def __init__(self, pairs):
-        self.pairs = pairs
-
-    def __len__(self):
-        return len(self.pairs)
-
-    def __getitem__(self, index):
-        return {**self.pairs[index], "index": index}
-
-
-def collate_pairs(items: list[dict], pad_token_id: int = 0) -> dict:
-    """[chosen_1..chosen_B; rejected_1..rejected_B] in one right-padded batch, plus the pair indices."""
-    batch = dpo_collate(items, pad_token_id)
-    batch["index"] = torch.tensor([item["index"] for item in items])
-    return batch
 
 
 def load_pairs(args, tokenizer, runtime):
@@ -116,72 +89,14 @@ def load_pairs(args, tokenizer, runtime):
 # ================================================================================================ the reference
 
 
-def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """pi_ref: a copy of the starting weights that never trains. eval() turns dropout off (the reference must be a
-    fixed function), requires_grad False keeps it out of autograd and out of the optimizer."""
-    reference = copy.deepcopy(model)
-    reference.eval()
-    reference.requires_grad_(False)
-    return reference
-
-
 def load_reference(args, model, runtime) -> torch.nn.Module:
-    """The policy's own starting weights, or another checkpoint given by --ref_weight."""
+    """pi_ref: the policy's own starting weights (a frozen copy), or another checkpoint given by --ref_weight."""
     if args.ref_weight is None:
         return frozen_copy(model)
-    path = resolve_weight(args.ref_weight, args.save_dir, model.config.hidden_size)
-    state, config = load_weights(path)
-    if config is None:
-        raise SystemExit(f"error: {path} has no config JSON beside it; the reference needs one")
-    if config.vocab_size != model.config.vocab_size:
-        raise SystemExit(f"error: reference {path} has vocab_size {config.vocab_size}, the policy "
-                         f"{model.config.vocab_size}: DPO compares their log-probs token by token")
-    reference = TinyMindForCausalLM(config)
-    load_state_into(reference, state, path)
+    reference, path = load_frozen_checkpoint(args.ref_weight, args.save_dir, model.config.hidden_size,
+                                             args.tokenizer_path, model.config.vocab_size, "reference")
     print0(f"reference model: {path}")
-    return frozen_copy(reference.to(runtime.device))
-
-
-def pair_logps(model, batch: dict):
-    """Summed answer log-probs of a [chosen; rejected] batch: (chosen [B], rejected [B], chosen and rejected
-    token counts, the model output)."""
-    out = model(batch["input_ids"], attention_mask=batch["attention_mask"])
-    logps, n_tokens = sequence_logprobs(out.logits, batch["labels"])
-    chosen, rejected = logps.chunk(2)
-    chosen_n, rejected_n = n_tokens.chunk(2)
-    return chosen, rejected, chosen_n, rejected_n, out
-
-
-@torch.no_grad()
-def precompute_reference_logps(reference, pairs: IndexedPairs, runtime, batch_size: int,
-                               pad_token_id: int = 0) -> torch.Tensor:
-    """[N, 2] table of log pi_ref(chosen), log pi_ref(rejected), row i for pair i. Each rank scores every
-    world_size-th pair and an all-reduce assembles the full table on every rank."""
-    table = torch.zeros(len(pairs), 2, device=runtime.device)
-    mine = list(range(runtime.rank, len(pairs), runtime.world_size))
-    loader = DataLoader(pairs, batch_size=batch_size, sampler=mine,
-                        collate_fn=functools.partial(collate_pairs, pad_token_id=pad_token_id))
-    was_training = reference.training
-    reference.eval()
-    for batch in loader:
-        batch = {k: v.to(runtime.device) for k, v in batch.items()}
-        with runtime.autocast():
-            chosen, rejected, *_ = pair_logps(reference, batch)
-        table[batch["index"]] = torch.stack([chosen, rejected], dim=1)
-    if runtime.distributed:
-        torch.distributed.all_reduce(table)  # every row was filled by exactly one rank, zeros elsewhere
-    reference.train(was_training)
-    return table
-
-
-def reference_logps(reference, table: torch.Tensor | None, batch: dict):
-    """log pi_ref of the batch's chosen and rejected answers: looked up by pair index, or a forward pass."""
-    if table is not None:
-        rows = table[batch["index"]]
-        return rows[:, 0], rows[:, 1]
-    with torch.no_grad():
-        chosen, rejected, *_ = pair_logps(reference, batch)
-    return chosen, rejected
+    return reference.to(runtime.device)
 
 
 def make_loss_fn(args, reference, table: torch.Tensor | None):
@@ -197,10 +112,7 @@ def make_loss_fn(args, reference, table: torch.Tensor | None):
                    "rewards/accuracy": (chosen_rewards > rejected_rewards).float().mean(),
                    "logps/chosen": chosen.detach().mean(), "logps/rejected": rejected.detach().mean(),
                    "tokens": batch["attention_mask"].sum()}
-        if out.aux_loss is not None:
-            metrics["aux_loss"] = out.aux_loss.detach()
-            loss = loss + out.aux_loss
-        return loss, metrics
+        return with_aux_loss(loss, out.aux_loss, metrics)
     return loss_fn
 
 
@@ -209,16 +121,11 @@ def make_evaluate(args, val_set: IndexedPairs, reference, table: torch.Tensor | 
     preference accuracy / log-prob margin: log pi(chosen) vs log pi(rejected) under the model alone (meaningful
     before training too: the prompt is shared, so this compares the two answers' probabilities directly);
     reward accuracy / margin: DPO's implicit rewards, relative to the reference (all zero at step 0)."""
-    sampler = list(range(runtime.rank, len(val_set) - len(val_set) % runtime.world_size, runtime.world_size))
-    loader = DataLoader(val_set, batch_size=args.batch_size, sampler=sampler,
-                        collate_fn=functools.partial(collate_pairs, pad_token_id=pad_token_id))
+    collate = functools.partial(collate_pairs, pad_token_id=pad_token_id)
 
     def evaluate(model):
         sums, count = torch.zeros(6, device=runtime.device), 0
-        for i, batch in enumerate(loader):
-            if i >= args.eval_batches:
-                break
-            batch = {k: v.to(runtime.device) for k, v in batch.items()}
+        for batch in held_out_batches(val_set, args.batch_size, args.eval_batches, runtime, collate):
             chosen, rejected, chosen_n, rejected_n, _ = pair_logps(model, batch)
             ref_chosen, ref_rejected = reference_logps(reference, table, batch)
             losses, chosen_rewards, rejected_rewards = dpo_loss(
@@ -239,20 +146,14 @@ def make_evaluate(args, val_set: IndexedPairs, reference, table: torch.Tensor | 
 # ================================================================================================ main
 
 
+@exit_on_user_error
 def main(argv=None):
     args = parse_args(argv)
-    runtime = init_runtime(args.device, args.dtype, args.seed, args.num_threads)
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path)
-    try:
-        train_set, val_set = load_pairs(args, tokenizer, runtime)
-    except (BadInput, FileNotFoundError) as error:
-        raise SystemExit(f"error: {error}")
+    runtime, tokenizer = start_stage(args)
+    train_set, val_set = load_pairs(args, tokenizer, runtime)
     print0(f"data: {len(train_set):,} train / {len(val_set):,} held-out preference pairs")
 
     model, _ = build_model(args, vocab_size=len(tokenizer))
-    if len(tokenizer) > model.config.vocab_size:
-        raise SystemExit(f"error: the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
-                         f"{model.config.vocab_size}")
     model.to(runtime.device)
     pad_id = tokenizer.pad_token_id
     # The reference comes from the STARTING weights, before Trainer may load a resume checkpoint into the policy.
@@ -278,11 +179,8 @@ def main(argv=None):
         with torch.no_grad(), runtime.autocast():
             train_before = evaluate_train(model.eval())
         model.train()
-    try:
-        after = trainer.fit(train_set, make_loss_fn(args, reference, train_table),
-                            collate_fn=functools.partial(collate_pairs, pad_token_id=pad_id), evaluate=evaluate)
-    except TrainingDiverged as error:
-        raise SystemExit(f"error: {error}")
+    after = trainer.fit(train_set, make_loss_fn(args, reference, train_table),
+                        collate_fn=functools.partial(collate_pairs, pad_token_id=pad_id), evaluate=evaluate)
     train_after = None
     if before is not None:
         with torch.no_grad(), runtime.autocast():

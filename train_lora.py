@@ -28,14 +28,19 @@ import os
 
 import numpy as np
 from torch.utils.data import Dataset
-from transformers import AutoTokenizer
 
+from model.checkpoint import save_weights, weight_path
+from model.data.packing import training_batches
+from model.device import default_device
 from model.lora import DEFAULT_TARGETS, MLA_TARGETS, apply_lora, export_peft, remove_lora, save_lora
-from model.train_utils import (Trainer, TrainingDiverged, add_common_args, build_model, cleanup, default_device,
-                               init_runtime, print0, save_weights, weight_path)
-from train_full_sft import (add_chat_data_args, assistant_token_loss, describe_metrics, end_of_turn_rate,
-                            generate_replies, held_out_prompts, load_chat_dataset, load_chats_with_held_out,
-                            print_changes, sft_loss, training_batches, write_chat_summary)
+from model.training.chat import (add_chat_data_args, held_out_prompts, load_chat_dataset, load_chats_with_held_out,
+                                 write_chat_summary)
+from model.training.cli import add_common_args, build_model, exit_on_user_error, start_stage
+from model.training.evaluation import (assistant_token_loss, chat_token_losses, describe_metrics, end_of_turn_rate,
+                                       generate_replies, print_changes)
+from model.training.losses import with_aux_loss
+from model.training.runtime import cleanup, print0
+from model.training.trainer import Trainer
 
 
 def parse_args(argv=None):
@@ -107,6 +112,13 @@ class MixedChats(Dataset):
         return self._lengths
 
 
+def loss_fn(model, batch):
+    """SFT's loss (mean over assistant tokens); only the adapters get its gradient."""
+    losses, mask, aux_loss = chat_token_losses(model, batch)
+    loss = losses.sum() / mask.sum().clamp(min=1)
+    return with_aux_loss(loss, aux_loss, {"tokens": batch["tokens"]} if "tokens" in batch else {})
+
+
 def keyword_rate(replies: list[dict], keyword: str) -> float:
     return sum(keyword.lower() in r["text"].lower() for r in replies) / max(1, len(replies))
 
@@ -124,10 +136,10 @@ def lora_metrics(model, tokenizer, own_val, general_val, prompts, runtime, args)
     return metrics
 
 
+@exit_on_user_error
 def main(argv=None):
     args = parse_args(argv)
-    runtime = init_runtime(args.device, args.dtype, args.seed, args.num_threads)
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path)
+    runtime, tokenizer = start_stage(args)
     train_chats, own_val, val_path, val_lines = load_chats_with_held_out(args, tokenizer, runtime)
     general_val = load_chat_dataset(args.general_val_path, tokenizer, args, runtime, "general held-out")
     if args.replay_data_path not in (None, "", "none") and args.replay_ratio > 0:
@@ -156,16 +168,12 @@ def main(argv=None):
 
     # The Trainer writes the adapter (not the full model) as this stage's weights; its resume checkpoint keeps the
     # full state (base + adapters) beside the other stages', under the --save_weight name.
-    trainer = Trainer(args, model, runtime, "lora", params=adapters,
+    trainer = Trainer(args, model, runtime, "lora", params=adapters, weights_file=adapter_file,
                       save_weights_fn=lambda trained: save_lora(trained, adapter_file))
-    trainer.weights_file = adapter_file  # what its messages name as this stage's output
     before = None if trainer.resumed else lora_metrics(model, tokenizer, own_val, general_val, prompts, runtime, args)
     if before is not None:
         print0(describe_metrics("held-out before training", before))
-    try:
-        trainer.fit(train_set, sft_loss, collate_fn=collate_fn, evaluate=evaluate)
-    except TrainingDiverged as error:
-        raise SystemExit(f"error: {error}")
+    trainer.fit(train_set, loss_fn, collate_fn=collate_fn, evaluate=evaluate)
     after = lora_metrics(model, tokenizer, own_val, general_val, prompts, runtime, args)
     size_kb = os.path.getsize(adapter_file) / 1024 if runtime.is_main else 0.0
     print0(f"adapter: {adapter_file} ({size_kb:,.0f} KB, {sum(p.numel() for p in adapters):,} parameters); "

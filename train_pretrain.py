@@ -13,11 +13,16 @@ import math
 
 import torch
 from torch.utils.data import Subset
-from transformers import AutoTokenizer
 
-from model.dataset import BadInput, PretrainDataset, default_val_path
-from model.train_utils import (Trainer, TrainingDiverged, add_common_args, build_model, cleanup, default_device,
-                               evaluate_lm_loss, init_runtime, main_rank_first, print0, write_summary)
+from model.data.jsonl import default_val_path
+from model.data.pretrain import PretrainDataset
+from model.device import default_device
+from model.training.cli import add_common_args, add_data_args, build_model, exit_on_user_error, start_stage
+from model.training.evaluation import evaluate_lm_loss
+from model.training.losses import with_aux_loss
+from model.training.runtime import cleanup, main_rank_first, print0
+from model.training.tracking import write_summary
+from model.training.trainer import Trainer
 
 SAMPLE_PROMPTS = ["《静夜思》 李白\n", "To be, or not to be"]
 
@@ -27,20 +32,10 @@ def parse_args(argv=None):
     on_gpu = default_device() == "cuda"
     add_common_args(parser, "pretrain", batch_size=32 if on_gpu else 16, learning_rate=5e-4 if on_gpu else 2e-3,
                     max_seq_len=512 if on_gpu else 256, eval_interval=100, save_interval=200)
-    g = parser.add_argument_group("data")
-    g.add_argument("--data_path", default="dataset/demo_pretrain.jsonl", help="jsonl with a 'text' field per line")
-    g.add_argument("--val_data_path", default=None,
-                   help="held-out jsonl (default: <data>_val.jsonl beside the data if it exists, else --val_fraction)")
-    g.add_argument("--val_fraction", type=float, default=0.01,
-                   help="share of training windows held out when there is no validation file")
-    g.add_argument("--tokenizer_path", default="model", help="directory with tokenizer.json / tokenizer_config.json")
-    g.add_argument("--skip_bad_lines", type=int, default=0, choices=[0, 1],
-                   help="1: skip malformed lines (counted and reported) instead of stopping at the first")
+    g = add_data_args(parser, "dataset/demo_pretrain.jsonl", "jsonl with a 'text' field per line")
     g.add_argument("--cache_dir", default=None, help="where token caches go (default: <data dir>/.cache)")
     g.add_argument("--sample_tokens", type=int, default=60, help="length of the sample continuation printed at the end")
     args = parser.parse_args(argv)
-    if args.preset is None and args.hidden_size is None and args.from_weight == "none":
-        args.preset = "small" if on_gpu else "tiny"
     return args
 
 
@@ -60,29 +55,23 @@ def load_datasets(args, tokenizer, runtime):
     return train, val
 
 
+def loss_fn(model, batch):
+    """Next-token cross-entropy over every position of the packed windows (+ the MoE balancing loss)."""
+    out = model(batch["input_ids"], labels=batch["labels"])
+    return with_aux_loss(out.loss, out.aux_loss, {})
+
+
+@exit_on_user_error
 def main(argv=None):
     args = parse_args(argv)
-    runtime = init_runtime(args.device, args.dtype, args.seed, args.num_threads)
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path)
-    try:
-        train_set, val_set = load_datasets(args, tokenizer, runtime)
-    except (BadInput, FileNotFoundError) as error:
-        raise SystemExit(f"error: {error}")
+    runtime, tokenizer = start_stage(args)
+    train_set, val_set = load_datasets(args, tokenizer, runtime)
     corpus = train_set.dataset if isinstance(train_set, Subset) else train_set
     print0(f"data: {corpus.summary['documents']:,} documents, {corpus.summary['tokens']:,} tokens -> "
            f"{len(train_set):,} train / {len(val_set):,} held-out windows of {args.max_seq_len}; per-document padding "
            f"(MiniMind style) would waste {100 * corpus.padding_fraction_if_padded():.1f}% of positions, packing 0%")
 
     model, _ = build_model(args, vocab_size=len(tokenizer))
-    if len(tokenizer) > model.config.vocab_size:
-        raise SystemExit(f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
-                         f"{model.config.vocab_size}")
-
-    def loss_fn(model, batch):
-        out = model(batch["input_ids"], labels=batch["labels"])
-        if out.aux_loss is None:
-            return out.loss, {}
-        return out.loss + out.aux_loss, {"lm_loss": out.loss.detach(), "aux_loss": out.aux_loss.detach()}
 
     def evaluate(model):
         loss = evaluate_lm_loss(model, val_set, runtime, args.batch_size, args.eval_batches)
@@ -90,20 +79,13 @@ def main(argv=None):
 
     trainer = Trainer(args, model, runtime, "pretrain")
     before = None if trainer.resumed else trainer.evaluate(evaluate, 0)
-    try:
-        after = trainer.fit(train_set, loss_fn, evaluate=evaluate)
-    except TrainingDiverged as error:
-        raise SystemExit(f"error: {error}")
+    after = trainer.fit(train_set, loss_fn, evaluate=evaluate)
     if before is not None:
         print0(f"held-out loss {before['val_loss']:.4f} -> {after['val_loss']:.4f}")
     samples = show_samples(model, tokenizer, runtime, args.sample_tokens) if runtime.is_main else {}
-    summary = {"stage": "pretrain", "weights": trainer.weights_file, "steps": trainer.state.step,
-               "seconds": trainer.state.elapsed, "tokens": trainer.state.tokens_seen,
-               "val_loss_before": before and before["val_loss"], "val_loss_after": after["val_loss"],
-               "samples": samples}
-    write_summary(args.save_dir, args.save_weight, summary, runtime, merge=True)
+    write_summary(args.save_dir, args.save_weight, {"samples": samples}, runtime, merge=True)
     cleanup(runtime)
-    return summary
+    return {"before": before, "after": after, "weights": trainer.weights_file, "samples": samples}
 
 
 @torch.no_grad()

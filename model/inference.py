@@ -21,10 +21,11 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, StoppingCriteria, TextIteratorStreamer
 
+from .checkpoint import (SHIPPED_TOKENIZER, config_path_for, load_state_into, load_weights, resolve_weight,
+                         trained_tokenizer_path)
 from .config import TinyMindConfig
+from .device import DTYPES, default_device
 from .model import TinyMindForCausalLM, describe
-from .train_utils import (DTYPES, SHIPPED_TOKENIZER, config_path_for, default_device, load_state_into, load_weights,
-                          resolve_weight, trained_tokenizer_path)
 
 # Special token ids of the TinyMind/MiniMind tokenizer; the tokenizer's own ids are used when it has them.
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2

@@ -28,6 +28,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .config import TinyMindConfig
 from .layers import FeedForward, RMSNorm, RotaryEmbedding, apply_rotary, sdpa_attention
+from .mla import MultiHeadLatentAttention
+from .moe import MoEFeedForward, collect_moe_aux_loss, count_active_params
 
 
 class Attention(nn.Module):
@@ -74,12 +76,10 @@ class DecoderLayer(nn.Module):
     def __init__(self, config: TinyMindConfig, layer_idx: int):
         super().__init__()
         if config.use_mla:
-            from .mla import MultiHeadLatentAttention
             self.self_attn = MultiHeadLatentAttention(config, layer_idx)
         else:
             self.self_attn = Attention(config, layer_idx)
         if config.use_moe and layer_idx >= config.first_k_dense_replace:
-            from .moe import MoEFeedForward
             self.mlp = MoEFeedForward(config)
         else:
             self.mlp = FeedForward(config.hidden_size, config.intermediate_size, config.dropout)
@@ -228,7 +228,6 @@ class TinyMindForCausalLM(TinyMindPreTrainedModel, GenerationMixin):
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
         aux_loss = None
         if self.config.use_moe:
-            from .moe import collect_moe_aux_loss
             aux_loss = collect_moe_aux_loss(self)
         return TinyMindOutput(loss=loss, logits=logits, cache=cache if use_cache else None, aux_loss=aux_loss)
 
@@ -237,7 +236,6 @@ class TinyMindForCausalLM(TinyMindPreTrainedModel, GenerationMixin):
         """Unique parameter count (a tied LM head counts once); `active`: per token, only k routed experts count."""
         total = sum(p.numel() for p in self.parameters())
         if active and self.config.use_moe:
-            from .moe import count_active_params
             return count_active_params(self)
         return total
 
@@ -267,3 +265,19 @@ def describe(model: TinyMindForCausalLM) -> str:
     parts = ["MoE" if model.config.use_moe else "dense", "MLA" if model.config.use_mla else "GQA"]
     cfg = model.config
     return f"{text}; {cfg.num_hidden_layers} layers x {cfg.hidden_size}, {'/'.join(parts)}, vocab {cfg.vocab_size}"
+
+
+def active_params_of(config: TinyMindConfig) -> int:
+    """Parameters used per token by a model of this config, counted on the meta device (no memory, no init)."""
+    with torch.device("meta"):
+        return TinyMindForCausalLM(config).num_params(active=True)
+
+
+def _register_with_auto_classes():
+    """AutoConfig / AutoModelForCausalLM know model_type "tinymind", so a saved directory loads by name."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    AutoConfig.register("tinymind", TinyMindConfig, exist_ok=True)
+    AutoModelForCausalLM.register(TinyMindConfig, TinyMindForCausalLM, exist_ok=True)
+
+
+_register_with_auto_classes()

@@ -298,14 +298,9 @@ def collect_moe_aux_loss(model: nn.Module) -> torch.Tensor | None:
     return torch.stack(losses).sum() if losses else None
 
 
-def count_active_params(model_or_config) -> int:
+def count_active_params(model: nn.Module) -> int:
     """Parameters used per token: total - sum over MoE layers of (num_experts - k) * params of one routed expert.
-    Accepts a model or a config (then the model is built on the meta device: no memory, no init cost)."""
-    model = model_or_config
-    if not isinstance(model, nn.Module):
-        from .model import TinyMindForCausalLM
-        with torch.device("meta"):
-            model = TinyMindForCausalLM(model_or_config)
+    (model.active_params_of counts them for a config.)"""
     total = sum(p.numel() for p in model.parameters())
     for _, layer in moe_layers(model):
         per_expert = (layer.experts.gate_up_proj.numel() + layer.experts.down_proj.numel()) // layer.num_experts

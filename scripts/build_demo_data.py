@@ -24,8 +24,8 @@ Traditional characters (全唐诗, 唐诗三百首, the primers) are converted t
 offline once installed: `pip install opencc==1.4.2`.
 
 Usage:
-    python scripts/build_demo_data.py                       # cache in /tmp/tinymind_demo_cache, write dataset/
-    python scripts/build_demo_data.py --cache_dir ~/.cache/tinymind --out_dir /tmp/demo_check
+    python -m scripts.build_demo_data                       # cache in /tmp/tinymind_demo_cache, write dataset/
+    python -m scripts.build_demo_data --cache_dir ~/.cache/tinymind --out_dir /tmp/demo_check
 """
 
 from __future__ import annotations
@@ -865,10 +865,13 @@ def with_format_hint(question: str, lang: str) -> str:
 # demo_sft
 # --------------------------------------------------------------------------------------------------------------------
 
-POEM_AUTHOR_QUESTIONS = ["《{title}》的作者是谁？", "《{title}》是谁写的？", "谁写了《{title}》？", "《{title}》出自谁的笔下？"]
-NEXT_CLAUSE_QUESTIONS = ["“{clause}”的下一句是什么？", "{clause}，下一句是？", "接下句：{clause}", "请接着说：“{clause}”"]
+POEM_AUTHOR_QUESTIONS = ["《{title}》的作者是谁？", "《{title}》是谁写的？", "谁写了《{title}》？",
+                         "《{title}》出自谁的笔下？"]
+NEXT_CLAUSE_QUESTIONS = ["“{clause}”的下一句是什么？", "{clause}，下一句是？", "接下句：{clause}",
+                         "请接着说：“{clause}”"]
 WRITE_POEM_REQUESTS = ["写一首题为《{title}》的{kind}。", "请以《{title}》为题写一首{kind}。", "写一首《{title}》。"]
-RECITE_REQUESTS = ["背诵{author}的《{title}》。", "请默写{author}的《{title}》。", "你能背一下{author}的《{title}》吗？"]
+RECITE_REQUESTS = ["背诵{author}的《{title}》。", "请默写{author}的《{title}》。",
+                   "你能背一下{author}的《{title}》吗？"]
 NEXT_LINE_REQUESTS = ["Continue this line from Shakespeare's {title}: \"{line}\"",
                       "What comes after \"{line}\" in {title}?", "In {title}, what is the line after \"{line}\"?"]
 WHICH_WORK_QUESTIONS = ["Which Shakespeare work contains the line \"{line}\"?", "Where is this line from: \"{line}\"",
@@ -1045,9 +1048,10 @@ def build_sft(index: PoemIndex, shakespeare: ShakespeareIndex, corpus: dict, rng
 # Train and val ask the same things in different words, so val measures whether the identity generalises.
 IDENTITY_QUESTIONS = {
     "who": {
-        "zh": (["你是谁？", "你是谁呀？", "请介绍一下你自己。", "介绍一下你自己吧。", "你到底是谁？", "能做个自我介绍吗？",
-                "我在和谁聊天？", "你是AI吗？", "你是人还是机器？", "你是什么？"],
-               ["请问你是哪位？", "跟我说说你是谁。", "先自我介绍一下吧。", "屏幕对面的是谁？", "你是个什么样的程序？"]),
+        "zh": (["你是谁？", "你是谁呀？", "请介绍一下你自己。", "介绍一下你自己吧。", "你到底是谁？",
+                "能做个自我介绍吗？", "我在和谁聊天？", "你是AI吗？", "你是人还是机器？", "你是什么？"],
+               ["请问你是哪位？", "跟我说说你是谁。", "先自我介绍一下吧。", "屏幕对面的是谁？",
+                "你是个什么样的程序？"]),
         "en": (["Who are you?", "Introduce yourself.", "Tell me about yourself.", "What are you?", "Are you an AI?",
                 "Who am I talking to?", "Can you introduce yourself?", "Are you a human or a machine?"],
                ["Could you tell me who you are?", "Please describe yourself.", "Who's on the other side of this chat?",
@@ -1060,7 +1064,8 @@ IDENTITY_QUESTIONS = {
                ["How should I address you?", "What are you called?", "Tell me your name."]),
     },
     "creator": {
-        "zh": (["谁创造了你？", "谁训练了你？", "你是谁开发的？", "你是哪家公司做的？", "你的作者是谁？", "是谁把你做出来的？"],
+        "zh": (["谁创造了你？", "谁训练了你？", "你是谁开发的？", "你是哪家公司做的？", "你的作者是谁？",
+                "是谁把你做出来的？"],
                ["你出自谁的手？", "哪个团队训练了你？", "谁是你的开发者？"]),
         "en": (["Who made you?", "Who created you?", "Who trained you?", "Which company built you?",
                 "Who is your developer?"],
@@ -1110,7 +1115,8 @@ IDENTITY_ANSWERS = {
         "en": ["My name is TinyMind.", "I'm called TinyMind, a small language model trained with the TinyMind repo."],
     },
     "creator": {
-        "zh": ["我是用TinyMind仓库从零训练出来的。训练我的人运行了仓库里的脚本，完成了预训练、微调等各个阶段——也许就是你！",
+        "zh": ["我是用TinyMind仓库从零训练出来的。训练我的人运行了仓库里的脚本，"
+               "完成了预训练、微调等各个阶段——也许就是你！",
                "TinyMind仓库提供了训练代码，运行这些代码的人从零训练了我，我不属于任何公司。"],
         "en": ["I was trained from scratch with the TinyMind repo. Whoever ran its scripts, through pretraining and "
                "fine-tuning, made me; perhaps that was you!",
@@ -1118,7 +1124,8 @@ IDENTITY_ANSWERS = {
                "No company made me."],
     },
     "abilities": {
-        "zh": ["我能进行简单的中英文对话，背诵一些中国古诗词和莎士比亚的句子，还会做20以内的加减法。我很小，经常会出错。",
+        "zh": ["我能进行简单的中英文对话，背诵一些中国古诗词和莎士比亚的句子，还会做20以内的加减法。"
+               "我很小，经常会出错。",
                "我会一点简单的聊天、古诗词问答和小数字的加减法。我是个很小的模型，请不要对我期望太高。"],
         "en": ["I can have simple chats in Chinese and English, recite some classical Chinese poems and lines from "
                "Shakespeare, and add or subtract small numbers. I am tiny, so I often make mistakes.",

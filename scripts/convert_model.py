@@ -1,9 +1,9 @@
 """Export a TinyMind checkpoint to a transformers directory, or import such a directory back to a .pth.
 
-    python scripts/convert_model.py --load_from out/full_sft_512.pth --out_dir export/tinymind-26m
-    python scripts/convert_model.py --load_from out/full_sft_512.pth --lora_name lora_medical --out_dir export/med
-    python scripts/convert_model.py --load_from out/full_sft_640_moe.pth --out_dir export/tinymind-moe  # own code
-    python scripts/convert_model.py --load_from export/tinymind-26m --to_pth out/full_sft_512.pth        # back
+    python -m scripts.convert_model --load_from out/full_sft_512.pth --out_dir export/tinymind-26m
+    python -m scripts.convert_model --load_from out/full_sft_512.pth --lora_name lora_medical --out_dir export/med
+    python -m scripts.convert_model --load_from out/full_sft_640_moe.pth --out_dir export/tinymind-moe  # own code
+    python -m scripts.convert_model --load_from export/tinymind-26m --to_pth out/full_sft_512.pth        # back
 
 Dense checkpoints become plain Llama (or Qwen3, when q/k RMSNorm is on): our state-dict names are already theirs,
 so the weights are copied as they are and `AutoModelForCausalLM.from_pretrained(dir)` loads the directory with
@@ -21,18 +21,18 @@ import json
 import os
 import re
 import shutil
-import sys
 
 import torch
 from safetensors.torch import save_file
 
+from model.checkpoint import load_state_into, save_weights
+from model.config import TinyMindConfig
+from model.device import DTYPES
+from model.inference import (default_generation_config, load_model_for_inference, load_transformers_dir,
+                             read_safetensors)
+from model.model import TinyMindForCausalLM
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from model.config import TinyMindConfig  # noqa: E402
-from model.inference import (default_generation_config, load_model_for_inference,  # noqa: E402
-                             load_transformers_dir, read_safetensors)
-from model.model import TinyMindForCausalLM  # noqa: E402
-from model.train_utils import DTYPES, load_state_into, save_weights  # noqa: E402
 
 MODEL_CODE_DIR = os.path.join(ROOT, "model")
 RELATIVE_IMPORT = re.compile(r"^\s*from\s+\.(\w+)\s+import", re.MULTILINE)  # the pattern transformers follows too

@@ -1,10 +1,10 @@
 """Benchmarks from local files: multiple-choice accuracy (C-Eval, CMMLU, MMLU) and perplexity / bits per byte.
 
-    python scripts/eval_bench.py mc --data_dir dataset/ceval-exam --split val --weight full_sft        # zero-shot
-    python scripts/eval_bench.py mc --data_dir dataset/ceval-exam --split val --k_shot 5 --weight pretrain
-    python scripts/eval_bench.py mc --data_dir dataset/cmmlu --split test --format cmmlu --load_from out/dpo_512.pth
-    python scripts/eval_bench.py mc --data_dir dataset/bench_sample --split val        # the tiny sample set
-    python scripts/eval_bench.py ppl --data_path dataset/pretrain_hq_val.jsonl --weight pretrain
+    python -m scripts.eval_bench mc --data_dir dataset/ceval-exam --split val --weight full_sft        # zero-shot
+    python -m scripts.eval_bench mc --data_dir dataset/ceval-exam --split val --k_shot 5 --weight pretrain
+    python -m scripts.eval_bench mc --data_dir dataset/cmmlu --split test --format cmmlu --load_from out/dpo_512.pth
+    python -m scripts.eval_bench mc --data_dir dataset/bench_sample --split val        # the tiny sample set
+    python -m scripts.eval_bench ppl --data_path dataset/pretrain_hq_val.jsonl --weight pretrain
 
 Multiple choice is scored the way lm-evaluation-harness scores C-Eval: the prompt is the subject's description,
 k solved examples from the dev split, then the question with its four options and "答案：" ("Answer:" for MMLU);
@@ -27,15 +27,13 @@ import csv
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model.inference import load_model_for_inference  # noqa: E402
+from model.inference import load_model_for_inference
 
 LETTERS = ["A", "B", "C", "D"]
 

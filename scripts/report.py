@@ -1,8 +1,8 @@
 """Turn a run's logs into a report card: out/report.md with loss curves (PNG), per-stage wall time and throughput,
 the held-out numbers each stage measured (before -> after), sample answers, and the environment.
 
-    python scripts/report.py                 # reads out/logs/*.jsonl and out/summaries/*.json
-    python scripts/report.py --save_dir /tmp/run/out
+    python -m scripts.report                 # reads out/logs/*.jsonl and out/summaries/*.json
+    python -m scripts.report --save_dir /tmp/run/out
 
 Every training script appends one JSON object per log step to <save_dir>/logs/<stage>.jsonl and writes its
 headline numbers to <save_dir>/summaries/<stage>.json; keys ending in _before/_after are paired in the table.

@@ -1,12 +1,12 @@
 """Every TinyMind stage, one after the other, on the demo data, ending in a report card (out/report.md).
 
-    python scripts/run_pipeline.py                          # the CPU demo (tiny model), about half an hour on 2 cores
-    python scripts/run_pipeline.py --stages sft,lora        # a subset (stages whose output exists are skipped)
-    python scripts/run_pipeline.py --force --stages dpo     # rerun a stage even though its output exists
-    python scripts/run_pipeline.py --quick --save_dir /tmp/ci/out     # seconds per stage: a smoke test (CI)
-    python scripts/run_pipeline.py --recipe minimind_gpu    # MiniMind's datasets on one GPU (see README)
-    python scripts/run_pipeline.py --recipe minimind_gpu --nproc 8    # the same under torchrun on 8 GPUs
-    python scripts/run_pipeline.py --recipe minimind_gpu --quick --data_dir D   # its commands, a few steps each
+    python -m scripts.run_pipeline                          # the CPU demo (tiny model), about half an hour on 2 cores
+    python -m scripts.run_pipeline --stages sft,lora        # a subset (stages whose output exists are skipped)
+    python -m scripts.run_pipeline --force --stages dpo     # rerun a stage even though its output exists
+    python -m scripts.run_pipeline --quick --save_dir /tmp/ci/out     # seconds per stage: a smoke test (CI)
+    python -m scripts.run_pipeline --recipe minimind_gpu    # MiniMind's datasets on one GPU (see README)
+    python -m scripts.run_pipeline --recipe minimind_gpu --nproc 8    # the same under torchrun on 8 GPUs
+    python -m scripts.run_pipeline --recipe minimind_gpu --quick --data_dir D   # its commands, a few steps each
 
 Each stage is the same command a user would type (printed before it runs), so the pipeline doubles as the
 documentation of the recipe. A stage whose output file exists is skipped unless --force, and a training stage that
@@ -84,7 +84,7 @@ def build_recipe(out: str, quick: bool, recipe: str = "demo", data_dir: str = "d
         ([] if gpu else ["--max_steps", "100", "--eval_interval", "25"])
     return {
         "clean": ([[py, "clean_data.py", "--input", raw_corpus, "--output", corpus, *clean_flags]], corpus),
-        "tokenizer": ([[py, "scripts/train_tokenizer.py", "--out_dir", tokenizer_dir,
+        "tokenizer": ([[py, "-m", "scripts.train_tokenizer", "--out_dir", tokenizer_dir,
                         *(["--data", raw_corpus, os.path.join(data_dir, MINIMIND_FILES["sft"]),
                            "--max_mb", "1" if quick else "200"] if gpu else [])]],
                       f"{tokenizer_dir}/tokenizer.json"),
@@ -104,8 +104,8 @@ def build_recipe(out: str, quick: bool, recipe: str = "demo", data_dir: str = "d
                     f"{out}/teacher_sft_{teacher_hidden}.pth"),
         "distill": ([[*launch, "train_distillation.py", *saving, "--teacher_weight", "teacher_sft",
                       "--teacher_hidden_size", teacher_hidden, "--from_weight", "full_sft", *sft_data, *size,
-                      *distill_limit, *q, *small_eval]], f"{out}/distill_{hidden}.pth"),
-        "reason": ([[*launch, "train_distillation.py", "--mode", "reason", *saving, "--from_weight",
+                      *distill_limit, *q]], f"{out}/distill_{hidden}.pth"),
+        "reason": ([[*launch, "train_reason.py", *saving, "--from_weight",
                      "full_sft", *reason_flags, *size, *q, *small_eval]], f"{out}/reason_{hidden}.pth"),
         "grpo": ([[*launch, "train_grpo.py", *saving, "--from_weight", "reason", *tokenizer, *size, *q,
                    *grpo_flags]],
@@ -114,7 +114,7 @@ def build_recipe(out: str, quick: bool, recipe: str = "demo", data_dir: str = "d
                    "--max_new_tokens", "24" if quick else "96", "--output", f"{out}/summaries/samples_{stage}.json"]
                   for stage in ("pretrain", "full_sft", "dpo", "reason", "grpo")],
                  f"{out}/summaries/samples_grpo.json"),
-        "report": ([[py, "scripts/report.py", "--save_dir", out]], f"{out}/report.md"),
+        "report": ([[py, "-m", "scripts.report", "--save_dir", out]], f"{out}/report.md"),
     }
 
 

@@ -1,8 +1,8 @@
 """An OpenAI-compatible HTTP server for TinyMind checkpoints (FastAPI + uvicorn), plus the web chat page.
 
-    python scripts/serve_openai_api.py                                   # out/full_sft_<hidden>.pth on 127.0.0.1:8998
-    python scripts/serve_openai_api.py --weight full_sft dpo reason      # several checkpoints, chosen per request
-    python scripts/serve_openai_api.py --load_from export/tinymind --port 8000 --api_key sk-local
+    python -m scripts.serve_openai_api                                   # out/full_sft_<hidden>.pth on 127.0.0.1:8998
+    python -m scripts.serve_openai_api --weight full_sft dpo reason      # several checkpoints, chosen per request
+    python -m scripts.serve_openai_api --load_from export/tinymind --port 8000 --api_key sk-local
 
     from openai import OpenAI
     client = OpenAI(base_url="http://127.0.0.1:8998/v1", api_key="sk-local")
@@ -39,10 +39,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from model.inference import (GenerationStream, LoadedModel, build_prompt, default_generation_config,  # noqa: E402
+from model.inference import (GenerationStream, LoadedModel, build_prompt, default_generation_config,
                              discover_checkpoints, load_model_for_inference)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 WEB_PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web", "index.html")
 

@@ -39,9 +39,9 @@ Chat template (ChatML, as Qwen and MiniMind use)
     loss should train on. Rendering is prefix-stable: the first k messages render to a prefix of the whole chat.
 
 Usage:
-    python scripts/train_tokenizer.py                                   # 6,400 tokens -> model/
-    python scripts/train_tokenizer.py --vocab_size 8000 --data my.jsonl --out_dir /tmp/tok
-    python scripts/train_tokenizer.py --data dataset/pretrain_hq.jsonl dataset/sft_mini_512.jsonl --max_mb 200 \\
+    python -m scripts.train_tokenizer                                   # 6,400 tokens -> model/
+    python -m scripts.train_tokenizer --vocab_size 8000 --data my.jsonl --out_dir /tmp/tok
+    python -m scripts.train_tokenizer --data dataset/pretrain_hq.jsonl dataset/sft_mini_512.jsonl --max_mb 200 \\
         --out_dir out/gpu/tokenizer                                     # MiniMind's data (the GPU recipe)
 """
 

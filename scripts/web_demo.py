@@ -1,23 +1,20 @@
 """The web chat demo: the OpenAI-compatible server with every checkpoint in out/ loaded, and its chat page.
 
-    python scripts/web_demo.py                          # all of out/*.pth, page at http://127.0.0.1:8998/
-    python scripts/web_demo.py --weight full_sft dpo    # just these stages
-    python scripts/web_demo.py --open_browser 1         # and open the page
+    python -m scripts.web_demo                          # all of out/*.pth, page at http://127.0.0.1:8998/
+    python -m scripts.web_demo --weight full_sft dpo    # just these stages
+    python -m scripts.web_demo --open_browser 1         # and open the page
 
 The page (scripts/web/index.html) picks the checkpoint, temperature, top-p, answer length, history and system prompt,
 and streams answers over the same /v1/chat/completions endpoint any OpenAI client uses. All server flags apply
-(see scripts/serve_openai_api.py --help); binding to anything but localhost should come with --api_key.
+(see `python -m scripts.serve_openai_api --help`); binding to anything but localhost should come with --api_key.
 """
 import argparse
-import os
-import sys
 import threading
 import time
 import urllib.request
 import webbrowser
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from serve_openai_api import add_server_args, serve  # noqa: E402
+from scripts.serve_openai_api import add_server_args, serve
 
 
 def open_when_ready(url: str, timeout: float = 300.0):

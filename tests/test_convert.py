@@ -12,12 +12,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
 from model import PRESETS, TinyMindConfig, TinyMindForCausalLM
+from model.checkpoint import save_weights
 from model.inference import load_model_for_inference
-from model.train_utils import save_weights
+from scripts import convert_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
-import convert_model  # noqa: E402
 
 TOKENIZER = os.environ.get("TINYMIND_TEST_TOKENIZER", os.path.join(ROOT, "model"))
 GREEDY = GenerationConfig(do_sample=False, max_new_tokens=12, pad_token_id=0, eos_token_id=2)

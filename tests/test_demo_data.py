@@ -203,7 +203,8 @@ def test_held_out_poems_stay_out_of_every_training_file():
     collection and a variant in another must not split across train and val). A poem may quote another's line,
     hence a tolerance of a few lines."""
     held_out_lines = {line for sample in load("demo_pretrain", "_val") for line in sample["text"].splitlines()[1:]
-                      if len(line) >= 10 and re.search(r"[\u4e00-\u9fff]", line) and not line.startswith(("《", "赏析"))}
+                      if len(line) >= 10 and re.search(r"[\u4e00-\u9fff]", line)
+                      and not line.startswith(("《", "赏析"))}
     assert len(held_out_lines) > 200
     for name in ("demo_pretrain", "demo_sft", "demo_dpo", "demo_reason", "demo_lora_domain"):
         texts = [sample["text"] for sample in load(name)] if name == "demo_pretrain" else \

@@ -1,5 +1,5 @@
 """train_distillation.py end to end on tiny generated chats: zero KD loss against itself, a different-size teacher
-pulled closer, a transformers teacher and vocabulary errors, and reason mode's tag weighting."""
+pulled closer, a transformers teacher and vocabulary errors"""
 import json
 import os
 import socket
@@ -11,10 +11,8 @@ import torch
 from transformers import AutoTokenizer
 
 import train_distillation as distill
-from train_full_sft import load_chats_with_held_out
 from model import PRESETS, TinyMindConfig, TinyMindForCausalLM
-from model.dataset import SFTDataset, pad_collate
-from model.train_utils import ResumableSampler, init_runtime, save_weights
+from model.checkpoint import save_weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER = os.environ.get("TINYMIND_TEST_TOKENIZER", os.path.join(ROOT, "model"))
@@ -35,14 +33,6 @@ def write_chats(path, count, offset=0):
         for i in range(offset, offset + count):
             a, b = WORDS[i % len(WORDS)], WORDS[(3 * i + 1) % len(WORDS)]
             f.write(json.dumps(chat(f"say {a} and {b}", f"{a} and {b}, {b} and {a}."), ensure_ascii=False) + "\n")
-
-
-def write_reason_chats(path, count, offset=0):
-    with open(path, "w", encoding="utf-8") as f:
-        for i in range(offset, offset + count):
-            a, b = i % 10, (7 * i) % 10
-            reply = f"<think>\n{a} + {b} = {a + b}.\n</think>\n<answer>\n{a + b}\n</answer>"
-            f.write(json.dumps(chat(f"Compute {a} + {b}.", reply)) + "\n")
 
 
 def make_checkpoint(path, vocab_size, seed, logit_scale=1.0, **sizes):
@@ -135,73 +125,6 @@ def test_our_teacher_trained_with_another_tokenizer_is_refused(tmp_path, tokeniz
 def test_missing_teacher_is_a_clear_error(tmp_path, tokenizer):
     with pytest.raises(SystemExit, match="no 'big_teacher' weights"):
         distill.main(base_args(tmp_path, tokenizer, extra=["--teacher_weight", "big_teacher"]))
-
-
-def test_tag_weights_hit_exactly_the_four_tags(tmp_path, tokenizer):
-    write_reason_chats(tmp_path / "reason.jsonl", 1)
-    item = SFTDataset(str(tmp_path / "reason.jsonl"), tokenizer, 128, show_progress=False)[0]
-    tag_ids = torch.tensor(distill.tag_token_ids(tokenizer))
-    weights = distill.tag_weights(item["labels"], tag_ids, 10.0)
-    tokens = tokenizer.convert_ids_to_tokens(item["input_ids"].tolist())
-    assert sorted(t for t, w in zip(tokens, weights) if w == 10) == sorted(distill.TAGS)
-    assert ((weights == 1) == ((item["labels"] != -100) & ~torch.isin(item["labels"], tag_ids))).all()
-    assert (weights[item["labels"] == -100] == 0).all()
-
-
-def test_reason_mode_weights_the_tags_in_the_logged_loss(tmp_path, tokenizer):
-    """The first logged loss equals MiniMind's weighted mean sum(w * CE) / sum(w) on the first batch, recomputed
-    here from the starting weights; with weight 1 it would be the plain SFT loss, which differs."""
-    write_reason_chats(tmp_path / "reason.jsonl", 64)
-    write_reason_chats(tmp_path / "reason_val.jsonl", 8, offset=200)
-    args = base_args(tmp_path, tokenizer, extra=["--mode", "reason", "--eval_prompts", "4", "--max_new_tokens", "8"])
-    args[args.index("--data_path") + 1] = str(tmp_path / "reason.jsonl")
-    start = torch.load(tmp_path / "out" / "full_sft_64.pth", weights_only=True)
-    result = distill.main(args + ["--special_token_weight", "10"])
-    assert (tmp_path / "out" / "reason_64.pth").exists()
-    assert 0 <= result["format_before"]["well_formed"] <= 1 and "well_formed" in result["format_after"]
-
-    dataset = SFTDataset(str(tmp_path / "reason.jsonl"), tokenizer, 64, show_progress=False)
-    first_batch = ResumableSampler(len(dataset), seed=42, epoch=0).indices()[:4]
-    batch = pad_collate([dataset[i] for i in first_batch])
-    model = TinyMindForCausalLM(TinyMindConfig(vocab_size=len(tokenizer), **PRESETS["nano"]))
-    model.load_state_dict(start)
-    with torch.no_grad():
-        logits = model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-    labels = batch["labels"][:, 1:]
-    per_token = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
-    tag_ids = torch.tensor(distill.tag_token_ids(tokenizer))
-    valid, is_tag = labels.flatten() != -100, torch.isin(labels.flatten(), tag_ids)
-    weights = valid.float() + 9.0 * is_tag.float()
-    expected = (per_token * weights).sum() / weights.sum()
-    plain = per_token[valid].mean()
-    logged = read_log(tmp_path, "reason")[0]["loss"]
-    assert logged == pytest.approx(expected.item(), abs=1e-5)
-    assert abs(expected - plain) > 1e-3
-
-
-def test_reason_mode_without_a_val_file_measures_the_format_on_held_out_lines(tmp_path, tokenizer):
-    write_reason_chats(tmp_path / "r1_mix_1024.jsonl", 80)  # MiniMind's file, no _val.jsonl beside it
-    args = base_args(tmp_path, tokenizer, extra=["--mode", "reason", "--eval_prompts", "4", "--max_new_tokens", "8",
-                                                 "--val_fraction", "0.1"])
-    args[args.index("--data_path") + 1] = str(tmp_path / "r1_mix_1024.jsonl")
-    train, val, val_path, val_lines = load_chats_with_held_out(distill.parse_args(args), tokenizer,
-                                                               init_runtime("cpu", "float32", 0, 1))
-    assert (len(train), len(val), val_path) == (72, 8, str(tmp_path / "r1_mix_1024.jsonl"))
-    prompts = distill.held_out_prompts(val_path, 100, val_lines)
-    assert len(prompts) == 8 and all(p[0][0]["content"] == f"Compute {(n - 1) % 10} + {7 * (n - 1) % 10}."
-                                     for p, n in zip(prompts, sorted(val_lines)))
-    result = distill.main(args)
-    assert "well_formed" in result["format_before"] and "well_formed" in result["format_after"]
-
-
-def test_well_formed_replies():
-    good = "<think>\n8 + 5 = 13.\n</think>\n<answer>\n13\n</answer>"
-    assert distill.parse_reasoning(good) == "13"
-    for bad in ["13", "<think>\nx\n</think>\n13", "<answer>\n13\n</answer>", good + " and more",
-                "<think>\n\n</think>\n<answer>\n13\n</answer>",  # empty thinking
-                "<think>\nx\n</think>\n<answer>\n</answer>\n</answer>",  # stray tag passed off as the answer
-                "<think>\n</answer> + 1\n</think>\n<answer>\n2\n</answer>"]:
-        assert distill.parse_reasoning(bad) is None, bad
 
 
 @pytest.mark.slow

@@ -13,8 +13,9 @@ from transformers import AutoTokenizer
 
 import train_dpo
 from model import PRESETS, TinyMindConfig, TinyMindForCausalLM
-from model.dataset import DPODataset, encode_chat, final_turn_labels
-from model.train_utils import save_weights
+from model.checkpoint import save_weights
+from model.data.chat import encode_chat, final_turn_labels
+from model.data.preference import DPODataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER = os.environ.get("TINYMIND_TEST_TOKENIZER", os.path.join(ROOT, "model"))

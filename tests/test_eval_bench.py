@@ -3,7 +3,6 @@ unbatched forward per option), the CMMLU/MMLU layouts, and perplexity / bits per
 import json
 import math
 import os
-import sys
 
 import pytest
 import torch
@@ -12,10 +11,9 @@ from transformers import AutoTokenizer
 
 from model import PRESETS, TinyMindConfig, TinyMindForCausalLM
 from model.inference import LoadedModel
+from scripts import eval_bench
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
-import eval_bench  # noqa: E402
 
 TOKENIZER = os.environ.get("TINYMIND_TEST_TOKENIZER", os.path.join(ROOT, "model"))
 SAMPLE = os.path.join(ROOT, "dataset", "bench_sample")
@@ -154,7 +152,7 @@ def test_perplexity_and_bits_per_byte_equal_a_full_forward(loaded, tmp_path):
 def test_command_line_writes_results(tmp_path, loaded):
     out = tmp_path / "out"
     out.mkdir()
-    from model.train_utils import save_weights
+    from model.checkpoint import save_weights
     save_weights(loaded.model, str(out / "pretrain_64.pth"))
     result_file = tmp_path / "results.json"
     eval_bench.main(["mc", "--save_dir", str(out), "--weight", "pretrain", "--tokenizer_path", TOKENIZER,

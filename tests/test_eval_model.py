@@ -9,8 +9,8 @@ from transformers import AutoTokenizer
 
 import eval_model
 from model import PRESETS, TinyMindConfig, TinyMindForCausalLM
+from model.checkpoint import save_weights
 from model.inference import build_prompt, default_generation_config, trim_history
-from model.train_utils import save_weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER = os.environ.get("TINYMIND_TEST_TOKENIZER", os.path.join(ROOT, "model"))

@@ -49,8 +49,9 @@ def pinned_numbers(out: str) -> dict:
 
 
 def run_quick_pipeline_float32(out) -> str:
-    result = subprocess.run([sys.executable, "scripts/run_pipeline.py", "--quick", "--dtype", "float32",
-                             "--save_dir", str(out), "--stages", "clean,pretrain,sft,lora,dpo,teacher,distill,reason,grpo"],
+    stages = "clean,pretrain,sft,lora,dpo,teacher,distill,reason,grpo"
+    result = subprocess.run([sys.executable, "-m", "scripts.run_pipeline", "--quick", "--dtype", "float32",
+                             "--save_dir", str(out), "--stages", stages],
                             cwd=ROOT, capture_output=True, text=True, timeout=1500,
                             env=dict(os.environ, WANDB_MODE="disabled", OMP_NUM_THREADS="2"))
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]

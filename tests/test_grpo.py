@@ -1,9 +1,11 @@
-"""train_grpo.py and model/rewards.py: left-padded cached rollouts, completion masks, reward functions (built-in,
-custom by path, reward model), zero advantage for equal rewards, the ratio at one iteration, the loss normaliser
-under gradient accumulation, exact resume, and a short GRPO run that raises the reward of a toy task."""
+"""train_grpo.py, model/training/rollouts.py and rewards.py: left-padded cached rollouts, completion masks, reward
+functions (built-in, custom by path, reward model), zero advantage for equal rewards, the ratio at one iteration, the
+loss normaliser under gradient accumulation, exact resume, SIGTERM, and a short GRPO run that raises the reward of a
+toy task."""
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 
@@ -13,10 +15,13 @@ from transformers import AutoTokenizer, GenerationConfig
 
 import train_grpo
 from model import TinyMindConfig, TinyMindForCausalLM
-from model import rewards as R
-from model.dataset import encode_chat
-from model.losses import group_advantages
-from model.train_utils import init_runtime, save_weights
+from model.checkpoint import save_weights
+from model.data.chat import encode_chat
+from model.training import rewards as R
+from model.training import rollouts
+from model.training.losses import group_advantages
+from model.training.runtime import init_runtime
+from model.training.trainer import Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER = os.environ.get("TINYMIND_TEST_TOKENIZER", os.path.join(ROOT, "model"))
@@ -41,7 +46,7 @@ def nano_model(seed=0, sharpen=4.0) -> TinyMindForCausalLM:
 
 
 def prompt_items(tokenizer, questions, **columns):
-    from model.dataset import encode_prompt
+    from model.data.chat import encode_prompt
     items = []
     for i, q in enumerate(questions):
         messages = [{"role": "user", "content": q}]
@@ -87,14 +92,14 @@ def test_completion_mask_stops_after_the_first_im_end():
                         [5, 6, 7, 8, 9],  # never ends: truncated, every token counts
                         [EOS, 5, 5, 5, 5]])
     expected = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
-    assert torch.equal(train_grpo.completion_mask_from_ids(ids, EOS), expected)
+    assert torch.equal(rollouts.completion_mask_from_ids(ids, EOS), expected)
 
 
 def test_rollout_texts_end_before_im_end_and_keep_think_tags(tokenizer):
     ids = tokenizer("<think>\nx\n</think>\n<answer>\n3\n</answer>", add_special_tokens=False)["input_ids"]
     completion = torch.tensor([ids + [EOS, 7, 8], ids[:3] + [9] * (len(ids) - 3 + 3)])
-    mask = train_grpo.completion_mask_from_ids(completion, EOS)
-    texts = train_grpo.decode_completions(tokenizer, completion, mask, EOS)
+    mask = rollouts.completion_mask_from_ids(completion, EOS)
+    texts = rollouts.decode_completions(tokenizer, completion, mask, EOS)
     assert texts[0] == "<think>\nx\n</think>\n<answer>\n3\n</answer>"
     assert mask[0].sum() == len(ids) + 1 and mask[1].sum() == completion.shape[1]
 
@@ -103,24 +108,24 @@ def test_left_padded_cached_rollout_equals_uncached_and_one_by_one(tokenizer):
     model = nano_model()
     items = prompt_items(tokenizer, ["1 + 2 = ?", "Tom has 15 apples and gets 4 more. How many apples now?",
                                      "你好", "19 - 7 = ?"])
-    batched = train_grpo.generate_rollout(model, tokenizer, items, 2, greedy(), "cpu")
+    batched = rollouts.generate_rollout(model, tokenizer, items, 2, greedy(), "cpu")
     assert batched.prompt_mask[:, 0].tolist().count(0) >= 4, "the prompts should need left padding"
-    uncached = train_grpo.generate_rollout(model, tokenizer, items, 2, greedy(use_cache=False), "cpu")
+    uncached = rollouts.generate_rollout(model, tokenizer, items, 2, greedy(use_cache=False), "cpu")
 
     def rows(rollout):
         return [ids[:n] for ids, n in zip(rollout.completion_ids.tolist(), rollout.completion_mask.sum(1).tolist())]
 
     assert rows(batched) == rows(uncached)
     one_by_one = [row for item in items
-                  for row in rows(train_grpo.generate_rollout(model, tokenizer, [item], 1, greedy(), "cpu")) * 2]
+                  for row in rows(rollouts.generate_rollout(model, tokenizer, [item], 1, greedy(), "cpu")) * 2]
     assert rows(batched) == one_by_one
     assert len({tuple(r) for r in one_by_one}) > 1, "different prompts should give different completions"
 
     # The update's log-probs (one forward over left-padded prompt + completion) equal the unpadded ones.
-    logps, _ = train_grpo.completion_logprobs(model, batched, temperature=0.7)
+    logps, _ = rollouts.completion_logprobs(model, batched, temperature=0.7)
     for i in range(0, len(batched), 2):
-        alone = train_grpo.generate_rollout(model, tokenizer, [items[i // 2]], 1, greedy(), "cpu")
-        single, _ = train_grpo.completion_logprobs(model, alone, temperature=0.7)
+        alone = rollouts.generate_rollout(model, tokenizer, [items[i // 2]], 1, greedy(), "cpu")
+        single, _ = rollouts.completion_logprobs(model, alone, temperature=0.7)
         n = int(alone.completion_mask.sum())
         torch.testing.assert_close(logps[i, :n], single[0, :n], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(logps[i + 1, :n], single[0, :n], atol=1e-5, rtol=1e-5)
@@ -129,8 +134,8 @@ def test_left_padded_cached_rollout_equals_uncached_and_one_by_one(tokenizer):
 def test_logprobs_are_those_of_the_tempered_distribution(tokenizer):
     model = nano_model(sharpen=1.0)
     items = prompt_items(tokenizer, ["1 + 2 = ?", "你好呀"])
-    rollout = train_grpo.generate_rollout(model, tokenizer, items, 1, greedy(max_new_tokens=5), "cpu")
-    logps, _ = train_grpo.completion_logprobs(model, rollout, temperature=0.5)
+    rollout = rollouts.generate_rollout(model, tokenizer, items, 1, greedy(max_new_tokens=5), "cpu")
+    logps, _ = rollouts.completion_logprobs(model, rollout, temperature=0.5)
     full = torch.cat([rollout.prompt_ids, rollout.completion_ids], 1)
     mask = torch.cat([rollout.prompt_mask, rollout.completion_mask], 1)
     logits = model(full, attention_mask=mask).logits[:, rollout.prompt_ids.shape[1] - 1:-1]
@@ -296,9 +301,9 @@ def test_equal_rewards_give_zero_advantage_and_zero_gradient_end_to_end(tokenize
     sampling = GenerationConfig(max_new_tokens=6, do_sample=True, temperature=1.0, top_k=0, pad_token_id=0,
                                 eos_token_id=EOS)
     torch.manual_seed(0)
-    rollout = train_grpo.generate_rollout(model, tokenizer, items, 4, sampling, "cpu")
+    rollout = rollouts.generate_rollout(model, tokenizer, items, 4, sampling, "cpu")
     args = train_grpo.parse_args(["--loss_type", "grpo"])
-    rewards = R.combine(train_grpo.score_rollout(rollout, [constant_reward]), [1.0])
+    rewards = R.combine(rollouts.score_rollout(rollout, [constant_reward]), [1.0])
     rollout.advantages = group_advantages(rewards, 4, args.scale_rewards)
     assert torch.equal(rollout.advantages, torch.zeros(8))
     model.train()
@@ -360,7 +365,7 @@ def test_dapo_normaliser_is_the_same_with_gradient_accumulation(tmp_path, tokeni
     sampling = GenerationConfig(max_new_tokens=10, do_sample=True, temperature=1.0, top_k=0, pad_token_id=0,
                                 eos_token_id=EOS)
     torch.manual_seed(1)
-    rollout = train_grpo.generate_rollout(model, tokenizer, items, 8, sampling, "cpu")
+    rollout = rollouts.generate_rollout(model, tokenizer, items, 8, sampling, "cpu")
     rollout.completion_mask[0, 3:] = 0  # unequal lengths, so a wrong normaliser would show
     rollout.advantages = torch.randn(16)
     start = str(tmp_path / "start.pth")
@@ -371,14 +376,10 @@ def test_dapo_normaliser_is_the_same_with_gradient_accumulation(tmp_path, tokeni
         args = train_grpo.parse_args(run_args(tmp_path, "unused", extra=["--from_weight", start, "--accumulation_steps",
                                                                         str(accumulation), "--loss_type", "dapo"]))
         runtime = init_runtime("cpu", "float32", 0, 1)
-        trainer = train_grpo.Trainer(args, nano_model(sharpen=1.0), runtime, "grpo")
-        captured = []
-        step = trainer.optimizer_step
-        trainer.optimizer_step = lambda lr, loss: captured.append(
-            [p.grad.clone() for p in trainer.raw_model.parameters()]) or step(lr, loss)
-        grpo = train_grpo.GRPOTrainer(args, trainer, runtime, tokenizer, [], [], [], [])
-        grpo.update(parts, total_steps=1, warmup=1)
-        grads.append(captured[0])
+        trainer = Trainer(args, nano_model(sharpen=1.0), runtime, "grpo")
+        steps = train_grpo.GRPOSteps(args, trainer, runtime, tokenizer, list(range(16)), [], [], [])
+        steps.update(parts)  # the backward passes of one optimizer step
+        grads.append([p.grad.clone() for p in trainer.raw_model.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-5)
 
@@ -475,6 +476,41 @@ def test_resume_continues_exactly(tmp_path):
     assert all(torch.equal(expected[k], resumed[k]) for k in expected)
     rewards = {r["step"]: r["reward"] for r in read_log(whole) if "loss" in r}
     assert all(rewards[r["step"]] == r["reward"] for r in read_log(split) if "loss" in r)
+
+
+def test_sigterm_writes_a_resume_checkpoint_between_rollouts_and_resuming_matches(tmp_path):
+    """GRPO runs in the shared Trainer loop, so preemption (SIGTERM) saves and exits like every stage. With two
+    updates per rollout the checkpoint waits for the rollout's second update (a resumed run starts with a fresh
+    rollout), and resuming from it gives the weights of an uninterrupted run."""
+    data = write_prompts(tmp_path / "sums.jsonl", count=64)
+    (tmp_path / "r.py").write_text("def even_ids(prompts, completions, completion_ids, **kwargs):\n"
+                                   "    return [sum(i % 2 == 0 for i in ids) / len(ids) for ids in completion_ids]\n")
+    start = str(tmp_path / "start.pth")
+    save_weights(nano_model(sharpen=1.0), start)
+    flags = ["--from_weight", start, "--reward_funcs", f"{tmp_path / 'r.py'}:even_ids", "--learning_rate", "1e-2",
+             "--min_lr_ratio", "1.0", "--warmup_steps", "1", "--num_iterations", "2", "--log_interval", "1",
+             "--save_interval", "1000", "--eval_samples", "0", "--epochs", "100"]
+    killed, whole = tmp_path / "killed", tmp_path / "whole"
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_grpo.py"),
+                                *run_args(killed, data, steps=500, extra=flags)], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    printed = []
+    for line in process.stdout:
+        printed.append(line)
+        if line.startswith("step 3/"):  # mid-rollout: step 3 is the first update of the second rollout
+            process.send_signal(signal.SIGTERM)
+            break
+    printed += process.stdout.readlines()
+    assert process.wait(timeout=120) == 143, "".join(printed[-20:])
+    resume = torch.load(killed / "out" / "grpo_64_resume.pth", weights_only=True)
+    saved_step = resume["train_state"]["step"]
+    assert saved_step >= 4 and saved_step % 2 == 0, saved_step  # at a rollout boundary, after the signal
+    assert f"SIGTERM: resume checkpoint written at step {saved_step}" in "".join(printed)
+
+    train_grpo.main(run_args(killed, data, steps=saved_step + 2, extra=flags + ["--from_resume", "1"]))
+    train_grpo.main(run_args(whole, data, steps=saved_step + 2, extra=flags))
+    expected, resumed = torch.load(whole / "out" / "grpo_64.pth"), torch.load(killed / "out" / "grpo_64.pth")
+    assert all(torch.equal(expected[k], resumed[k]) for k in expected)
 
 
 @pytest.mark.slow

@@ -11,9 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from model.lora import (MLA_TARGETS, DEFAULT_TARGETS, LoRALinear, apply_lora, export_peft, load_lora,
-                        lora_config_dict, lora_layers, lora_state_dict, merge_lora, remove_lora, save_lora,
-                        unmerge_lora)
+from model.lora import (DEFAULT_TARGETS, MLA_TARGETS, LoRALinear, apply_lora, export_peft, load_lora, lora_config_dict,
+                        lora_layers, lora_state_dict, merge_lora, remove_lora, save_lora, unmerge_lora)
 
 
 def tiny_llama(seed: int = 0):

@@ -11,8 +11,8 @@ import torch
 
 import train_lora
 from model import TinyMindConfig, TinyMindForCausalLM
+from model.checkpoint import load_weights, save_weights
 from model.lora import DEFAULT_TARGETS, MLA_TARGETS, apply_lora, load_lora
-from model.train_utils import load_weights, save_weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER = os.environ.get("TINYMIND_TEST_TOKENIZER", os.path.join(ROOT, "model"))
@@ -148,7 +148,8 @@ def test_lora_targets_flag():
 
 def test_replay_mixes_a_sample_of_general_chats_into_training(tmp_path):
     from transformers import AutoTokenizer
-    from model.dataset import SFTDataset
+
+    from model.data.chat import SFTDataset
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
     write_identity(tmp_path / "identity.jsonl", 10, seed=0)
     write_general(tmp_path / "general.jsonl", 30, seed=1)

@@ -1,4 +1,4 @@
-"""model/losses.py against TRL (the reference) and against the invariants each loss must satisfy.
+"""model/training/losses.py against TRL (the reference) and against the invariants each loss must satisfy.
 
 Where TRL's loss is a standalone function we call it (GKDTrainer.generalized_jsd_loss). DPO and GRPO losses live
 inside trainer methods that need a model, an accelerator and a dataset, so their formulas are transcribed below
@@ -14,8 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.losses import (distillation_loss, dpo_loss, generalized_jsd, group_advantages, grpo_loss, k3_kl,
-                          kd_loss, sequence_logprobs, token_logprobs)
+from model.training.losses import (distillation_loss, dpo_loss, generalized_jsd, group_advantages, grpo_loss, k3_kl,
+                                   kd_loss, sequence_logprobs, token_logprobs)
 
 ATOL = 1e-6
 

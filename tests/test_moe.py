@@ -13,6 +13,7 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
 
 from model import moe
 from model.config import TinyMindConfig
+from model.model import active_params_of
 from model.moe import MoEFeedForward, collect_moe_aux_loss, count_active_params, moe_load_stats, update_moe_biases
 
 
@@ -287,7 +288,7 @@ def test_count_active_params():
     config = moe_config(vocab_size=97, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
                         first_k_dense_replace=1)
     model = TinyMindForCausalLM(config)
-    assert count_active_params(config) == count_active_params(model)
+    assert active_params_of(config) == count_active_params(model)
     assert count_active_params(model) == sum(p.numel() for p in model.parameters()) - 2 * (8 - 2) * expert
 
 
@@ -317,7 +318,8 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str):
         update_moe_biases(model)
     torch.save({"phase_one": phase_one, "bias": layer.e_score_correction_bias, "state": layer.state_dict()},
                f"{out_dir}/rank{rank}.pt")
-    del model  # then leave as model.train_utils.cleanup does: gloo's teardown can deadlock otherwise (hung once here)
+    # then leave as model.training.runtime.cleanup does: gloo's teardown can deadlock otherwise (hung once here)
+    del model
     dist.barrier()
     time.sleep(0.5)
     dist.destroy_process_group()

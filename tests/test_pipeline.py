@@ -7,15 +7,14 @@ import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
-import run_pipeline  # noqa: E402
+from scripts import run_pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_quick_pipeline(out, *flags) -> str:
     """The pipeline at the quick setting; checks every stage left its checkpoint and returns what it printed."""
-    result = subprocess.run([sys.executable, "scripts/run_pipeline.py", "--quick", "--save_dir", str(out), *flags],
+    result = subprocess.run([sys.executable, "-m", "scripts.run_pipeline", "--quick", "--save_dir", str(out), *flags],
                             cwd=ROOT, capture_output=True, text=True, timeout=1500,
                             env=dict(os.environ, WANDB_MODE="disabled", OMP_NUM_THREADS="2"))
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]

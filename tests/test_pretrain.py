@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import train_pretrain
-from model.train_utils import Trainer, TrainingDiverged, init_runtime
+from model.training.runtime import init_runtime
+from model.training.trainer import Trainer, TrainingDiverged
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER = os.environ.get("TINYMIND_TEST_TOKENIZER", os.path.join(ROOT, "model"))

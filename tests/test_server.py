@@ -1,6 +1,7 @@
 """scripts/serve_openai_api.py on a free 127.0.0.1 port, called with the official openai client: streamed and not,
 concurrent clients that must not mix, stop sequences, usage, API keys, malformed requests (4xx + JSON, never a
 traceback), a client that disconnects mid-stream, and the chat page."""
+import argparse
 import json
 import os
 import socket
@@ -17,14 +18,14 @@ import uvicorn
 from transformers import AutoTokenizer
 
 from model import PRESETS, TinyMindConfig, TinyMindForCausalLM
+from model.checkpoint import save_weights
 from model.inference import LoadedModel, build_prompt, default_generation_config
-from model.train_utils import save_weights
+from scripts import serve_openai_api as server_module
+from scripts import web_demo
 
 openai = pytest.importorskip("openai")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
-import serve_openai_api as server_module  # noqa: E402
 
 TOKENIZER = os.environ.get("TINYMIND_TEST_TOKENIZER", os.path.join(ROOT, "model"))
 MODEL_ID = "full_sft_64"
@@ -294,9 +295,9 @@ def test_command_line_server(tmp_path, models):
     out = tmp_path / "out"
     save_weights(models[0].model, str(out / "full_sft_64.pth"))
     port = free_port()
-    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "scripts", "serve_openai_api.py"), "--save_dir",
-                                str(out), "--tokenizer_path", TOKENIZER, "--port", str(port), "--device", "cpu"],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen([sys.executable, "-m", "scripts.serve_openai_api", "--save_dir", str(out),
+                                "--tokenizer_path", TOKENIZER, "--port", str(port), "--device", "cpu"],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=30)
         deadline = time.time() + 120
@@ -315,9 +316,6 @@ def test_command_line_server(tmp_path, models):
 
 
 def test_web_demo_loads_every_checkpoint_and_the_page(tmp_path, models, monkeypatch):
-    import argparse
-
-    import web_demo
     out = tmp_path / "out"
     save_weights(models[0].model, str(out / "full_sft_64.pth"))
     save_weights(models[1].model, str(out / "pretrain_64.pth"))

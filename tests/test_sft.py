@@ -14,8 +14,11 @@ from transformers import AutoTokenizer
 
 import train_full_sft
 from model import TinyMindConfig, TinyMindForCausalLM
-from model.dataset import PackedDataset, SFTDataset, encode_chat, packed_collate, pad_collate
-from model.train_utils import init_runtime
+from model.data.chat import SFTDataset, encode_chat
+from model.data.packing import PackedDataset, packed_collate, pad_collate
+from model.training.chat import held_out_prompts
+from model.training.evaluation import chat_token_losses, end_of_turn_rate, generate_replies
+from model.training.runtime import init_runtime
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER = os.environ.get("TINYMIND_TEST_TOKENIZER", os.path.join(ROOT, "model"))
@@ -149,14 +152,14 @@ def test_held_out_split_is_random_disjoint_and_finds_its_conversations_again(tok
     assert not set(held_out_lines) & set(train.line_numbers.tolist()) and np.ptp(held_out_lines) > 10
     again = SFTDataset(str(data), tokenizer, 64, show_progress=False)
     assert again.split_held_out(0.05, seed=3).line_numbers.tolist() == held_out_lines  # the same on every rank
-    prompts = train_full_sft.held_out_prompts(str(data), 100, set(held_out_lines))
+    prompts = held_out_prompts(str(data), 100, set(held_out_lines))
     assert [reference for _, reference in prompts] == [f"answer {n - 1}" for n in held_out_lines]
     assert [tokenizer.decode(val[i]["input_ids"]).count(f"answer {n - 1}<") for i, n in
             enumerate(val.line_numbers)] == [1] * 10
 
 
 def test_chat_cache_is_the_same_from_one_or_two_processes_and_reused(tokenizer, tmp_path, monkeypatch):
-    import model.dataset as dataset_module
+    import model.data.chat as dataset_module
     data = tmp_path / "chats.jsonl"
     write_chats(data, 1200, seed=5)  # > 1 chunk of lines, so two workers really split it
     with open(data, "a") as f:
@@ -197,7 +200,7 @@ def test_a_failed_chat_cache_build_leaves_nothing_behind(tokenizer, tmp_path):
 def test_tokenizing_workers_drop_an_inherited_sigterm_handler(tokenizer):
     """A forked worker inherits the trainer's save-and-stop SIGTERM handler; kept, it makes Pool.terminate() (on
     a bad line) wait forever for a worker that ignores the signal. The suite once hung there."""
-    import model.dataset as dataset_module
+    import model.data.chat as dataset_module
     previous = (signal.signal(signal.SIGTERM, lambda *_: None), signal.getsignal(signal.SIGINT))
     try:
         dataset_module._init_tokenizing_worker(tokenizer)
@@ -217,13 +220,13 @@ def test_packed_and_padded_batches_give_the_same_loss_per_sample(tokenizer, tmp_
     alone = []
     with torch.no_grad():
         for i in range(len(dataset)):
-            losses, mask, _ = train_full_sft.token_losses(model, pad_collate([dataset[i]]))
+            losses, mask, _ = chat_token_losses(model, pad_collate([dataset[i]]))
             alone.append(losses.double().sum().item())
             assert mask.sum() > 0
 
         packed = PackedDataset(dataset, 128, seed=0)
         assert len(packed) < len(dataset) / 2  # several conversations really share a row
-        losses, _, _ = train_full_sft.token_losses(model, packed_collate([packed[i] for i in range(len(packed))]))
+        losses, _, _ = chat_token_losses(model, packed_collate([packed[i] for i in range(len(packed))]))
         for row, members in enumerate(packed.bins):
             start = 0
             for index in members:
@@ -235,18 +238,9 @@ def test_packed_and_padded_batches_give_the_same_loss_per_sample(tokenizer, tmp_
                 start += n
             assert losses[row, start - 1:].abs().sum() == 0
 
-        padded, _, _ = train_full_sft.token_losses(model, pad_collate([dataset[i] for i in range(6)]))
+        padded, _, _ = chat_token_losses(model, pad_collate([dataset[i] for i in range(6)]))
         for i in range(6):
             torch.testing.assert_close(padded[i].double().sum().item(), alone[i], rtol=1e-5, atol=1e-5)
-
-
-def test_padding_fractions_are_exact_on_a_small_case():
-    fractions = train_full_sft.padding_fractions([100, 100, 300, 12], max_seq_len=512, batch_size=2)
-    assert fractions["pad_to_max_seq_len"] == pytest.approx(1 - 512 / 2048)
-    assert fractions["packed"] == 0.0  # 512 tokens fill exactly one row
-    assert fractions["conversations_per_row"] == 4.0
-    demo_like = train_full_sft.padding_fractions(np.random.default_rng(0).integers(20, 150, 2000), 512, 8)
-    assert demo_like["packed"] < 0.05 < demo_like["pad_to_batch_max"] < demo_like["pad_to_max_seq_len"]
 
 
 # ================================================================================================ generation
@@ -273,10 +267,10 @@ def test_end_of_turn_rate_counts_only_replies_that_close_their_turn(tokenizer):
     prompts = [[{"role": "user", "content": "hi"}], [{"role": "user", "content": "a much longer question here"}],
                [{"role": "user", "content": "x"}], [{"role": "user", "content": "y"}]]
     model = ScriptedModel(replies)
-    out = train_full_sft.generate_replies(model, tokenizer, prompts, runtime, max_new_tokens=8)
+    out = generate_replies(model, tokenizer, prompts, runtime, max_new_tokens=8)
     assert [r["ended_with_im_end"] for r in out] == [True, False, False, True]
     assert out[0]["text"] == "fine" and out[0]["tokens"] == len(word)
-    assert train_full_sft.end_of_turn_rate(out) == 0.5
+    assert end_of_turn_rate(out) == 0.5
     input_ids, attention_mask = model.calls[0]
     assert input_ids[0, 0] == tokenizer.pad_token_id and attention_mask[0, 0] == 0  # left padding
     assert attention_mask[1].all()
@@ -288,8 +282,8 @@ def test_batched_greedy_replies_match_one_at_a_time(tokenizer):
     prompts = [[{"role": "user", "content": "hi"}],
                [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What color is the sky?"}],
                [{"role": "user", "content": "谢谢你"}]]
-    batched = train_full_sft.generate_replies(model, tokenizer, prompts, runtime, max_new_tokens=6)
-    single = [train_full_sft.generate_replies(model, tokenizer, [p], runtime, max_new_tokens=6)[0] for p in prompts]
+    batched = generate_replies(model, tokenizer, prompts, runtime, max_new_tokens=6)
+    single = [generate_replies(model, tokenizer, [p], runtime, max_new_tokens=6)[0] for p in prompts]
     assert [r["text"] for r in batched] == [r["text"] for r in single]
 
 
@@ -315,7 +309,7 @@ def test_sft_lowers_held_out_assistant_loss(tmp_path, capsys):
     assert (tmp_path / "out" / "full_sft_64.pth").exists()
     output = capsys.readouterr().out
     assert f"val_loss {before['val_loss']:.4f} -> {after['val_loss']:.4f}" in output
-    assert "packed" in output and "per-sample to max_seq_len" in output
+    assert "packing:" in output and "rows of up to 128 tokens" in output
 
 
 def test_data_without_a_val_file_holds_out_part_of_itself(tmp_path, capsys):
@@ -329,8 +323,9 @@ def test_data_without_a_val_file_holds_out_part_of_itself(tmp_path, capsys):
 
 def test_weights_remember_their_tokenizer_and_refuse_another(tmp_path):
     import shutil
+
+    from model.checkpoint import load_weights
     from model.inference import load_model_for_inference
-    from model.train_utils import load_weights
     own = tmp_path / "own_tokenizer"
     shutil.copytree(TOKENIZER, own, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
     train_full_sft.main(run_args(tmp_path, steps=1, extra=["--tokenizer_path", str(own), "--eval_prompts", "0"]))

@@ -3,7 +3,6 @@
 Everything loads from the repository, offline; the whole file runs in a few seconds.
 """
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -59,11 +58,9 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def train_tokenizer_script():
-    """scripts/train_tokenizer.py as a module (scripts/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("train_tokenizer", REPO_ROOT / "scripts" / "train_tokenizer.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """scripts/train_tokenizer.py, imported as the package module it is."""
+    from scripts import train_tokenizer
+    return train_tokenizer
 
 
 # ---- vocabulary and ids

@@ -126,6 +126,43 @@ def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: 
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Next-token cross-entropy: pretraining, SFT, LoRA, reasoning SFT and distillation's hard-label term
+# ----------------------------------------------------------------------------------------------------------------
+
+def next_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position cross-entropy [B, T-1] where position t predicts token t+1 (0 where the label is -100, i.e.
+    prompt or padding), and the mask of the positions trained on. Computed in fp32 whatever the autocast dtype."""
+    targets = labels[:, 1:]
+    losses = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
+                             reduction="none").view_as(targets)
+    return losses, targets != -100
+
+
+def target_positions(logits: torch.Tensor, labels: torch.Tensor):
+    """Shift (position t predicts token t+1), then keep only the positions that are trained on: [N, V] logits and
+    [N] labels, plus the [B, T-1] mask that selected them. [N, V] is several times smaller than [B, T, V], which
+    matters for the fp32 copies the distillation losses make."""
+    logits, labels = logits[:, :-1], labels[:, 1:]
+    valid = labels != -100
+    return logits[valid], labels[valid], valid
+
+
+def weighted_ce(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_t w_t * CE_t / sum_t w_t over [N, V] logits and [N] labels. weights None: the plain mean."""
+    per_token = F.cross_entropy(logits.float(), labels, reduction="none")
+    weights = torch.ones_like(per_token) if weights is None else weights.to(per_token.dtype)
+    return (per_token * weights).sum() / weights.sum().clamp(min=1e-8)
+
+
+def with_aux_loss(loss: torch.Tensor, aux_loss: torch.Tensor | None, metrics: dict) -> tuple[torch.Tensor, dict]:
+    """(loss + the MoE balancing loss, metrics with both parts logged); unchanged for dense models."""
+    if aux_loss is None:
+        return loss, metrics
+    metrics.update(lm_loss=loss.detach(), aux_loss=aux_loss.detach())
+    return loss + aux_loss, metrics
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # DPO
 # ----------------------------------------------------------------------------------------------------------------
 

@@ -1,7 +1,7 @@
 """GRPO's held-out curve over several seeds: is the reward really rising, or is it seed noise?
 
-    python scripts/grpo_seeds.py                                   # 3 seeds from out/reason_256.pth, CPU demo
-    python scripts/grpo_seeds.py --seeds 1 2 3 4 5 --extra "--max_steps 100 --num_generations 16"
+    python -m scripts.bench.grpo_seeds                                   # 3 seeds from out/reason_256.pth, CPU demo
+    python -m scripts.bench.grpo_seeds --seeds 1 2 3 4 5 --extra "--max_steps 100 --num_generations 16"
 
 Each seed is an ordinary `train_grpo.py` run (same starting checkpoint, different sampling/data-order seed) in
 --save_dir with --save_weight grpo_seed<N>, so its log lands in <save_dir>/logs/. The script prints the held-out
@@ -16,7 +16,7 @@ import statistics
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 METRICS = ("reward", "accuracy")
 
 

@@ -205,8 +205,9 @@ class CheckpointRewardScorer(_BatchScorer):
     def __init__(self, path: str, tokenizer_path: str | None = None, device="cpu", batch_size: int = 16,
                  max_length: int = 1024):
         from transformers import AutoTokenizer
-        from model.model import TinyMindForCausalLM
-        from model.train_utils import load_state_into, load_weights, trained_tokenizer_path
+
+        from ..checkpoint import load_state_into, load_weights, trained_tokenizer_path
+        from ..model import TinyMindForCausalLM
         if not os.path.exists(path):
             raise FileNotFoundError(f"--reward_model {path}: no such file")
         state, config = load_weights(path)

@@ -1,14 +1,14 @@
 """DPO benchmark: optimizer-step time and peak memory with a live reference model vs precomputed reference
 log-probs (`train_dpo.py --precompute_ref 1`), per preset.
 
-    python scripts/bench_dpo.py                                  # tiny and small presets, CPU
-    python scripts/bench_dpo.py --presets small base --device cuda --batch_size 8 --seq_len 512
+    python -m scripts.bench.bench_dpo                                  # tiny and small presets, CPU
+    python -m scripts.bench.bench_dpo --presets small base --device cuda --batch_size 8 --seq_len 512
 
 Each (preset, mode) runs in its own process, because a process's peak RSS never goes down: measuring both modes
 in one process would charge the second with the first one's peak. Random weights and random token pairs (speed
-and memory do not depend on what the model knows); the step is train_dpo's own loss function + backward + AdamW.
-Prints a markdown table: seconds per step, peak memory, and for the precomputed mode the one-off cost of the
-scoring pass.
+and memory do not depend on what the model knows); the step is train_dpo.py's loss (make_loss_fn below, built
+from the same pieces) + backward + AdamW. Prints a markdown table: seconds per step, peak memory, and for the
+precomputed mode the one-off cost of the scoring pass.
 """
 import argparse
 import json
@@ -20,11 +20,15 @@ import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import train_dpo  # noqa: E402
-from model import PRESETS, TinyMindConfig, TinyMindForCausalLM  # noqa: E402
-from model.train_utils import DTYPES, default_device, default_dtype, init_runtime  # noqa: E402
+from model import PRESETS, TinyMindConfig, TinyMindForCausalLM
+from model.data.preference import IndexedPairs, collate_pairs
+from model.device import DTYPES, default_device, default_dtype
+from model.training.frozen import frozen_copy
+from model.training.losses import dpo_loss, with_aux_loss
+from model.training.preference import pair_logps, precompute_reference_logps, reference_logps
+from model.training.runtime import init_runtime
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -49,26 +53,37 @@ def random_pairs(count: int, seq_len: int, vocab_size: int, generator: torch.Gen
     return pairs
 
 
+def make_loss_fn(reference, table: torch.Tensor | None, beta: float = 0.1):
+    """train_dpo.py's loss_fn at its defaults (sigmoid loss, no label smoothing), without the logged metrics:
+    reference log-probs from the live frozen model, or looked up in the precomputed table."""
+    def loss_fn(model, batch):
+        chosen, rejected, chosen_n, rejected_n, out = pair_logps(model, batch)
+        ref_chosen, ref_rejected = reference_logps(reference, table, batch)
+        losses, _, _ = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=beta, loss_type="sigmoid",
+                                chosen_lengths=chosen_n, rejected_lengths=rejected_n)
+        return with_aux_loss(losses.mean(), out.aux_loss, {})
+    return loss_fn
+
+
 def worker(args) -> dict:
     runtime = init_runtime(args.device, args.dtype, seed=0, num_threads=args.threads)
     device = runtime.device
-    pairs = train_dpo.IndexedPairs(random_pairs(args.batch_size * (args.steps + 1), args.seq_len, 6400,
-                                                torch.Generator().manual_seed(0)))
+    pairs = IndexedPairs(random_pairs(args.batch_size * (args.steps + 1), args.seq_len, 6400,
+                                      torch.Generator().manual_seed(0)))
     baseline = peak_memory_mb(device)
     model = TinyMindForCausalLM(TinyMindConfig(**PRESETS[args.preset])).to(device)
     result = {"preset": args.preset, "mode": args.mode, "params_m": model.num_params() / 1e6}
     table, reference = None, None
     if args.mode == "precomputed":
         start = time.perf_counter()
-        table = train_dpo.precompute_reference_logps(model, pairs, runtime, args.batch_size)
+        table = precompute_reference_logps(model, pairs, runtime, args.batch_size)
         result["precompute_s_per_pair"] = (time.perf_counter() - start) / len(pairs)
     else:
-        reference = train_dpo.frozen_copy(model)
-    loss_fn = train_dpo.make_loss_fn(argparse.Namespace(beta=0.1, loss_type="sigmoid", label_smoothing=0.0),
-                                     reference, table)
+        reference = frozen_copy(model)
+    loss_fn = make_loss_fn(reference, table)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=device.type == "cuda")
     model.train()
-    batches = [train_dpo.collate_pairs([pairs[i] for i in range(s, s + args.batch_size)])
+    batches = [collate_pairs([pairs[i] for i in range(s, s + args.batch_size)])
                for s in range(0, len(pairs), args.batch_size)]
     times = []
     for batch in batches:  # the first step warms up (allocator, kernels) and is not timed
@@ -114,9 +129,10 @@ def main():
     print("|---|---|---|---|---|---|---|")
     for preset in args.presets:
         for mode in ("live", "precomputed"):
-            command = [sys.executable, os.path.abspath(__file__), "--worker", "--preset", preset, "--mode", mode,
-                       "--device", str(device), "--dtype", dtype, "--batch_size", str(args.batch_size),
-                       "--seq_len", str(args.seq_len), "--steps", str(args.steps)]
+            command = [sys.executable, "-m", "scripts.bench.bench_dpo", "--worker", "--preset", preset,
+                       "--mode", mode, "--device", str(device), "--dtype", dtype,
+                       "--batch_size", str(args.batch_size), "--seq_len", str(args.seq_len),
+                       "--steps", str(args.steps)]
             if args.threads:
                 command += ["--threads", str(args.threads)]
             done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)

@@ -1,11 +1,11 @@
 """
 Benchmarks for clean_data.py on generated documents (no data set needed).
 
-    python scripts/bench_clean_data.py dedup                 # planted near-duplicates: recall, false positives
-    python scripts/bench_clean_data.py speed --docs 100000   # docs/s per stage, peak memory, 1 and 2 workers
-    python scripts/bench_clean_data.py quality               # perplexity of clean vs corrupted held-out text
-    python scripts/bench_clean_data.py all
-    python scripts/bench_clean_data.py generate --docs 1400000 --output /tmp/big.jsonl    # ~1 GB for a scale run
+    python -m scripts.bench.bench_clean_data dedup                 # planted near-duplicates: recall, false positives
+    python -m scripts.bench.bench_clean_data speed --docs 100000   # docs/s per stage, peak memory, 1 and 2 workers
+    python -m scripts.bench.bench_clean_data quality               # perplexity of clean vs corrupted held-out text
+    python -m scripts.bench.bench_clean_data all
+    python -m scripts.bench.bench_clean_data generate --docs 1400000 --output /tmp/big.jsonl    # ~1 GB for a scale run
 
 dedup    Unrelated documents (Chinese from jieba's word frequencies, English from a made-up Zipfian vocabulary) mixed
          with planted near-duplicates of some of them: 5% or 10% of words edited, sentences shuffled, boilerplate
@@ -36,9 +36,13 @@ import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import clean_data as cd  # noqa: E402
+import clean_data as cd  # the command line (: make_config, run_pipeline)
+from model.data.cleaning.dedup import lsh_params, shingles, split_sentences
+from model.data.cleaning.ngram_lm import document_perplexity, train_reference_lm
+from model.data.cleaning.rules import filter_record
+from model.data.cleaning.text import CJK_RE, detect_language, normalize_text
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
 FIXTURES = os.path.join(ROOT, "tests", "fixtures", "clean")
 BOILERPLATE_ZH = ["本文内容仅供参考，如需转载请联系作者获得授权。",
@@ -65,7 +69,7 @@ class Vocabulary:
             with open(path, encoding="utf-8") as f:
                 for line in f:
                     word, freq = line.split()[:2]
-                    if cd.CJK_RE.fullmatch(word[0]) and len(word) <= 4:
+                    if CJK_RE.fullmatch(word[0]) and len(word) <= 4:
                         entries.append((int(freq), word))
             entries.sort(reverse=True)
             entries = entries[:size]
@@ -174,7 +178,7 @@ def run_clean(input_path, output_path, workers, extra=()):
 
 
 def exact_jaccard(a: str, b: str, cfg) -> float:
-    sa, sb = cd.shingles(a, cfg), cd.shingles(b, cfg)
+    sa, sb = shingles(a, cfg), shingles(b, cfg)
     return len(sa & sb) / max(len(sa | sb), 1)
 
 
@@ -223,7 +227,7 @@ def bench_dedup(args):
                 kept = [r["bench_id"] for r in outputs[1]]
                 same = outputs[1] == outputs[2]
                 scores = dedup_scores(records, kept)
-                b, r = cd.lsh_params(t, 128)
+                b, r = lsh_params(t, 128)
                 pair_fp = unrelated_pair_fp(records, kept)
                 row = dict(lang=lang, threshold=t, bands=b, rows=r, docs=len(records), **scores,
                            fp_pairs=pair_fp, same_1_vs_2_workers=same, seconds_2_workers=round(seconds, 1))
@@ -358,7 +362,7 @@ def corrupt(text: str, kind: str, rng: random.Random) -> str:
         span = text[i:i + rng.randint(2, 8)]
         return text[:len(text) // 2] + span * (len(text) // 2 // max(len(span), 1))
     if kind == "repeated_sentence":
-        return cd.split_sentences(text)[0].strip() * 8
+        return split_sentences(text)[0].strip() * 8
     raise ValueError(kind)
 
 
@@ -379,7 +383,7 @@ def quality_sets(max_docs: int = 400):
         with open(demo, encoding="utf-8") as f:
             texts = [json.loads(line)["text"] for line in f if line.strip()]
         for lang in ("zh", "en"):
-            docs = [t for t in texts if cd.detect_language(t) == lang and len(t) > 100]
+            docs = [t for t in texts if detect_language(t) == lang and len(t) > 100]
             held = docs[::20][:max_docs]
             train = [t for i, t in enumerate(docs) if i % 20]
             sets.append((f"demo_pretrain {lang}", train, held))
@@ -398,19 +402,19 @@ def bench_quality(args):
         if held is None:  # tiny fixture sets: train on all but one document, score that one
             scored = []
             for i, text in enumerate(train):
-                lm, _ = cd.train_reference_lm(train[:i] + train[i + 1:], cfg)
+                lm, _ = train_reference_lm(train[:i] + train[i + 1:], cfg)
                 scored.append((text, lm))
         else:
-            lm, _ = cd.train_reference_lm((cd.normalize_text(t, cfg) for t in train[:20000]), cfg)
+            lm, _ = train_reference_lm((normalize_text(t, cfg) for t in train[:20000]), cfg)
             scored = [(t, lm) for t in held]
-        clean = [cd.document_perplexity({"text": t}, lm_, cfg) for t, lm_ in scored]
+        clean = [document_perplexity({"text": t}, lm_, cfg) for t, lm_ in scored]
         line = f"{name}: {len(scored)} held-out docs, clean median perplexity {np.median(clean):.1f}"
         row = dict(set=name, docs=len(scored), clean_median=round(float(np.median(clean)), 1))
         for kind in CORRUPTIONS:
-            bad = [cd.document_perplexity({"text": corrupt(t, kind, rng)}, lm_, cfg) for t, lm_ in scored]
+            bad = [document_perplexity({"text": corrupt(t, kind, rng)}, lm_, cfg) for t, lm_ in scored]
             ratio = np.array(bad) / np.array(clean)
             auc = roc_auc(clean, bad)
-            stage1 = np.mean([cd.filter_record({"text": corrupt(t, kind, rng)}, cfg)[0] is None for t, _ in scored])
+            stage1 = np.mean([filter_record({"text": corrupt(t, kind, rng)}, cfg)[0] is None for t, _ in scored])
             row[kind] = dict(median=round(float(np.median(bad)), 1), ratio_median=round(float(np.median(ratio)), 2),
                              ratio_min=round(float(ratio.min()), 2), auc=round(auc, 3),
                              stage1_drop_rate=round(float(stage1), 3))

@@ -1,7 +1,7 @@
 """Benchmark GRPO's two halves: how fast rollouts are generated, and how a training step splits its time.
 
-    python scripts/bench_grpo.py                                   # tiny preset, random init, 4 prompts x G=8
-    python scripts/bench_grpo.py --from_weight out/full_sft_256.pth --step_time_steps 10
+    python -m scripts.bench.bench_grpo                                   # tiny preset, random init, 4 prompts x G=8
+    python -m scripts.bench.bench_grpo --from_weight out/full_sft_256.pth --step_time_steps 10
 
 1. Rollout throughput. The same B x G completions of exactly --new_tokens tokens each (end-of-turn suppressed, so
    every method does the same work) generated three ways:
@@ -17,6 +17,7 @@ import argparse
 import copy
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -24,10 +25,12 @@ import time
 import torch
 from transformers import AutoTokenizer, GenerationConfig
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import train_grpo  # noqa: E402
-from model.dataset import PromptDataset  # noqa: E402
-from model.train_utils import MODEL_FLAGS, build_model, init_runtime  # noqa: E402
+from model.data.prompts import PromptDataset
+from model.training.cli import MODEL_FLAGS, build_model
+from model.training.rollouts import generate_rollout
+from model.training.runtime import init_runtime
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
 
 def parse_args():
@@ -65,6 +68,11 @@ def timed(fn, repeats: int) -> float:
     return best
 
 
+def here(path: str) -> str:
+    """A path the user gave, absolute if it exists from here: train_grpo.py runs from the repository root."""
+    return os.path.abspath(path) if os.path.exists(path) else path
+
+
 def main():
     args = parse_args()
     runtime = init_runtime(args.device, args.dtype, 0, args.num_threads)
@@ -82,13 +90,13 @@ def main():
           f"dtype {str(runtime.dtype).replace('torch.', '')}, {torch.get_num_threads()} threads")
 
     def batched():
-        return train_grpo.generate_rollout(model, tokenizer, items, G, config, runtime.device)
+        return generate_rollout(model, tokenizer, items, G, config, runtime.device)
 
     def sequential(count=rows, use_cache=True):
         one = copy.deepcopy(config)
         one.use_cache = use_cache
         for i in range(count):
-            train_grpo.generate_rollout(model, tokenizer, [items[i // G]], 1, one, runtime.device)
+            generate_rollout(model, tokenizer, [items[i // G]], 1, one, runtime.device)
 
     results = {}
     with torch.no_grad(), runtime.autocast():
@@ -109,15 +117,16 @@ def main():
 
     if args.step_time_steps > 0:
         with tempfile.TemporaryDirectory() as save_dir:
-            argv = ["--data_path", args.data_path, "--tokenizer_path", args.tokenizer_path, "--save_dir", save_dir,
-                    "--from_weight", args.from_weight, "--max_steps", str(args.step_time_steps),
+            argv = ["--data_path", here(args.data_path), "--tokenizer_path", here(args.tokenizer_path),
+                    "--save_dir", save_dir, "--from_weight", here(args.from_weight),
+                    "--max_steps", str(args.step_time_steps),
                     "--batch_size", str(args.prompts), "--num_generations", str(G), "--max_gen_len",
                     str(args.max_gen_len), "--eval_samples", "0",
                     "--device", args.device, "--show_completions", "0"]
             argv += ["--preset", args.preset] if args.from_weight == "none" else []
             argv += ["--dtype", args.dtype] if args.dtype else []
             argv += ["--num_threads", str(args.num_threads)] if args.num_threads else []
-            train_grpo.main(argv)
+            subprocess.run([sys.executable, "train_grpo.py", *argv], cwd=ROOT, check=True)
             with open(os.path.join(save_dir, "logs", "grpo.jsonl")) as f:
                 steps = [r for r in map(json.loads, f) if "rollout_time" in r]
         rollout, update = sum(r["rollout_time"] for r in steps), sum(r["update_time"] for r in steps)

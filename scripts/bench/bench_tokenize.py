@@ -2,23 +2,22 @@
 built with 1 and with N processes, then reopened. Rendering the chat template is the slow part of every chat
 stage's start (SFT, LoRA, distillation, DPO); this says how long MiniMind's files will take.
 
-    python scripts/bench_tokenize.py                            # demo_sft.jsonl repeated to ~20 MB, 1 vs all cores
-    python scripts/bench_tokenize.py --kind dpo                 # demo_dpo.jsonl repeated
-    python scripts/bench_tokenize.py --data_path dataset/sft_mini_512.jsonl --num_proc 1 16
+    python -m scripts.bench.bench_tokenize               # demo_sft.jsonl repeated to ~20 MB, 1 vs all cores
+    python -m scripts.bench.bench_tokenize --kind dpo    # demo_dpo.jsonl repeated
+    python -m scripts.bench.bench_tokenize --data_path dataset/sft_mini_512.jsonl --num_proc 1 16
 
 Each build writes to a fresh temporary cache directory, so nothing is reused between the timed builds.
 """
 import argparse
 import os
 import shutil
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from transformers import AutoTokenizer  # noqa: E402
+from transformers import AutoTokenizer
 
-from model.dataset import DPODataset, SFTDataset  # noqa: E402
+from model.data.chat import SFTDataset
+from model.data.preference import DPODataset
 
 FULL_SIZE_MB = {"sft": ("sft_mini_512", 1200), "dpo": ("dpo", 900)}  # MiniMind's files
 

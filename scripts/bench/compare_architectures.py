@@ -1,7 +1,7 @@
 """Dense vs MoE (three balancing choices) vs MLA: the same short pretraining run for each, one table.
 
-    python scripts/compare_architectures.py                        # tiny preset, 200 steps each, CPU demo corpus
-    python scripts/compare_architectures.py --steps 2000 --preset small --extra "--batch_size 32"   # on a GPU
+    python -m scripts.bench.compare_architectures                        # tiny preset, 200 steps each, CPU demo corpus
+    python -m scripts.bench.compare_architectures --steps 2000 --preset small --extra "--batch_size 32"   # on a GPU
 
 Each variant is an ordinary train_pretrain.py run with its own --save_weight (arch_dense, arch_moe_aux_free, ...),
 so its log lands in <save_dir>/logs/. The table reports the final held-out loss, the MoE max/mean expert load at the
@@ -14,7 +14,7 @@ import shlex
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 VARIANTS = {
     "dense": [],
     "moe_aux_free": ["--use_moe", "1", "--moe_balance", "aux_free"],

@@ -1,24 +1,22 @@
 """Pretraining throughput: TinyMind's packed bf16 (optionally compiled) loop against the straightforward loop
 MiniMind uses on a CPU (fp32, each document padded or truncated to max_seq_len on its own).
 
-    python scripts/bench_train.py                                   # small preset, batch 8, seq 340, CPU
-    python scripts/bench_train.py --preset base --device cuda --modes packed_bf16,packed_bf16_compile
+    python -m scripts.bench.bench_train                                   # small preset, batch 8, seq 340, CPU
+    python -m scripts.bench.bench_train --preset base --device cuda --modes packed_bf16,packed_bf16_compile
 
 "Useful tokens/s" counts only positions that carry a real next-token target: padding is work thrown away.
 Peak memory is the process's max RSS on CPU, max allocated on CUDA. MFU is printed on a GPU.
 """
 import argparse
-import os
-import sys
 import time
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import PRESETS, TinyMindConfig, TinyMindForCausalLM, describe  # noqa: E402
-from model.dataset import PretrainDataset  # noqa: E402
-from model.train_utils import default_device, device_peak_flops, peak_memory_gb  # noqa: E402
+from model import PRESETS, TinyMindConfig, TinyMindForCausalLM, describe
+from model.data.pretrain import PretrainDataset
+from model.device import default_device
+from model.training.runtime import device_peak_flops, peak_memory_gb
 
 MODES = {  # name: (packed, dtype, compile)
     "minimind_fp32_padded": (False, torch.float32, False),

@@ -1,9 +1,10 @@
 """SFT benchmark: training throughput in real (non-padding) tokens per second when conversations are packed into
 shared rows (train_full_sft.py --packing 1) vs padded one per row, either to max_seq_len (MiniMind) or to the
-longest in the batch (--packing 0); then LoRA's step time and trainable-parameter share vs full SFT.
+longest in the batch (--packing 0); then LoRA's step time and trainable-parameter share vs full SFT. First it
+prints the share of padding each way of batching leaves, on the data and on synthetic MiniMind-like lengths.
 
-    python scripts/bench_sft.py                                 # demo SFT set, tiny model, max_seq_len 512, CPU
-    python scripts/bench_sft.py --preset small --device cuda --batch_size 16
+    python -m scripts.bench.bench_sft                                 # demo SFT set, tiny model, max_seq_len 512, CPU
+    python -m scripts.bench.bench_sft --preset small --device cuda --batch_size 16
 
 Every mode runs full training steps (forward, backward, AdamW) of the same model on the same conversations. The
 modes take turns for --rounds rounds of --steps steps each and the median round counts, so a machine whose load
@@ -11,21 +12,21 @@ changes during the run slows all modes alike. Random weights: speed does not dep
 """
 import argparse
 import copy
-import os
-import sys
+import math
 import time
 
 import numpy as np
 import torch
+from transformers import AutoTokenizer
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from transformers import AutoTokenizer  # noqa: E402
-
-from model import PRESETS, TinyMindConfig, TinyMindForCausalLM, describe  # noqa: E402
-from model.dataset import PackedDataset, SFTDataset, packed_collate, pad_collate  # noqa: E402
-from model.lora import apply_lora  # noqa: E402
-from model.train_utils import DTYPES, default_device, default_dtype, init_runtime  # noqa: E402
-from train_full_sft import sft_loss  # noqa: E402
+from model import PRESETS, TinyMindConfig, TinyMindForCausalLM, describe
+from model.data.chat import SFTDataset
+from model.data.packing import PackedDataset, packed_collate, pad_collate
+from model.device import DTYPES, default_device, default_dtype
+from model.lora import apply_lora
+from model.training.evaluation import chat_token_losses
+from model.training.losses import with_aux_loss
+from model.training.runtime import init_runtime
 
 
 def parse_args(argv=None):
@@ -46,6 +47,67 @@ def parse_args(argv=None):
     parser.add_argument("--num_threads", type=int, default=None, help="CPU threads")
     parser.add_argument("--seed", type=int, default=0, help="seed for weights and batch order")
     return parser.parse_args(argv)
+
+
+# ============================================================================================ padding shares
+
+
+class LengthsOnly:
+    """Stands in for a dataset when only its sample lengths matter (PackedDataset bins by length)."""
+
+    def __init__(self, lengths):
+        self._lengths = np.asarray(lengths)
+
+    def lengths(self):
+        return self._lengths
+
+
+def padding_fractions(lengths, max_seq_len: int, batch_size: int, seed: int = 0) -> dict:
+    """Share of the positions in a training batch that are padding, for the three ways of batching chats:
+    each padded to max_seq_len (MiniMind), padded to the longest in its random batch, or packed (PackedDataset's
+    bins, a batch padded to its longest bin). Packed batches hold batch_size rows of up to max_seq_len tokens."""
+    lengths = np.minimum(np.asarray(lengths), max_seq_len)
+    real = lengths.sum()
+    rng = np.random.default_rng(seed)
+
+    def padded_positions(row_lengths, rows_per_batch):
+        order = rng.permutation(len(row_lengths))
+        batches = [row_lengths[order[i:i + rows_per_batch]] for i in range(0, len(order), rows_per_batch)]
+        return sum(len(b) * b.max() for b in batches)
+
+    bins = PackedDataset(LengthsOnly(lengths), max_seq_len, seed=seed).bins
+    bin_lengths = np.asarray([lengths[b].sum() for b in bins])
+    return {"pad_to_max_seq_len": float(1 - real / (len(lengths) * max_seq_len)),
+            "pad_to_batch_max": float(1 - real / padded_positions(lengths, batch_size)),
+            "packed": float(1 - real / padded_positions(bin_lengths, batch_size)),
+            "conversations_per_row": len(lengths) / len(bins)}
+
+
+def minimind_like_lengths(count: int = 4000, seed: int = 0) -> np.ndarray:
+    """Synthetic token lengths shaped like MiniMind's sft_mini_512 (conversations kept under 512 tokens): a
+    log-normal with median 200 tokens, clipped to [16, 512]. An assumption, not a measurement of that file."""
+    rng = np.random.default_rng(seed)
+    return np.clip(rng.lognormal(mean=math.log(200), sigma=0.6, size=count), 16, 512).astype(int)
+
+
+def print_padding_shares(lengths, max_seq_len: int, batch_size: int, seed: int, label: str) -> dict:
+    shares = {label: padding_fractions(lengths, max_seq_len, batch_size, seed),
+              "sft_mini_512-like lengths (synthetic)": padding_fractions(minimind_like_lengths(), max_seq_len,
+                                                                          batch_size, seed)}
+    for name, p in shares.items():
+        print(f"padding share on {name}: per-sample to max_seq_len {100 * p['pad_to_max_seq_len']:.1f}% (MiniMind), "
+              f"to batch max {100 * p['pad_to_batch_max']:.1f}%, packed {100 * p['packed']:.1f}% "
+              f"({p['conversations_per_row']:.1f} conversations per row)")
+    return shares
+
+
+# ================================================================================================ throughput
+
+
+def sft_loss(model, batch):
+    """train_full_sft.py's loss: mean over the batch's assistant tokens, plus the MoE balancing loss."""
+    losses, mask, aux_loss = chat_token_losses(model, batch)
+    return with_aux_loss(losses.sum() / mask.sum().clamp(min=1), aux_loss, {})
 
 
 def batches_for(mode: str, dataset: SFTDataset, batch_size: int, max_seq_len: int, seed: int):
@@ -128,6 +190,7 @@ def main(argv=None):
     print(f"{describe(model)}; {runtime.device}, {str(runtime.dtype).replace('torch.', '')}, "
           f"{torch.get_num_threads()} threads; {len(dataset):,} conversations, mean {lengths.mean():.0f} tokens, "
           f"max_seq_len {args.max_seq_len}, batch {args.batch_size} rows")
+    padding = print_padding_shares(lengths, args.max_seq_len, args.batch_size, args.seed, args.data_path)
 
     per_row = len(dataset) / len(PackedDataset(dataset, args.max_seq_len, seed=args.seed))
     batch_sizes = {"packed": args.batch_size, "pad_to_batch_max": max(1, round(args.batch_size * per_row)),
@@ -154,6 +217,7 @@ def main(argv=None):
     results["lora_step_time_ratio"] = results["lora_packed"]["step_seconds"] / results["packed"]["step_seconds"]
     print(f"LoRA r={args.lora_r}: {trainable:,} of {total:,} parameters trainable ({100 * trainable / total:.2f}%), "
           f"step time {results['lora_step_time_ratio']:.2f}x full SFT's on the same packed batches")
+    results["padding_shares"] = padding
     return results
 
 

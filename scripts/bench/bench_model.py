@@ -1,21 +1,19 @@
 """Model benchmark: training throughput (forward + backward), peak memory, and decode speed with and without the
 KV cache, for a preset on a device/dtype. MoE/MLA variants via --use_moe / --use_mla.
 
-    python scripts/bench_model.py --preset small --device cpu                  # the issue's CPU figures
-    python scripts/bench_model.py --preset base --device cuda --dtype bfloat16
+    python -m scripts.bench.bench_model --preset small --device cpu                  # the issue's CPU figures
+    python -m scripts.bench.bench_model --preset base --device cuda --dtype bfloat16
 
 Random weights: speed does not depend on what the model knows. Prints one line per measurement.
 """
 import argparse
-import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import PRESETS, TinyMindConfig, TinyMindForCausalLM, describe  # noqa: E402
-from model.train_utils import DTYPES, default_device, default_dtype, device_peak_flops, peak_memory_gb  # noqa: E402
+from model import PRESETS, TinyMindConfig, TinyMindForCausalLM, describe
+from model.device import DTYPES, default_device, default_dtype
+from model.training.runtime import device_peak_flops, peak_memory_gb
 
 
 def sync(device):

@@ -1,0 +1,314 @@
+"""Chat data: conversations in MiniMind's format ({"conversations": [{"role": "system"|"user"|"assistant"|"tool",
+"content": ...}, ...]}), rendered with the tokenizer's ChatML template and tokenized once, in parallel, into a
+cache every stage and rank reuses.
+
+The loss mask comes from the template itself: its {% generation %} blocks mark each assistant reply and its closing
+<|im_end|>, and transformers returns that as `assistant_masks`, token by token. No searching for marker strings in
+text, which breaks as soon as a reply quotes one. DPO pairs go through the same cache (kind "dpo"), masked on their
+final reply only."""
+import copy
+import json
+import os
+import signal
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .jsonl import BadInput, iter_jsonl, note_bad_line, parse_line, token_cache_path
+
+ROLES = {"system", "user", "assistant", "tool"}
+
+
+def check_conversation(messages) -> str | None:
+    """Why a conversation cannot be trained on, or None."""
+    if not isinstance(messages, list) or not messages:
+        return '"conversations" must be a non-empty list of messages'
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            return f"message {i} is not an object"
+        if message.get("role") not in ROLES:
+            return f"message {i} has role {message.get('role')!r}; expected one of {sorted(ROLES)}"
+        if not isinstance(message.get("content", ""), str):
+            return f"message {i} content must be a string"
+    if not any(m["role"] == "assistant" for m in messages):
+        return "no assistant message to learn from"
+    return None
+
+
+def _require_conversation(obj) -> str | None:
+    if "conversations" not in obj:
+        return 'missing the "conversations" field'
+    return check_conversation(obj["conversations"])
+
+
+def tools_of(messages: list[dict]) -> list | None:
+    """MiniMind's tool-calling chats carry the tool schemas in the system message's "functions" field."""
+    first = messages[0] if messages else {}
+    tools = first.get("functions") if first.get("role") == "system" else None
+    return json.loads(tools) if isinstance(tools, str) else tools or None
+
+
+def iter_conversations(path: str, lines: set | None = None):
+    """The "conversations" of each line of a chat file (only of `lines`, if given: a held-out split's). Bad lines
+    are skipped: the dataset that read the file first has stopped at or reported them."""
+    for line_number, obj in iter_jsonl(path, skip_bad_lines=True, validate=_require_conversation):
+        if lines is None or line_number in lines:
+            yield obj["conversations"]
+
+
+def encode_chat(tokenizer, messages: list[dict], **template_kwargs) -> tuple[list[int], list[int]]:
+    """(token ids, assistant mask) of a rendered conversation; mask is 1 on reply tokens and their <|im_end|>."""
+    encoded = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                            return_assistant_tokens_mask=True, **template_kwargs)
+    return list(encoded["input_ids"]), list(encoded["assistant_masks"])
+
+
+def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
+    """The conversation so far plus the header that asks the model for the next assistant turn."""
+    return list(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
+                                              tools=tools_of(messages), return_dict=True)["input_ids"])
+
+
+def _split_prompt(messages):
+    """Everything before the final assistant turn is the prompt; the final assistant turn is the completion."""
+    if not messages or messages[-1].get("role") != "assistant":
+        return None, None
+    return messages[:-1], messages[-1]
+
+
+def _require_pair(obj) -> str | None:
+    for side in ("chosen", "rejected"):
+        if side not in obj:
+            return f'missing the "{side}" field'
+        reason = check_conversation(obj[side])
+        if reason:
+            return f"{side}: {reason}"
+        if obj[side][-1].get("role") != "assistant":
+            return f"{side}: the last message must be the assistant's answer"
+    chosen_prompt, _ = _split_prompt(obj["chosen"])
+    rejected_prompt, _ = _split_prompt(obj["rejected"])
+    if chosen_prompt != rejected_prompt:
+        return "chosen and rejected have different prompts (all turns before the last assistant turn must match)"
+    return None
+
+
+def final_turn_labels(ids: list[int], mask: list[int]) -> list[int]:
+    """Labels covering only the LAST assistant reply (DPO compares completions, not the shared history)."""
+    labels = [-100] * len(ids)
+    end = len(mask)
+    while end > 0 and not mask[end - 1]:
+        end -= 1
+    start = end
+    while start > 0 and mask[start - 1]:
+        start -= 1
+    labels[start:end] = ids[start:end]
+    return labels
+
+
+_worker_tokenizer = None
+
+
+def _init_tokenizing_worker(tokenizer):
+    global _worker_tokenizer
+    _worker_tokenizer = tokenizer
+    # a forked worker inherits the trainer's SIGTERM handler (save and stop), which would make Pool.terminate() hang
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+
+
+def _encode_lines(kind: str, chunk: list[tuple[int, bytes]]) -> list[tuple[int, list | None, str | None]]:
+    """Per line (line, [(ids, mask), ...], None), or (line, None, why) for a bad one; runs in a tokenizing worker.
+    kind "sft": one sequence per line, masked on every assistant reply; "dpo": chosen then rejected, each masked on
+    its final reply only (DPO compares completions, not the shared history)."""
+    dtype = np.uint16 if len(_worker_tokenizer) <= 65536 else np.uint32
+    encoded = []
+    for line_number, raw in chunk:
+        obj, reason = parse_line(raw, _require_conversation if kind == "sft" else _require_pair)
+        if reason is not None:
+            encoded.append((line_number, None, reason))
+            continue
+        sequences = []
+        for messages in [obj["conversations"]] if kind == "sft" else [obj["chosen"], obj["rejected"]]:
+            ids, mask = encode_chat(_worker_tokenizer, messages, tools=tools_of(messages))
+            if kind == "dpo":
+                mask = [int(label != -100) for label in final_turn_labels(ids, mask)]
+            sequences.append((np.asarray(ids, dtype=dtype), np.asarray(mask, dtype=np.uint8)))
+        encoded.append((line_number, sequences, None))
+    return encoded
+
+
+def _line_chunks(path: str, on_bytes, lines_per_chunk: int = 512):
+    chunk = []
+    with open(path, "rb") as f:
+        for line_number, raw in enumerate(f, start=1):
+            on_bytes(len(raw))
+            if raw.strip():
+                chunk.append((line_number, raw))
+            if len(chunk) >= lines_per_chunk:
+                yield chunk
+                chunk = []
+    if chunk:
+        yield chunk
+
+
+def build_chat_cache(data_path: str, tokenizer, cache_file: str, skip_bad_lines: bool = False,
+                     num_proc: int | None = None, show_progress: bool = True, kind: str = "sft") -> dict:
+    """Render and tokenize every conversation once, in `num_proc` processes (default: one per core, up to 16,
+    for files over 8 MB), into flat token and mask files plus an index (length, file line, first masked position)
+    of each sequence. Whole sequences are stored; max_seq_len is applied when a dataset opens the cache, so one
+    cache serves every length. Written under temp names and renamed, the summary last: a cache that exists is
+    complete."""
+    import functools
+    import multiprocessing
+
+    from tqdm import tqdm
+    if not os.path.exists(data_path):
+        raise FileNotFoundError(f"data file not found: {data_path}")
+    if os.path.getsize(data_path) == 0:
+        raise BadInput(f"{data_path}: the file is empty")
+    if num_proc is None:
+        num_proc = min(16, os.cpu_count() or 1) if os.path.getsize(data_path) > 8e6 else 1
+    os.makedirs(os.path.dirname(cache_file), exist_ok=True)
+    tmp = f".tmp.{os.getpid()}"
+    stats, lengths, line_numbers, first_targets, first_bad = {"bad_lines": 0}, [], [], [], None
+    dtype = np.uint16 if len(tokenizer) <= 65536 else np.uint32
+    progress = tqdm(total=os.path.getsize(data_path), unit="B", unit_scale=True, disable=not show_progress,
+                    desc=f"tokenizing {os.path.basename(data_path)} ({num_proc} proc)")
+    chunks = _line_chunks(data_path, progress.update)
+    encode = functools.partial(_encode_lines, kind)
+    pool = None
+    if num_proc > 1:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # each worker is one thread of Rust tokenizing
+        context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+        pool = context.Pool(num_proc, initializer=_init_tokenizing_worker, initargs=(tokenizer,))
+        results = pool.imap(encode, chunks)  # in order, so the first bad line reported is the first in the file
+    else:
+        global _worker_tokenizer
+        _worker_tokenizer = tokenizer
+        results = map(encode, chunks)
+    failed = True
+    try:
+        with open(cache_file + ".ids" + tmp, "wb") as ids_out, open(cache_file + ".mask" + tmp, "wb") as mask_out:
+            for encoded in results:
+                for line_number, sequences, reason in encoded:
+                    if sequences is None:
+                        first_bad = first_bad or f"{data_path}:{line_number}: {reason}"
+                        note_bad_line(data_path, line_number, reason, skip_bad_lines, stats)
+                        continue
+                    for ids, mask in sequences:
+                        ids_out.write(ids.tobytes())  # already `dtype`: the workers choose it the same way
+                        mask_out.write(mask.tobytes())
+                        lengths.append(len(ids))
+                        line_numbers.append(line_number)
+                        first_targets.append(int(mask.argmax()) if mask.any() else len(mask))
+        failed = False
+    finally:
+        if pool is not None and failed:
+            pool.terminate()  # drop the chunks still queued
+        elif pool is not None:
+            pool.close()
+            pool.join()
+        progress.close()
+        if failed:
+            for part in (".ids", ".mask"):
+                if os.path.exists(cache_file + part + tmp):
+                    os.remove(cache_file + part + tmp)
+    np.save(cache_file + ".index" + tmp + ".npy", np.asarray([lengths, line_numbers, first_targets], dtype=np.int64)
+            .reshape(3, -1))
+    for part in (".ids", ".mask"):
+        os.replace(cache_file + part + tmp, cache_file + part)
+    os.replace(cache_file + ".index" + tmp + ".npy", cache_file + ".index.npy")
+    summary = {"sequences": len(lengths), "tokens": int(sum(lengths)), "dtype": np.dtype(dtype).name,
+               "bad_lines": stats["bad_lines"], "first_bad_line": first_bad}
+    with open(cache_file + ".json" + tmp, "w") as f:
+        json.dump(summary, f)
+    os.replace(cache_file + ".json" + tmp, cache_file + ".json")
+    return summary
+
+
+class ChatCache:
+    """An opened chat cache (built first if missing): `ids` and `masks` memmaps, and per sequence its `starts`,
+    `lengths`, file `line_numbers` and `first_targets` (position of the first masked token, or its length)."""
+
+    def __init__(self, data_path: str, tokenizer, kind: str, skip_bad_lines: bool = False,
+                 cache_dir: str | None = None, num_proc: int | None = None, show_progress: bool = True):
+        if not os.path.exists(data_path):
+            raise FileNotFoundError(f"data file not found: {data_path}")
+        cache_file = token_cache_path(data_path, tokenizer, cache_dir, suffix=kind)
+        if not os.path.exists(cache_file + ".json"):
+            build_chat_cache(data_path, tokenizer, cache_file, skip_bad_lines, num_proc, show_progress, kind)
+        with open(cache_file + ".json") as f:
+            summary = json.load(f)
+        if summary["bad_lines"] and not skip_bad_lines:  # a cache built with --skip_bad_lines 1
+            raise BadInput(f"{summary['first_bad_line']} (pass --skip_bad_lines 1 to skip such lines)")
+        self.bad_lines = summary["bad_lines"]
+        self.ids = np.memmap(cache_file + ".ids", dtype=summary["dtype"], mode="r") if summary["tokens"] else None
+        self.masks = np.memmap(cache_file + ".mask", dtype=np.uint8, mode="r") if summary["tokens"] else None
+        self.lengths, self.line_numbers, self.first_targets = np.load(cache_file + ".index.npy")
+        self.starts = np.concatenate([[0], np.cumsum(self.lengths)[:-1]]).astype(np.int64)
+
+    def tokens(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids, labels) of a stored sequence's first `length` tokens; labels are -100 outside the mask."""
+        input_ids = torch.from_numpy(self.ids[start:start + length].astype(np.int64))
+        labels = input_ids.masked_fill(torch.from_numpy(self.masks[start:start + length] == 0), -100)
+        return input_ids, labels
+
+
+class SFTDataset(Dataset):
+    """Tokenized conversations with assistant-only labels.
+
+    Rendering the chat template is slow (about 1.2 MB of jsonl a second per process), so a file is tokenized once,
+    in parallel, into a cache beside it (`<data dir>/.cache`, or `cache_dir`) that later runs, other stages and the
+    other ranks open instantly; neither the text nor the tokens are held in RAM. Samples longer than max_seq_len are
+    dropped (`truncation="drop"`, the default: a cut reply teaches the model to stop mid-sentence without
+    <|im_end|>) or cut to their first max_seq_len tokens (`"keep_prefix"`)."""
+
+    def __init__(self, data_path: str, tokenizer, max_seq_len: int, skip_bad_lines: bool = False,
+                 truncation: str = "drop", show_progress: bool = True, max_samples: int | None = None,
+                 cache_dir: str | None = None, num_proc: int | None = None):
+        if truncation not in ("drop", "keep_prefix"):
+            raise ValueError(f"truncation must be 'drop' or 'keep_prefix', not {truncation!r}")
+        self.path, self.max_seq_len = data_path, max_seq_len
+        cache = self.cache = ChatCache(data_path, tokenizer, "sft", skip_bad_lines, cache_dir, num_proc, show_progress)
+        too_long = cache.lengths > max_seq_len
+        keep = ~too_long if truncation == "drop" else np.ones(len(cache.lengths), dtype=bool)
+        self.starts, self.sample_lengths = cache.starts[keep], np.minimum(cache.lengths[keep], max_seq_len)
+        self.line_numbers = cache.line_numbers[keep]
+        has_target = cache.first_targets[keep] < self.sample_lengths  # a cut can leave a sample nothing to learn
+        cut = int(too_long.sum())
+        self.stats = {"bad_lines": cache.bad_lines, "dropped_too_long": cut if truncation == "drop" else 0,
+                      "truncated": cut if truncation == "keep_prefix" else 0,
+                      "no_target_tokens": int((~has_target).sum())}
+        self._select(np.flatnonzero(has_target)[:max_samples] if max_samples else np.flatnonzero(has_target))
+        if not len(self.starts):
+            raise BadInput(f"{data_path}: no usable conversations ({self.stats})")
+
+    def _select(self, rows: np.ndarray):
+        self.starts, self.sample_lengths = self.starts[rows], self.sample_lengths[rows]
+        self.line_numbers = self.line_numbers[rows]
+
+    def __len__(self):
+        return len(self.starts)
+
+    def __getitem__(self, index):
+        input_ids, labels = self.cache.tokens(int(self.starts[index]), int(self.sample_lengths[index]))
+        return {"input_ids": input_ids, "labels": labels}
+
+    def lengths(self) -> np.ndarray:
+        return self.sample_lengths
+
+    def split_held_out(self, fraction: float, seed: int = 0) -> "SFTDataset":
+        """Move a random `fraction` of the samples (at least one, never all) into a new dataset and return it: the
+        held-out set of a file with no _val.jsonl beside it (MiniMind's files have none). Random rather than the
+        file's tail, which may be all one source; its line_numbers say where its conversations are in the file."""
+        if len(self) < 2:
+            raise BadInput(f"{self.path}: {len(self)} usable conversation(s): too few to hold any out")
+        count = min(len(self) - 1, max(1, round(len(self) * fraction)))
+        chosen = np.zeros(len(self), dtype=bool)
+        chosen[np.random.default_rng(seed).choice(len(self), count, replace=False)] = True
+        held_out = copy.copy(self)
+        held_out.stats = {}
+        held_out._select(np.flatnonzero(chosen))
+        self._select(np.flatnonzero(~chosen))
+        return held_out

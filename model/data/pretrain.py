@@ -1,0 +1,103 @@
+"""Pretraining data (`{"text": ...}` per line), tokenized once into a uint16 memmap cache beside the data, then
+served as packed windows: documents are concatenated end to end (`<|im_start|> text <|im_end|>` each) and cut into
+max_seq_len-token windows, so no FLOP is spent on padding. Files of any size work: neither the text nor the tokens
+are ever held in RAM."""
+import json
+import os
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .jsonl import BadInput, iter_jsonl, token_cache_path
+
+
+def _require_text(obj) -> str | None:
+    if "text" not in obj:
+        return 'missing the "text" field'
+    if not isinstance(obj["text"], str):
+        return f'"text" must be a string, got {type(obj["text"]).__name__}'
+    return None
+
+
+def build_token_cache(data_path: str, tokenizer, cache_file: str, skip_bad_lines: bool = False,
+                      chunk_docs: int = 2048, show_progress: bool = True) -> dict:
+    """Tokenize every document into one flat uint16 file (uint32 for vocabularies over 65,536) plus a JSON
+    summary with the document lengths' histogram. Writes to a temp name and renames when complete."""
+    from tqdm import tqdm
+    dtype = np.uint16 if len(tokenizer) <= 65536 else np.uint32
+    os.makedirs(os.path.dirname(cache_file), exist_ok=True)
+    tmp = f"{cache_file}.tmp.{os.getpid()}"
+    stats = {"bad_lines": 0}
+    lengths, total_tokens = [], 0
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    progress = tqdm(total=os.path.getsize(data_path), unit="B", unit_scale=True, disable=not show_progress,
+                    desc=f"tokenizing {os.path.basename(data_path)}")
+
+    def flush(texts, out):
+        nonlocal total_tokens
+        for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+            doc = np.asarray([bos, *ids, eos], dtype=dtype)
+            out.write(doc.tobytes())
+            lengths.append(len(doc))
+            total_tokens += len(doc)
+
+    with open(tmp, "wb") as out:
+        texts = []
+        for _, obj in iter_jsonl(data_path, skip_bad_lines, stats, _require_text, on_bytes=progress.update):
+            texts.append(obj["text"])
+            if len(texts) >= chunk_docs:  # batches let the Rust tokenizer use every core
+                flush(texts, out)
+                texts = []
+        if texts:
+            flush(texts, out)
+    progress.n = progress.total
+    progress.close()
+    if total_tokens == 0:
+        os.remove(tmp)
+        raise BadInput(f"{data_path}: no usable documents")
+    os.replace(tmp, cache_file)
+    summary = {"documents": len(lengths), "tokens": total_tokens, "bad_lines": stats["bad_lines"],
+               "bad_line_numbers": stats.get("bad_line_numbers", [])[:100], "dtype": np.dtype(dtype).name,
+               "lengths": lengths}
+    with open(cache_file + ".json", "w") as f:
+        json.dump(summary, f)
+    return summary
+
+
+class PretrainDataset(Dataset):
+    """Packed next-token windows over a tokenized jsonl corpus. Item i is tokens[i*L : (i+1)*L] as both
+    input_ids and labels (the model shifts labels itself); documents run into each other, separated by their
+    <|im_start|>/<|im_end|> markers, so every position is a real training token."""
+
+    def __init__(self, data_path: str, tokenizer, max_seq_len: int, cache_dir: str | None = None,
+                 skip_bad_lines: bool = False, show_progress: bool = True):
+        self.data_path, self.max_seq_len = data_path, max_seq_len
+        if not os.path.exists(data_path):
+            raise FileNotFoundError(f"data file not found: {data_path}")
+        self.cache_file = token_cache_path(data_path, tokenizer, cache_dir)
+        if not os.path.exists(self.cache_file):
+            build_token_cache(data_path, tokenizer, self.cache_file, skip_bad_lines, show_progress=show_progress)
+        with open(self.cache_file + ".json") as f:
+            self.summary = json.load(f)
+        if self.summary["bad_lines"]:
+            print(f"{data_path}: skipped {self.summary['bad_lines']} bad lines "
+                  f"(first at lines {self.summary['bad_line_numbers'][:5]})")
+        self.tokens = np.memmap(self.cache_file, dtype=self.summary["dtype"], mode="r")
+        self.num_windows = len(self.tokens) // max_seq_len
+        if self.num_windows == 0:
+            raise BadInput(f"{data_path}: only {len(self.tokens)} tokens, fewer than one {max_seq_len}-token window")
+
+    def __len__(self):
+        return self.num_windows
+
+    def __getitem__(self, index):
+        start = index * self.max_seq_len
+        window = torch.from_numpy(self.tokens[start:start + self.max_seq_len].astype(np.int64))
+        return {"input_ids": window, "labels": window}
+
+    def padding_fraction_if_padded(self) -> float:
+        """The share of positions that would be padding if each document were padded (or truncated) to
+        max_seq_len on its own, as MiniMind does. Packing makes this zero."""
+        lengths = np.minimum(np.asarray(self.summary["lengths"]), self.max_seq_len)
+        return float(1 - lengths.sum() / (len(lengths) * self.max_seq_len))

@@ -1,0 +1,132 @@
+"""The process a stage runs in: device and dtype, threads, seeds, and torchrun's process group (NCCL on CUDA, gloo
+on CPU). Only rank 0 prints and writes files; the collectives here are the few every stage needs."""
+import contextlib
+import os
+import random
+import resource
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..device import DTYPES, default_device, default_dtype
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    dtype: torch.dtype
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def autocast(self):
+        """bf16/fp16 autocast keeps fp32 master weights; fp32 runs plain."""
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+
+def print0(*args, **kwargs):
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def init_runtime(device: str | None = None, dtype: str | None = None, seed: int = 42,
+                 num_threads: int | None = None) -> Runtime:
+    """Pick device and dtype (fastest correct choice when not given), join the process group under torchrun."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    device = device or default_device()
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("--device cuda was asked for, but torch sees no CUDA device (try --device cpu)")
+    device_type = device.split(":")[0]
+    if device_type == "cuda" and world_size > 1:
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(local_rank)
+    if device_type == "cpu":
+        # torchrun sets OMP_NUM_THREADS=1 for multi-process runs; share the cores between local ranks instead.
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        torch.set_num_threads(num_threads or max(1, (os.cpu_count() or 1) // local_world))
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    dtype_name = dtype or default_dtype(device_type)
+    if dtype_name not in DTYPES:
+        raise SystemExit(f"--dtype {dtype_name!r}: choose one of float32, bfloat16, float16")
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls for the fp32 parts: free speed on Ampere+
+        torch.backends.cudnn.allow_tf32 = True
+    seed_everything(seed + rank)
+    return Runtime(torch.device(device), DTYPES[dtype_name], rank, local_rank, world_size)
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def all_reduce_mean(value: torch.Tensor, runtime: Runtime) -> torch.Tensor:
+    if runtime.distributed:
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= runtime.world_size
+    return value
+
+
+def barrier(runtime: Runtime):
+    if runtime.distributed:
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def main_rank_first(runtime: Runtime):
+    """Rank 0 runs the block first (tokenizing data into a cache), the other ranks after it (opening that cache).
+    If rank 0 fails inside, torchrun stops the waiting ranks."""
+    if not runtime.is_main:
+        barrier(runtime)
+    yield
+    if runtime.is_main:
+        barrier(runtime)
+
+
+def cleanup(runtime: Runtime):
+    """Leave the process group. The barrier and short sleep first let gloo's worker threads finish freeing the tensors
+    of the last collectives (they need the GIL for it): destroying the group, or freeing the DDP wrapper that owns it,
+    while one of them is still at it deadlocks in ProcessGroupGloo's destructor (seen in 1 CPU run in 3 under load)."""
+    if runtime.distributed and dist.is_initialized():
+        dist.barrier()
+        time.sleep(0.5)  # GIL released while sleeping: the worker threads go idle
+        dist.destroy_process_group()
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports KiB
+
+
+GPU_PEAK_FLOPS = {  # dense bf16 tensor-core peaks, for MFU
+    "H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12,
+    "4090": 165e12, "3090": 71e12, "A10": 125e12, "V100": 125e12, "T4": 65e12,
+}
+
+
+def device_peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in GPU_PEAK_FLOPS.items():
+        if key in name:
+            return flops
+    return None
