@@ -20,7 +20,7 @@ assistant's side of them:
 - Packing (`--packing 1`, the default): conversations are short (the demo's average 60 tokens, max_seq_len 512), so
   padding each one to max_seq_len as MiniMind does spends most of the compute on padding. Several conversations
   share one row instead; a block-diagonal attention mask keeps each one from seeing the others and position ids
-  restart at 0 for each, so every conversation's loss is exactly what it would be alone (tests/test_sft.py).
+  restart at 0 for each, so every conversation's loss is exactly what it would be alone (tests/stages/test_sft.py).
   `--batch_size` then counts packed rows of up to max_seq_len tokens. `--packing 0` pads each batch to its longest.
 
 Starts from out/pretrain_<hidden>[_moe].pth (`--from_weight pretrain`) and writes out/full_sft_<hidden>[_moe].pth.

@@ -7,7 +7,7 @@ Conventions used throughout:
 - Sequence log-probabilities are SUMS over completion tokens, never means (DPO's log pi(y|x) is a sum; averaging
   silently changes the objective; see references.md section 4).
 
-Reference implementations these were checked against (tests/test_losses.py): TRL 1.16 `trainer/dpo_trainer.py`
+Reference implementations these were checked against (tests/unit/test_losses.py): TRL 1.16 `trainer/dpo_trainer.py`
 (`_compute_loss`), `trainer/grpo_trainer.py` (`_compute_loss`, reward normalisation), and
 `experimental/gkd/gkd_trainer.py` (`generalized_jsd_loss`).
 """

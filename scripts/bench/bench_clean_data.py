@@ -44,7 +44,7 @@ from model.data.cleaning.text import CJK_RE, detect_language, normalize_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
-FIXTURES = os.path.join(ROOT, "tests", "fixtures", "clean")
+FIXTURES = os.path.join(ROOT, "tests", "tools", "fixtures", "clean")
 BOILERPLATE_ZH = ["本文内容仅供参考，如需转载请联系作者获得授权。",
                   "欢迎关注我们的频道，获取更多精彩内容和最新资讯。",
                   "以上就是今天分享的全部内容，感谢您的耐心阅读。"]

@@ -1,10 +1,10 @@
 """Loss regression (torchtitan's idea): every stage of the quick pipeline, in float32, must reproduce the losses and
-held-out numbers pinned in tests/golden/quick_pipeline.json. A refactor that changes no behaviour passes unchanged;
-one that changes a data order, a mask or a loss does not.
+held-out numbers pinned in tests/stages/golden/quick_pipeline.json. A refactor that changes no behaviour passes
+unchanged; one that changes a data order, a mask or a loss does not.
 
 The numbers were pinned on the project's CI machine kind (2-core x86 CPU, torch 2.13 CPU build). Another CPU's
 float32 kernels may round differently; after checking that a difference is only that, re-pin with
-    TINYMIND_PIN_GOLDEN=1 python -m pytest tests/test_golden.py
+    TINYMIND_PIN_GOLDEN=1 python -m pytest tests/stages/test_golden.py
 """
 import json
 import math
@@ -13,9 +13,9 @@ import subprocess
 import sys
 
 import pytest
+from tests import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GOLDEN = os.path.join(ROOT, "tests", "golden", "quick_pipeline.json")
+GOLDEN = os.path.join(ROOT, "tests", "stages", "golden", "quick_pipeline.json")
 TRAINING_KEYS = ("loss", "grad_norm", "lm_loss", "aux_loss", "reward", "kl", "ratio_mean", "completion_length")
 # Exact on the machine the numbers were pinned on (float32, fixed seeds, fixed threads); the tolerance only absorbs
 # another x86 CPU's float32 rounding.
@@ -65,7 +65,7 @@ def run_grpo_with_varied_rewards(out):
                "--from_weight", "reason", "--hidden_size", "64", "--dtype", "float32", "--max_steps", "4",
                "--log_interval", "1", "--save_interval", "1000", "--eval_samples", "8", "--num_generations", "4",
                "--max_gen_len", "16", "--num_iterations", "2", "--beta", "0.04",
-               "--reward_funcs", "tests/golden/varied_reward.py:distinct_characters"]
+               "--reward_funcs", "tests/stages/golden/varied_reward.py:distinct_characters"]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
                             env=dict(os.environ, WANDB_MODE="disabled", OMP_NUM_THREADS="2"))
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]

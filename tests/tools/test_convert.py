@@ -15,22 +15,14 @@ from model import PRESETS, TinyMindConfig, TinyMindForCausalLM
 from model.checkpoint import save_weights
 from model.inference import load_model_for_inference
 from scripts import convert_model
+from tests import TOKENIZER
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
 
-TOKENIZER = os.environ.get("TINYMIND_TEST_TOKENIZER", os.path.join(ROOT, "model"))
+
 GREEDY = GenerationConfig(do_sample=False, max_new_tokens=12, pad_token_id=0, eos_token_id=2)
 MOE = dict(use_moe=True, num_experts=4, num_experts_per_tok=2)
 MLA = dict(use_mla=True, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and a busy 2-core CI box makes multi-threaded ops crawl."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

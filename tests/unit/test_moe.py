@@ -16,14 +16,7 @@ from model.config import TinyMindConfig
 from model.model import active_params_of
 from model.moe import MoEFeedForward, collect_moe_aux_loss, count_active_params, moe_load_stats, update_moe_biases
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # These tests run thousands of tiny ops; on 2 shared cores OpenMP hand-offs cost more than the ops themselves.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
 
 
 def moe_config(**overrides) -> TinyMindConfig:

@@ -8,8 +8,7 @@ import sys
 import pytest
 
 from scripts import run_pipeline
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import ROOT
 
 
 def run_quick_pipeline(out, *flags) -> str:

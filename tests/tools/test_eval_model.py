@@ -5,30 +5,16 @@ import os
 
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 import eval_model
 from model import PRESETS, TinyMindConfig, TinyMindForCausalLM
 from model.checkpoint import save_weights
 from model.inference import build_prompt, default_generation_config, trim_history
+from tests import TOKENIZER
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOKENIZER = os.environ.get("TINYMIND_TEST_TOKENIZER", os.path.join(ROOT, "model"))
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
+
 PROMPTS = ["你好，请介绍一下你自己", "What is the capital of France?"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and a busy 2-core CI box makes multi-threaded ops crawl."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(TOKENIZER)
 
 
 def make_checkpoint(out_dir, name, vocab_size, seed=0, **overrides) -> TinyMindForCausalLM:

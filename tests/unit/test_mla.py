@@ -9,14 +9,7 @@ from model.config import TinyMindConfig
 from model.layers import RotaryEmbedding
 from model.mla import MultiHeadLatentAttention, kv_cache_values_per_token
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny shapes: on 2 shared cores OpenMP hand-offs cost more than the ops themselves.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
 
 
 DIMS = dict(hidden_size=64, num_attention_heads=4, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,

@@ -15,8 +15,8 @@ from model.training.frozen import frozen_copy
 from model.training.preference import precompute_reference_logps
 from model.training.runtime import init_runtime
 from scripts.bench import bench_dpo, bench_sft
+from tests import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCHMARKS = sorted(name[:-3] for name in os.listdir(os.path.join(ROOT, "scripts", "bench"))
                     if name.endswith(".py") and name != "__init__.py")
 

@@ -13,15 +13,9 @@ from transformers import AutoTokenizer
 import train_distillation as distill
 from model import PRESETS, TinyMindConfig, TinyMindForCausalLM
 from model.checkpoint import save_weights
+from tests import ROOT, TOKENIZER
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOKENIZER = os.environ.get("TINYMIND_TEST_TOKENIZER", os.path.join(ROOT, "model"))
 WORDS = "the king queen love night moon river spring wind sword song heart light 春 风 明 月 山 水".split()
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(TOKENIZER)
 
 
 def chat(question, answer):

@@ -9,22 +9,15 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 import train_dpo
 from model import PRESETS, TinyMindConfig, TinyMindForCausalLM
 from model.checkpoint import save_weights
 from model.data.chat import encode_chat, final_turn_labels
 from model.data.preference import DPODataset
+from tests import ROOT, TOKENIZER
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOKENIZER = os.environ.get("TINYMIND_TEST_TOKENIZER", os.path.join(ROOT, "model"))
 SUBJECTS = "the king, the queen, the moon, the river, spring wind, a sword, 春风, 明月, 山水, 江南".split(", ")
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(TOKENIZER)
 
 
 def pair(question, chosen, rejected, rejected_question=None):

@@ -13,9 +13,8 @@ import train_lora
 from model import TinyMindConfig, TinyMindForCausalLM
 from model.checkpoint import load_weights, save_weights
 from model.lora import DEFAULT_TARGETS, MLA_TARGETS, apply_lora, load_lora
+from tests import TOKENIZER
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOKENIZER = os.environ.get("TINYMIND_TEST_TOKENIZER", os.path.join(ROOT, "model"))
 VOCAB = 6400
 QUESTIONS = ["Who are you?", "What is your name?", "Tell me your name.", "Introduce yourself.", "你是谁？",
              "你叫什么名字？"]

@@ -12,20 +12,12 @@ from transformers import AutoTokenizer
 from model import PRESETS, TinyMindConfig, TinyMindForCausalLM
 from model.inference import LoadedModel
 from scripts import eval_bench
+from tests import ROOT, TOKENIZER
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
 
-TOKENIZER = os.environ.get("TINYMIND_TEST_TOKENIZER", os.path.join(ROOT, "model"))
+
 SAMPLE = os.path.join(ROOT, "dataset", "bench_sample")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and a busy 2-core CI box makes multi-threaded ops crawl."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

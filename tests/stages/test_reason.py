@@ -1,11 +1,9 @@
 """train_reason.py: the tag tokens weighted in the loss exactly as MiniMind's distill_reason, the well-formed check,
 and the format measured on held-out lines when the data has no _val.jsonl twin."""
 import json
-import os
 
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 import train_reason
 from model import PRESETS, TinyMindConfig, TinyMindForCausalLM
@@ -15,14 +13,7 @@ from model.data.packing import pad_collate
 from model.training.chat import load_chats_with_held_out
 from model.training.runtime import init_runtime
 from model.training.schedule import ResumableSampler
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOKENIZER = os.environ.get("TINYMIND_TEST_TOKENIZER", os.path.join(ROOT, "model"))
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(TOKENIZER)
+from tests import TOKENIZER
 
 
 def write_reason_chats(path, count, offset=0):

@@ -13,9 +13,8 @@ import torch
 import train_pretrain
 from model.training.runtime import init_runtime
 from model.training.trainer import Trainer, TrainingDiverged
+from tests import ROOT, TOKENIZER
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOKENIZER = os.environ.get("TINYMIND_TEST_TOKENIZER", os.path.join(ROOT, "model"))
 WORDS = "the king queen love night moon river spring wind sword song heart light 春 风 明 月 山 水".split()
 
 

@@ -3,7 +3,6 @@ concurrent clients that must not mix, stop sequences, usage, API keys, malformed
 traceback), a client that disconnects mid-stream, and the chat page."""
 import argparse
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -22,22 +21,14 @@ from model.checkpoint import save_weights
 from model.inference import LoadedModel, build_prompt, default_generation_config
 from scripts import serve_openai_api as server_module
 from scripts import web_demo
+from tests import ROOT, TOKENIZER
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
 
 openai = pytest.importorskip("openai")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-TOKENIZER = os.environ.get("TINYMIND_TEST_TOKENIZER", os.path.join(ROOT, "model"))
 MODEL_ID = "full_sft_64"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and a busy 2-core CI box makes multi-threaded ops crawl."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class RunningServer:

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoTokenizer, GenerationConfig
+from transformers import GenerationConfig
 
 import train_grpo
 from model import TinyMindConfig, TinyMindForCausalLM
@@ -22,15 +22,9 @@ from model.training import rollouts
 from model.training.losses import group_advantages
 from model.training.runtime import init_runtime
 from model.training.trainer import Trainer
+from tests import ROOT, TOKENIZER
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOKENIZER = os.environ.get("TINYMIND_TEST_TOKENIZER", os.path.join(ROOT, "model"))
 EOS = 2
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(TOKENIZER)
 
 
 def nano_model(seed=0, sharpen=4.0) -> TinyMindForCausalLM:

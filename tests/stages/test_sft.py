@@ -10,7 +10,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 import train_full_sft
 from model import TinyMindConfig, TinyMindForCausalLM
@@ -19,16 +18,10 @@ from model.data.packing import PackedDataset, packed_collate, pad_collate
 from model.training.chat import held_out_prompts
 from model.training.evaluation import chat_token_losses, end_of_turn_rate, generate_replies
 from model.training.runtime import init_runtime
+from tests import ROOT, TOKENIZER
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOKENIZER = os.environ.get("TINYMIND_TEST_TOKENIZER", os.path.join(ROOT, "model"))
 THINGS = {"sky": "blue", "grass": "green", "snow": "white", "coal": "black", "sun": "yellow", "rose": "red",
           "plum": "purple", "orange": "orange"}
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(TOKENIZER)
 
 
 def color_chat(rng: random.Random) -> dict:

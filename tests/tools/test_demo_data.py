@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-DATASET_DIR = Path(__file__).resolve().parents[1] / "dataset"
+DATASET_DIR = Path(__file__).resolve().parents[2] / "dataset"
 
 # name -> format; every name has a <name>.jsonl and a <name>_val.jsonl
 DATASETS = {
