@@ -12,6 +12,14 @@ The layout and names follow Hugging Face PEFT (`src/peft/tuners/lora/layer.py`):
 original module as `base_layer` and the adapter as `lora_A` / `lora_B` nn.Linear layers, so our module paths map
 one to one onto PEFT's checkpoint keys (see `export_peft`).
 
+On a TinyMind MoE model the default targets adapt the attention projections, the dense FFN layers (the first
+`first_k_dense_replace` layers) and each MoE layer's shared experts: those are nn.Linear. The routed experts are not
+adapted: their weights are stacked 3D parameters (`mlp.experts.gate_up_proj` [E, 2I, d], `mlp.experts.down_proj`
+[E, d, I]), not nn.Linear modules, and the router (`mlp.gate`) is not one either; both stay frozen. So do the
+routers' aux-free balancing biases: apply_lora sets `bias_frozen` on every MoE layer, and `update_moe_biases` (which
+the Trainer calls after every step) then leaves them as they are, so base + adapter is exactly the trained model
+(the adapter file holds only A and B).
+
 Typical use:
 
     model = apply_lora(model, r=8, alpha=16)        # wraps q/k/v/o/gate/up/down projections, freezes the rest
@@ -30,14 +38,18 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .moe import MoEFeedForward
+
 __all__ = [
     "DEFAULT_TARGETS", "MLA_TARGETS", "LoRALinear", "apply_lora", "lora_layers", "lora_state_dict",
     "lora_config_dict", "save_lora", "load_lora", "merge_lora", "unmerge_lora", "remove_lora", "export_peft",
 ]
 
-# Dense attention + SwiGLU MLP projections (Llama/Qwen names). MoE experts reuse the MLP names
-# (`...experts.3.gate_proj`), so the same suffixes cover routed and shared experts; the router (`...mlp.gate`)
-# does not match `gate_proj` because matching is per dotted component, not a raw string suffix.
+# Dense attention + SwiGLU MLP projections (Llama/Qwen names). A TinyMind MoE layer's shared experts reuse the MLP
+# names (`...mlp.shared_experts.gate_proj`) and are covered; its routed experts are stacked 3D parameters, not
+# nn.Linear, and get no adapter (see the module doc). In models whose experts are separate Linear layers
+# (`...experts.3.gate_proj`) the same suffixes match them. A router named `...mlp.gate` never matches `gate_proj`:
+# matching is per dotted component, not a raw string suffix.
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Multi-head latent attention (DeepSeek-V2/V3) projection names, for `target_modules=DEFAULT_TARGETS + MLA_TARGETS`.
 MLA_TARGETS = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj")
@@ -160,12 +172,13 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float =
                target_modules: str | Sequence[str] = DEFAULT_TARGETS, use_rslora: bool = False,
                verbose: bool = True) -> nn.Module:
     """Wrap every nn.Linear whose module name matches `target_modules` in a LoRALinear, in place, and freeze every
-    parameter that is not a LoRA A/B matrix. Returns the model.
+    parameter that is not a LoRA A/B matrix, and every MoE router bias (`bias_frozen`). Returns the model.
 
     target_modules follows PEFT (see `_matches`): a tuple/list of dotted-name suffixes, or one regex string matched
-    against the full module name. Add `MLA_TARGETS` for latent-attention models; MoE expert projections share the
-    MLP names and are covered by the defaults. Raises if nothing matches (a typo would otherwise train nothing) or
-    if a target's weight is tied to another parameter (merging would silently change that parameter too).
+    against the full module name. Add `MLA_TARGETS` for latent-attention models. On a MoE model the defaults reach
+    the shared experts but not the routed ones (stacked 3D parameters, not nn.Linear; see the module doc). Raises if
+    nothing matches (a typo would otherwise train nothing) or if a target's weight is tied to another parameter
+    (merging would silently change that parameter too).
     """
     if lora_layers(model):
         raise RuntimeError("apply_lora: the model already has LoRA layers (call remove_lora first)")
@@ -190,6 +203,12 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float =
     model._lora_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
+    # The aux-free router bias is a buffer that update_moe_biases moves after every optimizer step, outside the
+    # optimizer. The adapter file does not hold it, so it must stay the base's or base + adapter != trained model.
+    moe_layers = {n: m for n, m in model.named_modules() if isinstance(m, MoEFeedForward)}
+    model._lora_bias_frozen = {n: m.bias_frozen for n, m in moe_layers.items()}
+    for m in moe_layers.values():
+        m.bias_frozen = True
     for name, m in targets:
         _set_submodule(model, name, LoRALinear(m, r, alpha, dropout, use_rslora))
     model._lora_config = dict(r=int(r), alpha=float(alpha), dropout=float(dropout),
@@ -276,14 +295,16 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
 
 def remove_lora(model: nn.Module, merge: bool = True) -> nn.Module:
     """Replace every LoRALinear by its plain nn.Linear again, in place, and restore the parameters' original
-    requires_grad. merge=True keeps the adapter's effect (W + sBA), which is what a merged full checkpoint needs;
-    merge=False throws the adapter away and restores the base weights."""
+    requires_grad and the MoE layers' `bias_frozen`. merge=True keeps the adapter's effect (W + sBA), which is what
+    a merged full checkpoint needs; merge=False throws the adapter away and restores the base weights."""
     for name, m in lora_layers(model).items():
         m.merge() if merge else m.unmerge()
         _set_submodule(model, name, m.base_layer)
     for n, p in model.named_parameters():
         p.requires_grad_(getattr(model, "_lora_requires_grad", {}).get(n, True))
-    for attr in ("_lora_config", "_lora_requires_grad"):
+    for n, frozen in getattr(model, "_lora_bias_frozen", {}).items():
+        model.get_submodule(n).bias_frozen = frozen
+    for attr in ("_lora_config", "_lora_requires_grad", "_lora_bias_frozen"):
         if hasattr(model, attr):
             delattr(model, attr)
     return model

@@ -6,6 +6,8 @@ Attention is grouped-query (num_key_value_heads KV heads shared by groups of que
 embeddings (RoPE, optional YaRN scaling), optional per-head q/k RMSNorm (Qwen3), and PyTorch's
 scaled_dot_product_attention. The MLP is SwiGLU. Both can be swapped: `use_mla` replaces attention by
 Multi-head Latent Attention (model/mla.py), `use_moe` replaces the MLP by a DeepSeekMoE layer (model/moe.py).
+MoE layers also get a per-token mask of the real (non-padding) tokens, so their expert-load counts and balancing
+losses leave padding out (`token_mask_for_moe`); a dense model never computes it.
 
 State-dict keys follow transformers' Llama/Qwen3 names, so a dense checkpoint loads into `LlamaForCausalLM`
 (or `Qwen3ForCausalLM` with q/k norm) unchanged. The KV cache is a transformers `Cache`, so `model.generate`
@@ -83,13 +85,16 @@ class DecoderLayer(nn.Module):
             self.mlp = MoEFeedForward(config)
         else:
             self.mlp = FeedForward(config.hidden_size, config.intermediate_size, config.dropout)
+        self.is_moe = isinstance(self.mlp, MoEFeedForward)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, position_embeddings, attention_mask=None, cache=None):
+    def forward(self, x, position_embeddings, attention_mask=None, cache=None, token_mask=None):
+        """token_mask [B, T] bool (True = real token, None = all are): only a MoE layer's balancing counts use it."""
         x = x + self.self_attn(self.input_layernorm(x), position_embeddings=position_embeddings,
                                attention_mask=attention_mask, cache=cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.post_attention_layernorm(x)
+        return x + (self.mlp(h, token_mask) if self.is_moe else self.mlp(h))
 
 
 def build_attention_mask(attention_mask: torch.Tensor | None, query_len: int, past_len: int,
@@ -112,6 +117,16 @@ def build_attention_mask(attention_mask: torch.Tensor | None, query_len: int, pa
         mask = mask & attention_mask[:, None, None, -key_len:].bool()
         mask = mask | (key_positions == query_positions)[None, None]
     return mask
+
+
+def token_mask_for_moe(attention_mask: torch.Tensor | None, query_len: int) -> torch.Tensor | None:
+    """Which of the T query positions are real tokens, [B, T] bool, for the MoE layers' load counts and balancing
+    losses; None when every position is. A 2D padding mask says it directly (1 = real). A 4D mask built by the
+    caller (packed rows: block-diagonal, with position ids) carries no padding flag, so all its positions count
+    (the tail that pads a packed row to the batch's longest one included)."""
+    if attention_mask is None or attention_mask.dim() != 2:
+        return None
+    return attention_mask[:, -query_len:].bool()
 
 
 def positions_from_mask(attention_mask: torch.Tensor, query_len: int) -> torch.Tensor:
@@ -160,6 +175,7 @@ class TinyMindModel(TinyMindPreTrainedModel):
             else:
                 position_ids = torch.arange(past_len, past_len + query_len, device=inputs_embeds.device)[None]
         mask = build_attention_mask(attention_mask, query_len, past_len, inputs_embeds.device)
+        token_mask = token_mask_for_moe(attention_mask, query_len) if self.config.use_moe else None
         # Under autocast the projections come out in bf16/fp16: rotate in that dtype too, so roped keys (and the
         # KV cache that holds them) are not silently promoted back to fp32.
         device_type = inputs_embeds.device.type
@@ -168,7 +184,7 @@ class TinyMindModel(TinyMindPreTrainedModel):
         position_embeddings = self.rotary_emb(position_ids, rope_dtype)
         hidden = self.dropout(inputs_embeds)
         for layer in self.layers:
-            hidden = layer(hidden, position_embeddings, mask, cache)
+            hidden = layer(hidden, position_embeddings, mask, cache, token_mask)
         return self.norm(hidden), cache
 
 

@@ -19,6 +19,9 @@ Balancing (config.moe_balance):
               Both losses equal alpha when the load is perfectly uniform.
   "none"      no balancing.
 The loss (if any) is left in `module.aux_loss` during training; `collect_moe_aux_loss(model)` sums the layers.
+Loads and losses count real tokens only: forward takes a token mask (the model derives it from the attention mask)
+and padding positions, which all share one hidden state and would all pick the same experts, count nowhere, as in
+transformers' Mixtral `load_balancing_loss_func`. A layer whose `bias_frozen` is True keeps its bias (LoRA sets it).
 
 Dispatch: the N * K_r (token, expert) pairs are sorted by expert so each expert runs one matmul on a contiguous
 slice; the only host sync is one `.tolist()` of the per-expert counts per layer (no boolean masks, no per-expert
@@ -147,23 +150,36 @@ class Experts(nn.Module):
         return torch.cat(outputs)
 
 
-def balance_loss(probs: torch.Tensor, indices: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """N_r * sum_i f_i P_i averaged over the leading (sequence) dim. probs [S, T, E] normalised scores, indices
-    [S, T, K]; f_i = share of the K*T slots routed to i (not differentiable), P_i = mean_t probs[:, t, i]."""
+def balance_loss(probs: torch.Tensor, indices: torch.Tensor, num_experts: int,
+                 real: torch.Tensor | None = None) -> torch.Tensor:
+    """N_r * sum_i f_i P_i per sequence, averaged over the sequences (the leading dim). probs [S, T, E] normalised
+    scores, indices [S, T, K], real [S, T] bool, True for real tokens (None: all are). Over the T_s real tokens of
+    sequence s: f_i = share of their K * T_s slots routed to i (not differentiable), P_i = their mean probs[..., i].
+    A sequence without real tokens is left out of the average."""
     seqs, tokens, top_k = indices.shape
+    if real is None:
+        real = torch.ones(seqs, tokens, dtype=torch.bool, device=probs.device)
+    weight = real.to(probs.dtype)  # 1 real, 0 padding
+    num_real = weight.sum(dim=1, keepdim=True)  # [S, 1]
     counts = torch.zeros(seqs, num_experts, device=probs.device).scatter_add_(
-        1, indices.reshape(seqs, -1), torch.ones(seqs, tokens * top_k, device=probs.device))
-    f = counts / (tokens * top_k)
-    return num_experts * (f * probs.mean(dim=1)).sum(dim=-1).mean()
+        1, indices.reshape(seqs, -1), weight.repeat_interleave(top_k, dim=1))  # slots are token-major: [t0k0, t0k1..]
+    f = counts / (num_real * top_k).clamp(min=1)
+    p = (probs * weight.unsqueeze(-1)).sum(dim=1) / num_real.clamp(min=1)
+    per_sequence = num_experts * (f * p).sum(dim=-1)
+    return per_sequence.sum() / (num_real > 0).sum().clamp(min=1)
 
 
 class MoEFeedForward(nn.Module):
-    """DeepSeekMoE layer. forward(x [B, T, d]) -> [B, T, d] (the residual is added by the caller).
+    """DeepSeekMoE layer. forward(x [B, T, d], token_mask [B, T] bool or None) -> [B, T, d] (the residual is added by
+    the caller). token_mask marks the real tokens (None: every position is one); it changes no output, only what the
+    balancing counts.
 
     Training-only side effects (never in eval/generate): `expert_load` (int64 [E], not saved) accumulates per-expert
-    routing counts until `update_moe_biases` consumes them, and `aux_loss` holds the scaled balancing loss of the
-    last forward (None when there is none). Under activation checkpointing the recomputed forward counts again;
-    doubling every count changes neither the sign rule nor the max/mean ratio."""
+    routing counts of real tokens until `update_moe_biases` consumes them, and `aux_loss` holds the scaled balancing
+    loss of the last forward (None when there is none). Under activation checkpointing the recomputed forward counts
+    again; doubling every count changes neither the sign rule nor the max/mean ratio.
+    `bias_frozen` (default False): True makes `update_moe_biases` leave this layer's bias alone (set by apply_lora:
+    a LoRA run trains the adapters only, and the adapter file does not hold the bias)."""
 
     def __init__(self, config):
         super().__init__()
@@ -184,14 +200,17 @@ class MoEFeedForward(nn.Module):
         # before forwards, which would overwrite the other ranks' counts during gradient accumulation.
         self.expert_load = torch.zeros(config.num_experts, dtype=torch.long)
         self.aux_loss: torch.Tensor | None = None
+        self.bias_frozen = False
 
     @property
     def e_score_correction_bias(self) -> torch.Tensor:
         return self.gate.e_score_correction_bias
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
         batch, seq_len, hidden = x.shape
         flat = x.reshape(-1, hidden)
+        # Padding positions are routed and computed like the rest (their outputs are never used); skipping them
+        # would cost a host sync to size the smaller batch. They are only left out of the counts below.
         scores, indices, weights = self.gate(flat)
         out = self.experts(flat, indices, weights).view_as(x)
         if self.shared_experts is not None:
@@ -199,14 +218,19 @@ class MoEFeedForward(nn.Module):
         self.aux_loss = None
         if self.training:
             with torch.no_grad():
-                counts = torch.bincount(indices.flatten(), minlength=self.num_experts)
+                if token_mask is None:
+                    counts = torch.bincount(indices.flatten(), minlength=self.num_experts)
+                else:  # add 1 per routing slot of a real token, 0 for padding: no host sync, unlike indices[mask]
+                    real_slots = token_mask.reshape(-1, 1).expand_as(indices).flatten().long()
+                    counts = torch.zeros(self.num_experts, dtype=torch.long, device=indices.device)
+                    counts.index_add_(0, indices.flatten(), real_slots)
                 if self.expert_load.device != counts.device:  # not a buffer, so .to(device) does not move it
                     self.expert_load = self.expert_load.to(counts.device)
                 self.expert_load += counts
-            self.aux_loss = self._balance_loss(scores, indices, batch, seq_len)
+            self.aux_loss = self._balance_loss(scores, indices, batch, seq_len, token_mask)
         return self.dropout(out)
 
-    def _balance_loss(self, scores, indices, batch, seq_len):
+    def _balance_loss(self, scores, indices, batch, seq_len, token_mask):
         cfg = self.config
         if cfg.moe_balance == "aux_loss" and cfg.aux_loss_alpha > 0:
             alpha, seqs = cfg.aux_loss_alpha, 1  # Switch/GShard: all tokens of the batch together
@@ -215,8 +239,9 @@ class MoEFeedForward(nn.Module):
         else:
             return None
         probs = scores / scores.sum(dim=-1, keepdim=True)  # sigmoid scores do not sum to 1 (V3 eq. 20)
+        real = None if token_mask is None else token_mask.reshape(seqs, -1)
         return alpha * balance_loss(probs.view(seqs, -1, self.num_experts), indices.view(seqs, -1, self.top_k),
-                                    self.num_experts)
+                                    self.num_experts, real)
 
 
 # ---- training-loop helpers ---------------------------------------------------------------------------------------
@@ -247,8 +272,9 @@ def update_moe_biases(model: nn.Module, gamma: float | None = None) -> dict:
     """Call once per optimizer step, on every rank (it is a collective under torch.distributed).
 
     Sums each MoE layer's `expert_load` over ranks (one all-reduce for all layers), applies the loss-free balancing
-    rule b_i += gamma * sign(mean_j c_j - c_i) to layers with moe_balance == "aux_free" (gamma defaults to
-    config.bias_update_speed; sign(0) = 0 leaves a perfectly average expert alone), and resets the counters.
+    rule b_i += gamma * sign(mean_j c_j - c_i) to layers with moe_balance == "aux_free" whose bias is not frozen
+    (`bias_frozen`, set by apply_lora; gamma defaults to config.bias_update_speed; sign(0) = 0 leaves a perfectly
+    average expert alone), and resets the counters. Frozen layers' loads are still counted and reported.
     Identical global loads on every rank keep the biases identical without broadcasting them.
     Returns {"moe/max_mean_load": worst max/mean load ratio, "moe/layer<i>/max_mean_load": per layer}."""
     layers = moe_layers(model)
@@ -268,7 +294,7 @@ def update_moe_biases(model: nn.Module, gamma: float | None = None) -> dict:
         if total == 0:  # no training forward since the last update
             continue
         stats[f"moe/layer{label}/max_mean_load"] = ratio
-        if layer.config.moe_balance == "aux_free":
+        if layer.config.moe_balance == "aux_free" and not layer.bias_frozen:
             step = layer.config.bias_update_speed if gamma is None else gamma
             bias = layer.gate.e_score_correction_bias
             bias.add_(step * direction.to(bias.dtype))

@@ -1,6 +1,6 @@
 """train_lora.py end to end on a random nano "SFT model" and tiny generated identity chats: only adapters train, the
 base file stays bitwise unchanged, the adapter file holds only adapter tensors, and base + adapter (or the merged
-checkpoint) reproduces the trained model."""
+checkpoint) reproduces the trained model; on a MoE model too, whose router biases LoRA must leave alone."""
 import hashlib
 import json
 import os
@@ -11,7 +11,7 @@ import torch
 
 import train_lora
 from model import TinyMindConfig, TinyMindForCausalLM
-from model.checkpoint import load_weights, save_weights
+from model.checkpoint import load_weights, save_weights, weight_path
 from model.lora import DEFAULT_TARGETS, MLA_TARGETS, apply_lora, load_lora
 from tests import TOKENIZER
 
@@ -119,6 +119,54 @@ def test_adapter_learns_the_identity_chats_without_hurting_the_general_ones_much
     assert after["val_loss"] < before["val_loss"] - 0.5, (before, after)  # a random base learns slowly
     assert "keyword_rate" in after and results["within_margin"] in (True, False)
     assert results["general_loss_rise"] == pytest.approx(after["general_val_loss"] - before["general_val_loss"])
+
+
+def test_lora_on_a_moe_model_base_plus_adapter_is_the_trained_model(tmp_path):
+    """The Trainer calls update_moe_biases after every step; in a LoRA run it must leave the aux-free router biases
+    of the base as they are, since the adapter file holds only A/B. --bias_update_speed 0.05 makes any bias step
+    move many tokens to other experts. Unpacked batches: padded rows go through the MoE layers too."""
+    write_identity(tmp_path / "identity.jsonl", 24, seed=0)
+    write_identity(tmp_path / "identity_val.jsonl", 4, seed=1)
+    write_general(tmp_path / "general_val.jsonl", 4, seed=2)
+    torch.manual_seed(0)
+    config = TinyMindConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, use_moe=True, num_experts=4, num_experts_per_tok=2,
+                            moe_intermediate_size=64, first_k_dense_replace=1)
+    base_file = weight_path(str(tmp_path / "base"), "full_sft", config)
+    save_weights(TinyMindForCausalLM(config), base_file)
+    results = train_lora.main(lora_args(tmp_path, steps=6, extra=[
+        "--from_weight", base_file, "--bias_update_speed", "0.05", "--packing", "0", "--eval_prompts", "0",
+        "--merge", "1"]))
+    out = tmp_path / "out"
+    assert results["adapter"] == str(out / "lora" / "lora_identity_64_moe.pth")
+    state, config = load_weights(base_file)
+
+    def fresh():
+        model = TinyMindForCausalLM(config)
+        model.load_state_dict(state, strict=False)
+        return model.eval()
+
+    # What got adapters: attention (2 layers x 4), the dense layer's FFN and layer 1's shared expert (3 each);
+    # not the routed experts (stacked 3D parameters) nor the router.
+    adapted = {k.rsplit(".lora_", 1)[0] for k in torch.load(results["adapter"], weights_only=True)["lora"]}
+    assert len(adapted) == 8 + 3 + 3 and "model.layers.1.mlp.shared_experts.down_proj" in adapted
+    assert not any(".experts." in name or name.endswith("mlp.gate") for name in adapted)
+    # The trained model exactly as it was in memory (base + adapters) is in the resume checkpoint.
+    trained_state = torch.load(out / "lora_identity_64_moe_resume.pth", weights_only=True)["model"]
+    biases = [k for k in state if k.endswith("e_score_correction_bias")]
+    assert biases and all(torch.equal(trained_state[k], state[k]) for k in biases)  # the base's biases, untouched
+    trained_model = apply_lora(fresh(), r=4, alpha=16, verbose=False)
+    trained_model.load_state_dict(trained_state)
+    reloaded = load_lora(fresh(), results["adapter"])  # what eval_model --lora_name does
+    ids = torch.randint(3, VOCAB, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = trained_model(ids).logits
+        assert not torch.allclose(expected, fresh()(ids).logits, atol=1e-4)  # the adapter does change the model
+        torch.testing.assert_close(reloaded(ids).logits, expected, rtol=0, atol=0)
+        merged_state, merged_config = load_weights(results["merged"])
+        merged = TinyMindForCausalLM(merged_config)
+        merged.load_state_dict(merged_state, strict=False)
+        torch.testing.assert_close(merged.eval()(ids).logits, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_bad_line_is_reported_with_path_and_line(trained):

@@ -44,7 +44,9 @@ IDS = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(123)
 
 
 class ToyBlock(nn.Module):
-    """Module names of our other architectures: MLA projections, MoE experts + router, and a near-miss name."""
+    """Module names of our other architectures: MLA projections, a router, a ModuleList of per-expert Linear layers
+    (other MoE codebases; TinyMind's routed experts are stacked 3D parameters, see the TinyMind MoE tests below),
+    and a near-miss name."""
 
     def __init__(self):
         super().__init__()
@@ -223,3 +225,50 @@ def test_target_matching_mla_moe_and_errors(capsys):
 
     with pytest.raises(ValueError, match="tied"):
         apply_lora(Tied(), target_modules=("lm_head",), verbose=False)
+
+
+# ---- a real TinyMind MoE ------------------------------------------------------------------------------------------
+
+def tiny_moe(seed: int = 0):
+    """A random TinyMind MoE: layer 0 dense (first_k_dense_replace=1), layer 1 MoE with a shared expert."""
+    from model import TinyMindConfig, TinyMindForCausalLM
+
+    torch.manual_seed(seed)
+    config = TinyMindConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, intermediate_size=48, use_moe=True, num_experts=4,
+                            num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=16,
+                            first_k_dense_replace=1, bias_update_speed=0.01)
+    return TinyMindForCausalLM(config)
+
+
+def test_what_the_default_targets_adapt_on_a_tinymind_moe():
+    """Attention, the dense FFN layers and the shared experts are nn.Linear and get adapters. The routed experts
+    are stacked 3D parameters (experts.gate_up_proj [E, 2I, d], experts.down_proj [E, d, I]) and the router is a
+    TopkRouter: neither is an nn.Linear, so both stay frozen without an adapter."""
+    model = apply_lora(tiny_moe(), r=2, alpha=4, verbose=False)
+    ffn = ("gate_proj", "up_proj", "down_proj")
+    assert set(lora_layers(model)) == (
+        {f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("q_proj", "k_proj", "v_proj", "o_proj")}
+        | {f"model.layers.0.mlp.{p}" for p in ffn}  # the dense layer's SwiGLU
+        | {f"model.layers.1.mlp.shared_experts.{p}" for p in ffn})  # the MoE layer's shared expert
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    assert not any("mlp.experts." in n or "mlp.gate." in n for n in trainable)
+
+
+def test_lora_freezes_the_moe_router_biases_and_remove_lora_unfreezes_them():
+    """A LoRA run trains adapters only: update_moe_biases (which the Trainer calls after every step) must leave the
+    base's aux-free biases as they are, or base + adapter would not be the trained model."""
+    from model.moe import moe_layers, update_moe_biases
+
+    model = apply_lora(tiny_moe(), r=2, alpha=4, verbose=False).train()
+    (_, layer), = moe_layers(model)
+    before = layer.e_score_correction_bias.clone()
+    model(input_ids=IDS)
+    stats = update_moe_biases(model)
+    assert torch.equal(layer.e_score_correction_bias, before)
+    assert "moe/max_mean_load" in stats and layer.expert_load.sum() == 0  # loads still counted, logged and reset
+    remove_lora(model, merge=False)  # the model as it was: its biases follow the loads again
+    model(input_ids=IDS)
+    update_moe_biases(model)
+    assert not torch.equal(layer.e_score_correction_bias, before)

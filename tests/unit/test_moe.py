@@ -272,6 +272,88 @@ def test_sequence_wise_aux_loss_for_aux_free():
     assert collect_moe_aux_loss(container) is None
 
 
+# ---- padding: loads and balancing losses count real tokens only --------------------------------------------------
+
+@pytest.mark.parametrize("overrides", [dict(seq_aux_alpha=1e-3), dict(scoring_func="softmax", moe_balance="aux_loss")])
+def test_layer_counts_real_tokens_only(overrides):
+    """With a token mask, padding adds nothing to the loads or the losses: the layer counts as if it had seen the
+    real tokens alone (Mixtral's load_balancing_loss_func drops padding the same way)."""
+    layer = build(**overrides).train()
+    lengths = [5, 11, 8]
+    x = torch.randn(3, 11, 32)
+    real = torch.arange(11)[None] < torch.tensor(lengths)[:, None]
+    layer(x, real)
+    padded_load, padded_aux = layer.expert_load.clone(), layer.aux_loss
+    layer.expert_load.zero_()
+    if layer.config.moe_balance == "aux_loss":  # the Switch loss pools the batch's tokens: all real ones in one row
+        layer(x[real][None])
+        expected_aux = layer.aux_loss
+    else:  # the sequence-wise loss is a mean over sequences: each real sequence alone
+        per_sequence = []
+        for seq, n in zip(x, lengths):
+            layer(seq[None, :n])
+            per_sequence.append(layer.aux_loss)
+        expected_aux = torch.stack(per_sequence).mean()
+    assert padded_load.sum() == sum(lengths) * 2 and torch.equal(padded_load, layer.expert_load)
+    torch.testing.assert_close(padded_aux, expected_aux, atol=1e-7, rtol=1e-5)
+
+
+def moe_model(**overrides):
+    """A real TinyMind MoE (one dense layer, then MoE) with a spread-out router, in training mode."""
+    from model import TinyMindForCausalLM
+    torch.manual_seed(0)
+    model = TinyMindForCausalLM(moe_config(vocab_size=97, num_hidden_layers=3, num_attention_heads=4,
+                                           num_key_value_heads=2, first_k_dense_replace=1, **overrides))
+    with torch.no_grad():
+        for _, layer in moe.moe_layers(model):
+            layer.gate.weight.normal_(0, 0.3)
+    return model.train()
+
+
+def counted(model, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-layer expert loads [L, E] and aux losses [L] of one training forward, from zeroed counters."""
+    layers = [layer for _, layer in moe.moe_layers(model)]
+    for layer in layers:
+        layer.expert_load.zero_()
+    with torch.no_grad():
+        model(*args, **kwargs)
+    loads = torch.stack([layer.expert_load.clone() for layer in layers])
+    return loads, torch.stack([layer.aux_loss for layer in layers])
+
+
+@pytest.mark.parametrize("balance", [dict(seq_aux_alpha=1e-3), dict(scoring_func="softmax", moe_balance="aux_loss")])
+def test_padded_and_packed_batches_count_what_their_sequences_count_alone(balance):
+    """The model passes each MoE layer which positions are real: a 2D padding mask's ones (right or left padding),
+    or every position of a packed row (4D block mask + position ids). Padding positions all share one hidden
+    state and would all pick the same experts; here they must not count at all."""
+    from model.data.packing import packed_collate
+    model = moe_model(**balance)
+    generator = torch.Generator().manual_seed(1)
+    sequences = [torch.randint(1, 97, (n,), generator=generator) for n in (5, 11, 8)]
+    alone = [counted(model, seq[None]) for seq in sequences]
+    loads_alone = sum(load for load, _ in alone)
+    packed = packed_collate([{"input_ids": torch.cat(sequences), "labels": torch.cat(sequences),
+                              "position_ids": torch.cat([torch.arange(len(s)) for s in sequences]),
+                              "segment_ids": torch.cat([torch.full((len(s),), k) for k, s in enumerate(sequences)])}])
+    packed_loads, packed_aux = counted(model, packed["input_ids"], attention_mask=packed["attention_mask"],
+                                       position_ids=packed["position_ids"])
+    assert torch.equal(packed_loads, loads_alone)  # a packed row: every position is a real token
+    for side in ("right", "left"):
+        ids, mask = torch.zeros(3, 11, dtype=torch.long), torch.zeros(3, 11, dtype=torch.long)
+        for row, seq in enumerate(sequences):
+            span = slice(0, len(seq)) if side == "right" else slice(11 - len(seq), 11)
+            ids[row, span], mask[row, span] = seq, 1
+        loads, aux = counted(model, ids, attention_mask=mask)
+        assert torch.equal(loads, loads_alone), side
+        stats = moe_load_stats(model)  # the logged statistic reads the same counters
+        for (label, _), row in zip(moe.moe_layers(model), loads_alone):
+            assert stats[f"moe/layer{label}/max_mean_load"] == pytest.approx((row.max() / row.float().mean()).item())
+        # Switch loss: over the batch's tokens, as in the packed row; sequence-wise loss: the mean over sequences.
+        expected = packed_aux if model.config.moe_balance == "aux_loss" else \
+            torch.stack([aux_one for _, aux_one in alone]).mean(dim=0)
+        torch.testing.assert_close(aux, expected, atol=1e-7, rtol=1e-5, msg=side)
+
+
 def test_count_active_params():
     layers = nn.ModuleList([build(), build(), nn.Linear(32, 32, bias=False)])
     total = sum(p.numel() for p in layers.parameters())
