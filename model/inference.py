@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, 
 from .checkpoint import (SHIPPED_TOKENIZER, config_path_for, load_state_into, load_weights, resolve_weight,
                          trained_tokenizer_path)
 from .config import TinyMindConfig
-from .device import DTYPES, default_device
+from .device import DTYPES, cast_weights, default_device
 from .model import TinyMindForCausalLM, describe
 
 # Special token ids of the TinyMind/MiniMind tokenizer; the tokenizer's own ids are used when it has them.
@@ -110,7 +110,8 @@ def mode_for(name: str, tokenizer) -> str:
 
 def pick_device_and_dtype(device: str | None = None, dtype: str | None = None) -> tuple[torch.device, torch.dtype]:
     """Inference casts the weights themselves (no fp32 master copy is needed): bf16/fp16 halve memory and traffic on
-    GPUs. On CPUs fp32 is the default, since bf16 matmuls are emulated (slow) on most of them."""
+    GPUs. On CPUs fp32 is the default, since bf16 matmuls are emulated (slow) on most of them. Buffers (RoPE
+    frequencies, the MoE bias) are not cast: see device.cast_weights."""
     device = device or default_device()
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda was asked for, but torch sees no CUDA device (try --device cpu)")
@@ -217,7 +218,9 @@ def load_model_for_inference(load_from: str | None = None, weight: str | None = 
         mode = mode_for(name, tokenizer)
     elif mode not in ("chat", "continue"):
         raise SystemExit(f"mode {mode!r}: choose auto, chat or continue")
-    model = model.to(device=device, dtype=torch_dtype).eval()
+    # Only the weights take the inference dtype: RoPE frequencies and the MoE bias stay fp32, as in training.
+    # Cast before moving, so a GPU never holds the fp32 copy.
+    model = cast_weights(model, torch_dtype).to(device).eval()
     info = {"description": describe(model) if isinstance(model, TinyMindForCausalLM) else type(model).__name__}
     if verbose:
         print(f"{info['description']}; weights from {source}{' + ' + lora_name if lora_name else ''}; "

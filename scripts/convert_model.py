@@ -59,12 +59,14 @@ def transformers_config_for(config: TinyMindConfig):
 
 
 def tensors_to_save(model, dtype: torch.dtype) -> dict:
-    """The state dict, cast, with a tied LM head left out: it is the embedding matrix itself, safetensors refuses
-    to store one tensor under two names, and `tie_word_embeddings` makes every loader re-tie it."""
+    """The state dict with the weights cast and the buffers kept fp32 (the MoE routing bias is made of updates far
+    smaller than bf16's resolution), and a tied LM head left out: it is the embedding matrix itself, safetensors
+    refuses to store one tensor under two names, and `tie_word_embeddings` makes every loader re-tie it."""
     state = {k: v for k, v in model.state_dict().items() if not k.endswith("expert_load")}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
-    return {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in state.items()}
+    weights = dict(model.named_parameters())
+    return {k: (v.to(dtype) if k in weights and v.is_floating_point() else v).contiguous() for k, v in state.items()}
 
 
 def model_code_files(entry_points=("model.py", "config.py")) -> list[str]:

@@ -201,6 +201,17 @@ def test_bfloat16_export_halves_the_file(tmp_path, vocab_size):
     assert bf16 < 0.55 * fp32
 
 
+def test_bfloat16_moe_export_keeps_the_routing_bias_in_fp32(tmp_path, vocab_size):
+    """The aux-free bias moves in steps of 1e-3 and less; bf16 would round it. Weights are cast, buffers are not."""
+    model, path = checkpoint(tmp_path, vocab_size, **MOE)
+    export(path, tmp_path / "bf16", "--dtype", "bfloat16")
+    with safe_open(str(tmp_path / "bf16" / "model.safetensors"), "pt") as f:
+        biases = [key for key in f.keys() if key.endswith("e_score_correction_bias")]
+        assert biases and all(f.get_tensor(key).dtype == torch.float32 for key in biases)
+        assert all(torch.equal(f.get_tensor(key), model.state_dict()[key]) for key in biases)
+        assert f.get_tensor("model.embed_tokens.weight").dtype == torch.bfloat16
+
+
 def test_bad_arguments_are_clear_errors(tmp_path, vocab_size):
     _, path = checkpoint(tmp_path, vocab_size, **MOE)
     with pytest.raises(SystemExit, match="no transformers-native class"):

@@ -1,5 +1,6 @@
 """eval_model.py scripted and interactive: answers equal direct generation with the right prompt (chat template for
-chat stages, BOS + text for pretrain), history, seeds, LoRA adapters, MoE/MLA checkpoints, and clear errors."""
+chat stages, BOS + text for pretrain), history, seeds, LoRA adapters, MoE/MLA checkpoints, clear errors, and bf16
+loading that casts only the weights (RoPE frequencies and the MoE bias stay fp32)."""
 import json
 import os
 
@@ -9,7 +10,7 @@ import torch
 import eval_model
 from model import PRESETS, TinyMindConfig, TinyMindForCausalLM
 from model.checkpoint import save_weights
-from model.inference import build_prompt, default_generation_config, trim_history
+from model.inference import build_prompt, default_generation_config, load_model_for_inference, trim_history
 from tests import TOKENIZER
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
@@ -179,3 +180,82 @@ def test_clear_errors(out_dir, tmp_path):
         eval_model.main(["--save_dir", str(out_dir), "--tokenizer_path", TOKENIZER, "--prompts", str(bad)])
     with pytest.raises(SystemExit, match="--prompts file not found"):
         eval_model.main(["--save_dir", str(out_dir), "--tokenizer_path", TOKENIZER, "--prompts", "nope.txt"])
+
+
+# ============================================================= bf16 inference keeps RoPE's frequencies in fp32
+
+MLA = dict(use_mla=True, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)
+MOE = dict(use_moe=True, num_experts=4, num_experts_per_tok=2)
+
+
+def position_sensitive_checkpoint(path, vocab_size, **overrides) -> str:
+    """A nano model whose attention depends on position. At init scale, queries and keys are so small that every
+    token attends almost uniformly and RoPE hardly matters; x10 on their projections makes attention sharp, as a
+    trained model's is, so a wrong rotation shows in the logits."""
+    torch.manual_seed(0)
+    model = TinyMindForCausalLM(TinyMindConfig(vocab_size=vocab_size, **{**PRESETS["nano"], **overrides}))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if any(key in name for key in ("q_proj", "k_proj", "q_a_proj", "q_b_proj", "kv_a_proj", "kv_b_proj")):
+                param.mul_(10)
+    save_weights(model, str(path))
+    return str(path)
+
+
+def bf16_error_near_and_far(model_fp32, model_bf16, vocab_size, length=2048, window=256) -> tuple[float, float]:
+    """Largest logit difference bf16 vs fp32 over the first `window` positions and over the last ones. Near the
+    start, rounding RoPE's frequencies cannot add up to much (the angle error grows with query-key distance), so
+    that is the model's ordinary bf16 error; far from the start it must stay the same size."""
+    ids = torch.randint(3, vocab_size, (1, length), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        error = (model_bf16(ids).logits.float() - model_fp32(ids).logits.float()).abs()[0]
+    return error[:window].max().item(), error[-window:].max().item()
+
+
+def assert_weights_cast_buffers_kept(model, dtype, reference):
+    """Every parameter in `dtype`; every floating buffer still fp32 and equal to the fp32 model's."""
+    assert {p.dtype for p in model.parameters()} == {dtype}
+    reference_buffers = dict(reference.named_buffers())
+    buffers = {name: b for name, b in model.named_buffers() if b.is_floating_point()}
+    assert any(name.endswith("inv_freq") for name in buffers)
+    for name, buffer in buffers.items():
+        assert buffer.dtype == torch.float32, f"{name} was cast to {buffer.dtype}"
+        assert torch.equal(buffer, reference_buffers[name]), name
+
+
+@pytest.mark.parametrize("source", ["dense", "mla", "llama_dir"])
+def test_bfloat16_inference_keeps_rope_in_fp32_at_long_positions(tmp_path, tokenizer, source):
+    """Loading with --dtype bfloat16 casts the weights only. Casting RoPE's inv_freq too (model.to(bf16)) ran a
+    different model from the trained one: the far error was 2.7-9x the near one (seeds 0-4 of this model; 7x for
+    dense, 5x for MLA at seed 0), against at most 1.05x when the frequencies stay fp32."""
+    path = position_sensitive_checkpoint(tmp_path / "full_sft_64.pth", len(tokenizer),
+                                         **(MLA if source == "mla" else {}))
+    if source == "llama_dir":  # a transformers directory: load_transformers_dir, then the same cast
+        from scripts import convert_model
+        convert_model.main(["--load_from", path, "--out_dir", str(tmp_path / "export"), "--tokenizer_path",
+                            TOKENIZER])
+        path = str(tmp_path / "export")
+    loaded = {dtype: load_model_for_inference(load_from=path, tokenizer_path=TOKENIZER, device="cpu", dtype=dtype,
+                                              verbose=False).model for dtype in ("float32", "bfloat16")}
+    assert_weights_cast_buffers_kept(loaded["bfloat16"], torch.bfloat16, loaded["float32"])
+    near, far = bf16_error_near_and_far(loaded["float32"], loaded["bfloat16"], len(tokenizer))
+    assert far < 2 * near, f"bf16 logit error {far:.4f} at positions 1792-2047 vs {near:.4f} at 0-255"
+
+
+def test_bfloat16_inference_keeps_the_moe_bias_in_fp32(tmp_path, tokenizer):
+    """The MoE router's balancing bias is a buffer, not a weight: it stays fp32 in a bf16 model, loaded from our
+    checkpoint or from the transformers directory convert_model writes for MoE (model_type tinymind)."""
+    from scripts import convert_model
+    torch.manual_seed(0)
+    model = TinyMindForCausalLM(TinyMindConfig(vocab_size=len(tokenizer), **{**PRESETS["nano"], **MOE}))
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.normal_(std=1e-3)  # steps bf16 would round away
+    save_weights(model, str(tmp_path / "full_sft_64_moe.pth"))
+    convert_model.main(["--load_from", str(tmp_path / "full_sft_64_moe.pth"), "--out_dir", str(tmp_path / "export"),
+                        "--tokenizer_path", TOKENIZER])
+    for path in (tmp_path / "full_sft_64_moe.pth", tmp_path / "export"):
+        loaded = load_model_for_inference(load_from=str(path), tokenizer_path=TOKENIZER, device="cpu",
+                                          dtype="bfloat16", verbose=False).model
+        assert_weights_cast_buffers_kept(loaded, torch.bfloat16, model)
