@@ -20,10 +20,11 @@ import functools
 import os
 
 import torch
+import torch.nn.functional as F
 from transformers import AutoTokenizer
 
 from model.data.packing import pad_collate
-from model.device import DTYPES, default_device
+from model.device import DTYPES, cast_weights, default_device
 from model.training.chat import load_chats_with_held_out
 from model.training.cli import add_common_args, add_data_args, build_model, exit_on_user_error, start_stage
 from model.training.evaluation import make_padded_chat_evaluate
@@ -67,7 +68,9 @@ def load_teacher(args, tokenizer, student, student_source: str | None, runtime) 
     vocab_size = student.get_output_embeddings().weight.shape[0]
     if is_transformers_dir(spec):
         from transformers import AutoModelForCausalLM
-        teacher = freeze(AutoModelForCausalLM.from_pretrained(spec, local_files_only=True))
+        # fp32 like our checkpoints, even when the directory stores bf16 (transformers would keep that):
+        # --teacher_dtype alone decides the teacher's precision.
+        teacher = freeze(AutoModelForCausalLM.from_pretrained(spec, local_files_only=True, dtype=torch.float32))
         check_teacher_tokenizer(spec, tokenizer)
         source = spec
         if teacher.get_output_embeddings().weight.shape[0] != vocab_size:
@@ -84,8 +87,8 @@ def load_teacher(args, tokenizer, student, student_source: str | None, runtime) 
     if student_source and os.path.abspath(student_source) == os.path.abspath(source):
         print0(f"warning: the teacher is the student's own starting checkpoint ({source}); the KL starts at 0 and "
                "there is nothing to distil (pass --teacher_weight / --teacher_hidden_size)")
-    if args.teacher_dtype:
-        teacher.to(DTYPES[args.teacher_dtype])
+    if args.teacher_dtype:  # the weights only: RoPE frequencies and the MoE bias stay fp32, as the teacher was trained
+        cast_weights(teacher, DTYPES[args.teacher_dtype])
     teacher.to(runtime.device)
     size = sum(p.numel() for p in teacher.parameters())
     print0(f"teacher: {source}, {size / 1e6:.2f}M parameters ({size / student.num_params():.1f}x the student)")
@@ -110,8 +113,10 @@ def make_loss_fn(args, teacher):
         out = model(batch["input_ids"], attention_mask=batch["attention_mask"])
         logits, labels, valid = target_positions(out.logits, batch["labels"])
         metrics = {"tokens": batch["attention_mask"].sum()}
+        normaliser = batch.get("loss_normaliser")  # the step's target tokens: each weighs the same
         if args.alpha >= 1.0:  # plain SFT: no teacher forward needed
-            loss = weighted_ce(logits, labels)
+            loss = weighted_ce(logits, labels) if normaliser is None else \
+                F.cross_entropy(logits.float(), labels, reduction="sum") / normaliser
             metrics["ce"] = loss.detach()
         else:
             with torch.no_grad():
@@ -119,7 +124,7 @@ def make_loss_fn(args, teacher):
                 teacher_logits = teacher_logits[:, :-1][valid]
             loss, ce, kd = distillation_loss(logits, teacher_logits, labels, alpha=args.alpha,
                                              temperature=args.temperature, direction=args.kd_direction,
-                                             return_parts=True)
+                                             return_parts=True, num_items_in_batch=normaliser)
             metrics.update(ce=ce.detach(), kd=kd.detach())
         return with_aux_loss(loss, out.aux_loss, metrics)
     return loss_fn

@@ -153,7 +153,7 @@ def main(argv=None):
     train_set, val_set = load_pairs(args, tokenizer, runtime)
     print0(f"data: {len(train_set):,} train / {len(val_set):,} held-out preference pairs")
 
-    model, _ = build_model(args, vocab_size=len(tokenizer))
+    model, _ = build_model(args, vocab_size=len(tokenizer), dropout=False)
     model.to(runtime.device)
     pad_id = tokenizer.pad_token_id
     # The reference comes from the STARTING weights, before Trainer may load a resume checkpoint into the policy.

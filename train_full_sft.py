@@ -52,9 +52,9 @@ def parse_args(argv=None):
 
 
 def loss_fn(model, batch):
-    """Mean next-token loss over the batch's assistant tokens (+ the MoE balancing loss)."""
+    """Mean next-token loss over the assistant tokens of the whole optimizer step (+ the MoE balancing loss)."""
     losses, mask, aux_loss = chat_token_losses(model, batch)
-    loss = losses.sum() / mask.sum().clamp(min=1)
+    loss = losses.sum() / batch.get("loss_normaliser", mask.sum().clamp(min=1))
     return with_aux_loss(loss, aux_loss, {"tokens": batch["tokens"]} if "tokens" in batch else {})
 
 

@@ -342,7 +342,7 @@ def main(argv=None):
     if "answer" in reward_names and not all("answer" in item["columns"] for item in train_set.items):
         raise SystemExit(f'error: the "answer" reward needs an "answer" field on every line of {args.data_path}')
 
-    model, _ = build_model(args, vocab_size=len(tokenizer))
+    model, _ = build_model(args, vocab_size=len(tokenizer), dropout=False)
     # The reference is the starting policy, frozen: copied before the Trainer can load resumed weights into `model`.
     ref_model = frozen_copy(model).to(runtime.device) if args.beta != 0.0 else None
 

@@ -8,8 +8,11 @@
 Same data, template, loss mask and packing as SFT (train_full_sft.py); what differs is what is trained. Every
 targeted nn.Linear W of the SFT model (by default the attention and MLP projections) gets a low-rank update
 W x + (alpha / r) B A x (model/lora.py); only A and B are trained, the base model stays frozen and its file on disk is
-never written. The result is a small adapter file, out/lora/<lora_name>_<hidden>[_moe].pth, holding the A/B tensors
-and r/alpha/targets; load it on top of the base model (eval_model.py --lora_name ...) or fold it in:
+never written. On a MoE model that means attention, dense FFN layers and shared experts get adapters, the routed
+experts (stacked 3D parameters, not nn.Linear) do not, and the routers' balancing biases are not updated either, so
+base + adapter is exactly the trained model (docs/lora.md, "MoE models"). The result is a small adapter file,
+out/lora/<lora_name>_<hidden>[_moe].pth, holding the A/B tensors and r/alpha/targets; load it on top of the base model
+(eval_model.py --lora_name ...) or fold it in:
 
     --merge 1            also write out/<lora_name>_merged_<hidden>.pth, the base with W + (alpha / r) B A folded in
     --export_peft DIR    also write the adapter in Hugging Face PEFT's format (adapter_model.safetensors + config)
@@ -113,9 +116,9 @@ class MixedChats(Dataset):
 
 
 def loss_fn(model, batch):
-    """SFT's loss (mean over assistant tokens); only the adapters get its gradient."""
+    """SFT's loss (mean over the step's assistant tokens); only the adapters get its gradient."""
     losses, mask, aux_loss = chat_token_losses(model, batch)
-    loss = losses.sum() / mask.sum().clamp(min=1)
+    loss = losses.sum() / batch.get("loss_normaliser", mask.sum().clamp(min=1))
     return with_aux_loss(loss, aux_loss, {"tokens": batch["tokens"]} if "tokens" in batch else {})
 
 

@@ -4,6 +4,8 @@ of a traceback for the errors a user can fix."""
 import argparse
 import functools
 
+import torch
+
 from ..checkpoint import load_state_into, load_weights, record_tokenizer, resolve_weight
 from ..config import PRESETS, TinyMindConfig
 from ..data.jsonl import BadInput
@@ -137,9 +139,12 @@ def config_from_args(args, base: TinyMindConfig | None = None, vocab_size: int |
     return TinyMindConfig(**settings)
 
 
-def build_model(args, vocab_size: int | None = None, default_preset: str | None = None):
+def build_model(args, vocab_size: int | None = None, default_preset: str | None = None, dropout: bool = True):
     """New model from flags, or the --from_weight checkpoint with its own config. Returns (model, source path).
-    `vocab_size`: the tokenizer's size; a model with fewer embedding rows than it has tokens is refused."""
+    `vocab_size`: the tokenizer's size; a model with fewer embedding rows than it has tokens is refused.
+    `dropout` False switches every dropout off (as TRL's disable_dropout for DPO and GRPO: a policy that drops
+    units would not start equal to its reference, nor sample from the distribution it is trained on); the saved
+    config keeps its value for the stages after."""
     source = None
     base_config, state = None, None
     if args.from_weight and args.from_weight != "none":
@@ -153,7 +158,14 @@ def build_model(args, vocab_size: int | None = None, default_preset: str | None 
     model = TinyMindForCausalLM(config)
     if state is not None:
         load_state_into(model, state, source)
-    print0(f"{describe(model)}" + (f"; weights from {source}" if source else "; random init"))
+    if not dropout:
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+            if hasattr(module, "attention_dropout"):
+                module.attention_dropout = 0.0
+    print0(f"{describe(model)}" + (f"; weights from {source}" if source else "; random init")
+           + ("" if dropout else "; dropout off"))
     return model, source
 
 

@@ -30,15 +30,20 @@ class DeepSpeedEngine:
         return contextlib.nullcontext()  # DeepSpeed reduces gradients at the accumulation boundary itself
 
     def backward(self, loss: torch.Tensor, lr: float):
-        # DeepSpeed counts micro-batches itself: step() after every backward updates only at the boundary.
+        # DeepSpeed counts micro-batches itself and wants step() after every backward; on all but the last
+        # micro-batch of an optimizer step that only advances its counter. The last one's step() applies the
+        # update, so it waits for step() below: the rate is set and the loss checked before it.
         set_learning_rate(self.optimizer, lr)
         self.model.backward(loss)
-        self.model.step()
+        if not self.model.is_gradient_accumulation_boundary():
+            self.model.step()
 
     def step(self, lr: float, loss_sum: torch.Tensor, step: int, weights_file: str) -> float:
         set_learning_rate(self.optimizer, lr)
         if not torch.isfinite(loss_sum):
-            raise TrainingDiverged(f"loss is {loss_sum.item()} at step {step}")
+            raise TrainingDiverged(f"non-finite loss ({loss_sum.item():.4g}) at step {step}: stopped before the "
+                                   f"optimizer step; the last good checkpoint ({weights_file}) is untouched")
+        self.model.step()
         norm = self.model.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
 

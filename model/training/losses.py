@@ -372,8 +372,10 @@ def _reduce_tokens(per_token: torch.Tensor, valid: torch.Tensor, reduction: str,
         return total
     if reduction != "batchmean":
         raise ValueError(f"reduction must be 'batchmean', 'sum' or 'none', got {reduction!r}")
-    denom = valid.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch)
-    return total / denom.to(total).clamp(min=1.0)
+    if num_items_in_batch is None:
+        return total / valid.sum().to(total).clamp(min=1.0)
+    # a step's token count divided by ranks x accumulation may be below 1; it is never 0
+    return total / torch.as_tensor(num_items_in_batch).to(total)
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None = None,
@@ -440,20 +442,23 @@ def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
                       alpha: float = 0.5, temperature: float = 1.0, direction: str = "forward",
-                      ignore_index: int = -100, return_parts: bool = False):
+                      ignore_index: int = -100, return_parts: bool = False,
+                      num_items_in_batch: float | torch.Tensor | None = None):
     """Hinton KD objective: alpha * CE(labels, student) + (1 - alpha) * T^2 * KL(teacher || student at T).
 
     CE is the ordinary next-token cross-entropy at temperature 1 against the hard labels; both terms are means over
     the same valid tokens (labels != ignore_index). Aligned positions, as in kd_loss (shift before calling).
-    return_parts=True returns (loss, ce, kd) for logging.
+    return_parts=True returns (loss, ce, kd) for logging. num_items_in_batch: divide both sums by this instead of
+    this batch's valid-token count (the token count of a whole optimizer step, as in kd_loss).
     """
     _check_vocab(student_logits, teacher_logits)
     V = student_logits.shape[-1]
     # sum / count rather than reduction="mean", so a batch with no valid token gives 0 instead of NaN
     ce_sum = F.cross_entropy(student_logits.float().reshape(-1, V), labels.reshape(-1), ignore_index=ignore_index,
                              reduction="sum")
-    ce = ce_sum / (labels != ignore_index).sum().clamp(min=1)
+    count = (labels != ignore_index).sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+    ce = ce_sum / count
     kd = kd_loss(student_logits, teacher_logits, labels=labels, temperature=temperature, direction=direction,
-                 ignore_index=ignore_index)
+                 ignore_index=ignore_index, num_items_in_batch=num_items_in_batch)
     loss = alpha * ce + (1 - alpha) * kd
     return (loss, ce, kd) if return_parts else loss

@@ -7,10 +7,11 @@ from torch.utils.data import Sampler
 
 
 def lr_at(step: int, total_steps: int, peak_lr: float, warmup_steps: int, min_lr_ratio: float = 0.1) -> float:
-    """Linear warmup to the peak, then cosine decay to min_lr_ratio * peak at the last step."""
+    """Linear warmup to the peak, then cosine decay to min_lr_ratio * peak at the last step (step total_steps - 1:
+    steps count from 0, so a schedule that reached its floor at total_steps would never use it)."""
     if step < warmup_steps:
         return peak_lr * (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - 1 - warmup_steps))
     return peak_lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 

@@ -6,7 +6,8 @@ held-out evaluation, atomic checkpoints every save_interval steps and on SIGTERM
 check that every rank ends with the same weights.
 
 - Supervised stages (pretraining, SFT, LoRA, DPO, distillation, reasoning) call `fit(dataset, loss_fn)`:
-  `loss_fn(model, batch) -> (loss, metrics)` is their only stage-specific code.
+  `loss_fn(model, batch) -> (loss, metrics)` is their only stage-specific code; token-level losses divide by
+  batch["loss_normaliser"] (SupervisedSteps.loss_normaliser) so every target token of a step weighs the same.
 - Stages that make their own data as they go (GRPO's rollouts) call `run(steps)` with an object whose `step()`
   runs one optimizer step's forward and backward passes (see `SupervisedSteps`, the supervised one, for the shape).
 """
@@ -118,13 +119,29 @@ class SupervisedSteps:
             state.epoch += 1
             state.samples_into_epoch = 0
 
+    def loss_normaliser(self, micro_batches: list[dict]) -> torch.Tensor | None:
+        """For token-level losses: the step's target tokens (labels != -100 after the shift) over all micro-batches
+        and ranks, divided by ranks x accumulation (the engine divides each micro-batch loss by the accumulation
+        count and DDP averages over ranks). A loss_fn that divides its summed token losses by this gives every
+        target token of the step the same weight, as HF's Trainer and TRL do with num_items_in_batch; a mean of
+        per-micro-batch means would weigh the tokens of short micro-batches more."""
+        if not all("labels" in batch for batch in micro_batches):
+            return None
+        runtime = self.trainer.runtime
+        total = sum((batch["labels"][:, 1:] != -100).sum() for batch in micro_batches).float()
+        if runtime.distributed:
+            dist.all_reduce(total)
+        return total.clamp(min=1) / (runtime.world_size * len(micro_batches))
+
     def step(self) -> StepResult:
         trainer, runtime = self.trainer, self.trainer.runtime
-        micro_batches = self.next_micro_batches()
+        micro_batches = [{k: v.to(runtime.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                          for k, v in batch.items()} for batch in self.next_micro_batches()]
+        normaliser = self.loss_normaliser(micro_batches)
         loss_sum, metric_sums, tokens = torch.zeros((), device=runtime.device), {}, 0
         for i, batch in enumerate(micro_batches):
-            batch = {k: v.to(runtime.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-                     for k, v in batch.items()}
+            if normaliser is not None:
+                batch["loss_normaliser"] = normaliser
             with trainer.engine.no_sync(i == len(micro_batches) - 1), runtime.autocast():
                 loss, metrics = self.loss_fn(trainer.model, batch)
             trainer.backward(loss)

@@ -69,6 +69,19 @@ def test_first_loss_is_exactly_ln2_when_policy_equals_reference(tmp_path, tokeni
     assert (tmp_path / "out" / "dpo_64.pth").exists() and result["weights"].endswith("dpo_64.pth")
 
 
+def test_dropout_is_off_so_training_starts_at_ln2_from_a_dropout_checkpoint(tmp_path, tokenizer):
+    """TRL's disable_dropout: a checkpoint configured with dropout 0.5 still starts at exactly ln 2 in train mode,
+    and its saved config keeps the dropout the stages after it may want."""
+    args = base_args(tmp_path, tokenizer, steps=1)
+    torch.manual_seed(0)
+    model = TinyMindForCausalLM(TinyMindConfig(vocab_size=len(tokenizer), **{**PRESETS["nano"], "dropout": 0.5,
+                                                                              "attention_dropout": 0.5}))
+    save_weights(model, str(tmp_path / "out" / "full_sft_64.pth"))
+    train_dpo.main(args)
+    assert abs(read_log(tmp_path)[0]["loss"] - math.log(2)) < 1e-6
+    assert json.loads((tmp_path / "out" / "dpo_64.json").read_text())["dropout"] == 0.5
+
+
 @pytest.mark.parametrize("loss_type, expected",
                          [("hinge", 1.0), ("ipo", (1 / (2 * 0.1)) ** 2), ("robust", math.log(2))])
 def test_other_loss_types_start_where_their_formula_says(tmp_path, tokenizer, loss_type, expected):

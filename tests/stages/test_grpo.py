@@ -6,6 +6,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 
@@ -352,6 +353,22 @@ def test_one_iteration_has_ratio_one_and_no_clipping_more_iterations_do_not(tmp_
     assert all(r["kl"] >= 0 for r in records) and records[0]["kl"] < 1e-6 < records[1]["kl"]
 
 
+def test_dropout_is_off_so_the_first_update_has_ratio_one(tmp_path):
+    """With two updates per rollout pi_old is computed once (in eval mode); a policy that kept dropout would see a
+    ratio != 1 and clip on its very first update. TRL disables dropout in GRPO; so do we (config dropout 0.5)."""
+    data = write_prompts(tmp_path / "sums.jsonl")
+    torch.manual_seed(0)
+    model = TinyMindForCausalLM(TinyMindConfig(vocab_size=6400, hidden_size=64, num_hidden_layers=2,
+                                               num_attention_heads=4, num_key_value_heads=2, dropout=0.5,
+                                               attention_dropout=0.5))
+    start = str(tmp_path / "start.pth")
+    save_weights(model, start)
+    train_grpo.main(run_args(tmp_path, data, steps=1, extra=["--from_weight", start, "--num_iterations", "2",
+                                                            "--log_interval", "1", "--eval_samples", "0"]))
+    first = [r for r in read_log(tmp_path) if "loss" in r][0]
+    assert first["ratio_mean"] == pytest.approx(1.0, abs=1e-6) and first["clip_ratio/region_mean"] == 0
+
+
 def test_dapo_normaliser_is_the_same_with_gradient_accumulation(tmp_path, tokenizer):
     """One micro-batch of 16 completions, or the same 16 split in two micro-batches: the same gradient."""
     model = nano_model(sharpen=1.0)
@@ -505,6 +522,36 @@ def test_sigterm_writes_a_resume_checkpoint_between_rollouts_and_resuming_matche
     train_grpo.main(run_args(whole, data, steps=saved_step + 2, extra=flags))
     expected, resumed = torch.load(whole / "out" / "grpo_64.pth"), torch.load(killed / "out" / "grpo_64.pth")
     assert all(torch.equal(expected[k], resumed[k]) for k in expected)
+
+
+def test_deepspeed_engine_applies_the_scheduled_rate_and_matches_plain_pytorch(tmp_path):
+    """Under DeepSpeed the update of an optimizer step is applied by the engine's step() after the last micro-batch;
+    it must use this step's scheduled learning rate (a warmup that starts at 1/3 of the peak here), not the one the
+    optimizer held before, and land on the plain-PyTorch run's weights (ZeRO-2, one CPU process)."""
+    pytest.importorskip("deepspeed")
+    data = write_prompts(tmp_path / "sums.jsonl", count=24)
+    (tmp_path / "r.py").write_text("def even_ids(prompts, completions, completion_ids, **kwargs):\n"
+                                   "    return [sum(i % 2 == 0 for i in ids) / len(ids) for ids in completion_ids]\n")
+    start = str(tmp_path / "start.pth")
+    save_weights(nano_model(sharpen=1.0), start)
+    flags = ["--from_weight", start, "--reward_funcs", f"{tmp_path / 'r.py'}:even_ids", "--learning_rate", "1e-2",
+             "--warmup_steps", "3", "--accumulation_steps", "2", "--log_interval", "1", "--eval_samples", "0"]
+    plain, zero = tmp_path / "plain", tmp_path / "zero"
+    train_grpo.main(run_args(plain, data, steps=3, extra=flags))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port",
+                             str(port), os.path.join(ROOT, "train_grpo.py"),
+                             *run_args(zero, data, steps=3, extra=flags + ["--deepspeed", "ds_config.json"])],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    logged = [(r["step"], r["lr"]) for r in read_log(zero) if "loss" in r]
+    assert logged == [(r["step"], r["lr"]) for r in read_log(plain) if "loss" in r] == [
+        (1, pytest.approx(1e-2 / 3)), (2, pytest.approx(2e-2 / 3)), (3, pytest.approx(1e-2))]
+    expected, got = torch.load(plain / "out" / "grpo_64.pth"), torch.load(zero / "out" / "grpo_64.pth")
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.slow
