@@ -3,10 +3,11 @@ has one), the runtime and tokenizer, the model factory behind --preset / --from_
 of a traceback for the errors a user can fix."""
 import argparse
 import functools
+import os
 
 import torch
 
-from ..checkpoint import load_state_into, load_weights, record_tokenizer, resolve_weight
+from ..checkpoint import config_path_for, load_state_into, load_weights, record_tokenizer, resolve_weight
 from ..config import PRESETS, TinyMindConfig
 from ..data.jsonl import BadInput
 from ..device import DTYPES, default_device
@@ -169,10 +170,26 @@ def build_model(args, vocab_size: int | None = None, default_preset: str | None 
     return model, source
 
 
+def planned_config(args) -> TinyMindConfig:
+    """The config build_model will build (from the --from_weight checkpoint's JSON, or from the flags), without
+    building the model or reading its weights."""
+    base = None
+    if args.from_weight and args.from_weight != "none":
+        path = config_path_for(resolve_weight(args.from_weight, args.save_dir, args.hidden_size))
+        base = TinyMindConfig.from_json_file(path) if os.path.exists(path) else None
+    return config_from_args(args, base)
+
+
 def start_stage(args) -> tuple[Runtime, object]:
-    """The runtime (device, dtype, seeds, process group) and the tokenizer every stage starts with."""
+    """The runtime (device, dtype, seeds, process group) and the tokenizer every stage starts with. With no
+    --dtype on a CPU, the dtype is measured at the model's own matmul shape (model.device.measured_cpu_dtype)."""
     from transformers import AutoTokenizer
-    runtime = init_runtime(args.device, args.dtype, args.seed, args.num_threads)
+    shape = None
+    if args.dtype is None and (args.device or default_device()) == "cpu":
+        config = planned_config(args)
+        tokens = min(args.batch_size * args.max_seq_len, 4096)  # enough rows for the kernel's steady state
+        shape = (tokens, config.hidden_size, config.intermediate_size)
+    runtime = init_runtime(args.device, args.dtype, args.seed, args.num_threads, matmul_shape=shape)
     return runtime, AutoTokenizer.from_pretrained(args.tokenizer_path)
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..device import DTYPES, default_device, default_dtype
+from ..device import DTYPES, default_device, default_dtype, measured_cpu_dtype
 
 
 @dataclass
@@ -43,8 +43,10 @@ def print0(*args, **kwargs):
 
 
 def init_runtime(device: str | None = None, dtype: str | None = None, seed: int = 42,
-                 num_threads: int | None = None) -> Runtime:
-    """Pick device and dtype (fastest correct choice when not given), join the process group under torchrun."""
+                 num_threads: int | None = None, matmul_shape: tuple[int, int, int] | None = None) -> Runtime:
+    """Pick device and dtype (fastest correct choice when not given), join the process group under torchrun.
+    `matmul_shape`: the model's [tokens, hidden] @ [hidden, intermediate], at which a CPU measures whether bf16
+    autocast beats fp32 (rank 0 measures, every rank uses its answer)."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     device = device or default_device()
@@ -60,7 +62,15 @@ def init_runtime(device: str | None = None, dtype: str | None = None, seed: int 
         torch.set_num_threads(num_threads or max(1, (os.cpu_count() or 1) // local_world))
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
-    dtype_name = dtype or default_dtype(device_type)
+    if dtype is None and device_type == "cpu" and matmul_shape is not None:
+        dtype_name, why = measured_cpu_dtype(matmul_shape) if rank == 0 else ("float32", "")
+        if world_size > 1:
+            use_bf16 = torch.tensor([dtype_name == "bfloat16"], dtype=torch.int32)
+            dist.broadcast(use_bf16, src=0)
+            dtype_name = "bfloat16" if use_bf16.item() else "float32"
+        print0(f"dtype {dtype_name}: {why} (--dtype overrides)")
+    else:
+        dtype_name = dtype or default_dtype(device_type)
     if dtype_name not in DTYPES:
         raise SystemExit(f"--dtype {dtype_name!r}: choose one of float32, bfloat16, float16")
     if device_type == "cuda":
