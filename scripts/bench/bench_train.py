@@ -5,7 +5,12 @@ MiniMind uses on a CPU (fp32, each document padded or truncated to max_seq_len o
     python -m scripts.bench.bench_train --preset base --device cuda --modes packed_bf16,packed_bf16_compile
 
 "Useful tokens/s" counts only positions that carry a real next-token target: padding is work thrown away.
-Peak memory is the process's max RSS on CPU, max allocated on CUDA. MFU is printed on a GPU.
+Peak memory is the process's max RSS on CPU, max allocated on CUDA. MFU is printed on a GPU. On a CPU each mode
+also prints its fraction of this machine's own ceiling: the matmul rate measured here, in the mode's dtype, at the
+model's [batch x seq, hidden] @ [hidden, intermediate] shape, against the FLOPs per token it trains (PaLM's 6N +
+attention) times all tokens/s. `tinymind_default` is what train_pretrain.py runs without --dtype (the dtype its
+probe picks on this machine); `minimind_fp32_padded` is our re-implementation of MiniMind's CPU pipeline (fp32,
+one document per row, padded), not MiniMind's own code.
 """
 import argparse
 import time
@@ -15,11 +20,12 @@ import torch
 
 from model import PRESETS, TinyMindConfig, TinyMindForCausalLM, describe
 from model.data.pretrain import PretrainDataset
-from model.device import default_device
+from model.device import DTYPES, default_device, default_dtype, matmul_rate
 from model.training.runtime import device_peak_flops, peak_memory_gb
 
-MODES = {  # name: (packed, dtype, compile)
+MODES = {  # name: (packed, dtype, compile); dtype None: what TinyMind picks when no --dtype is given
     "minimind_fp32_padded": (False, torch.float32, False),
+    "tinymind_default": (True, None, False),
     "packed_fp32": (True, torch.float32, False),
     "packed_bf16": (True, torch.bfloat16, False),
     "packed_bf16_compile": (True, torch.bfloat16, True),
@@ -48,8 +54,9 @@ def packed_batches(dataset: PretrainDataset, batch_size: int, rng):
         yield ids, ids
 
 
-def run_mode(name, config, dataset, args, device):
+def run_mode(name, config, dataset, args, device, default_dtype):
     packed, dtype, compile_model = MODES[name]
+    dtype = dtype or default_dtype
     torch.manual_seed(0)
     model = TinyMindForCausalLM(config).to(device).train()
     step_model = torch.compile(model) if compile_model else model
@@ -79,11 +86,12 @@ def run_mode(name, config, dataset, args, device):
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    result = {"mode": name, "useful_tok_s": useful / seconds, "all_tok_s": total / seconds,
+    result = {"mode": name, "dtype": dtype, "useful_tok_s": useful / seconds, "all_tok_s": total / seconds,
               "pad_fraction": 1 - useful / total, "warmup_s": warmup_seconds, "peak_mem_gb": peak_memory_gb(device)}
+    result["flops_per_s"] = model.flops_per_token(args.seq_len) * result["all_tok_s"]
     peak = device_peak_flops(device)
     if peak:
-        result["mfu"] = model.flops_per_token(args.seq_len) * result["all_tok_s"] / peak
+        result["mfu"] = result["flops_per_s"] / peak
     return result
 
 
@@ -106,9 +114,18 @@ def main():
     config = TinyMindConfig(**PRESETS[args.preset], vocab_size=len(tokenizer))
     print(f"{describe(TinyMindForCausalLM(config))} | batch {args.batch_size} x seq {args.seq_len} | {device} "
           f"({torch.get_num_threads()} threads) | {dataset.summary['documents']:,} docs")
+    shape = (args.batch_size * args.seq_len, config.hidden_size, config.intermediate_size)
+    default = DTYPES[default_dtype(device.type, shape if device.type == "cpu" else None)]
+    ceilings = {}  # dtype -> measured matmul FLOP/s on this machine (CPU)
+    if device.type == "cpu":
+        for dtype in (torch.float32, torch.bfloat16):
+            ceilings[dtype] = matmul_rate(shape, dtype, seconds=1.0) * 1e9
+        print(f"ceiling (measured {'x'.join(map(str, shape))} matmul): fp32 {ceilings[torch.float32] / 1e9:.0f} "
+              f"GFLOP/s, bf16 {ceilings[torch.bfloat16] / 1e9:.0f} GFLOP/s; tinymind_default runs "
+              f"{str(default).replace('torch.', '')}")
     results = []
     for name in args.modes.split(","):
-        result = run_mode(name, config, dataset, args, device)
+        result = run_mode(name, config, dataset, args, device, default)
         results.append(result)
         baseline = results[0]["useful_tok_s"]
         line = (f"{name:22s} useful {result['useful_tok_s']:8,.0f} tok/s (all {result['all_tok_s']:8,.0f}, "
@@ -116,6 +133,8 @@ def main():
                 f"peak {result['peak_mem_gb']:.2f} GB  warmup {result['warmup_s']:.0f}s")
         if "mfu" in result:
             line += f"  MFU {100 * result['mfu']:.1f}%"
+        if result["dtype"] in ceilings:
+            line += f"  {100 * result['flops_per_s'] / ceilings[result['dtype']]:.0f}% of the measured ceiling"
         print(line, flush=True)
 
 
