@@ -1,6 +1,6 @@
 """Stage 5, distillation: a small student learns from a bigger teacher's full next-token distributions.
 
-    python train_distillation.py --teacher_weight full_sft --teacher_hidden_size 384 --hidden_size 256
+    python train_distillation.py --teacher_weight teacher_sft --teacher_hidden_size 384   # the pipeline's teacher
     python train_distillation.py --teacher_weight path/to/teacher.pth --from_weight none --preset nano
     python train_distillation.py --teacher_weight path/to/qwen_dir      # a transformers model with our vocabulary
 
@@ -26,7 +26,8 @@ from transformers import AutoTokenizer
 from model.data.packing import pad_collate
 from model.device import DTYPES, cast_weights, default_device
 from model.training.chat import load_chats_with_held_out
-from model.training.cli import add_common_args, add_data_args, build_model, exit_on_user_error, start_stage
+from model.training.cli import (HelpFormatter, add_common_args, add_data_args, build_model, exit_on_user_error,
+                                start_stage)
 from model.training.evaluation import make_padded_chat_evaluate
 from model.training.frozen import freeze, is_transformers_dir, load_frozen_checkpoint
 from model.training.losses import distillation_loss, target_positions, weighted_ce, with_aux_loss
@@ -35,7 +36,7 @@ from model.training.trainer import Trainer
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     on_gpu = default_device() == "cuda"
     # Supervised training on chats: SFT's learning rates (measured on the demo, docs/sft.md).
     add_common_args(parser, "distill", from_weight="full_sft", batch_size=16, learning_rate=2e-4 if on_gpu else 1e-3,
@@ -83,7 +84,7 @@ def load_teacher(args, tokenizer, student, student_source: str | None, runtime) 
                          "transformers model directory, a .pth file or a stage name")
     else:
         teacher, source = load_frozen_checkpoint(spec, args.save_dir, args.teacher_hidden_size, args.tokenizer_path,
-                                                 vocab_size, "teacher")
+                                                 vocab_size, "teacher", "--teacher_weight")
     if student_source and os.path.abspath(student_source) == os.path.abspath(source):
         print0(f"warning: the teacher is the student's own starting checkpoint ({source}); the KL starts at 0 and "
                "there is nothing to distil (pass --teacher_weight / --teacher_hidden_size)")

@@ -29,7 +29,8 @@ from torch.utils.data import Subset
 from model.data.jsonl import default_val_path
 from model.data.preference import DPODataset, IndexedPairs, collate_pairs
 from model.device import default_device
-from model.training.cli import add_common_args, add_data_args, build_model, exit_on_user_error, start_stage
+from model.training.cli import (HelpFormatter, add_common_args, add_data_args, build_model, exit_on_user_error,
+                                start_stage)
 from model.training.evaluation import held_out_batches
 from model.training.frozen import frozen_copy, load_frozen_checkpoint
 from model.training.losses import dpo_loss, with_aux_loss
@@ -39,7 +40,7 @@ from model.training.trainer import Trainer
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     on_gpu = default_device() == "cuda"
     # LR: MiniMind's 4e-8 leaves the loss at ln 2 for a whole epoch; TRL's 1e-6 suits billion-parameter models.
     # A model of a few million parameters needs more (measured on the demo: docs/dpo.md).
@@ -94,7 +95,8 @@ def load_reference(args, model, runtime) -> torch.nn.Module:
     if args.ref_weight is None:
         return frozen_copy(model)
     reference, path = load_frozen_checkpoint(args.ref_weight, args.save_dir, model.config.hidden_size,
-                                             args.tokenizer_path, model.config.vocab_size, "reference")
+                                             args.tokenizer_path, model.config.vocab_size, "reference",
+                                             "--ref_weight")
     print0(f"reference model: {path}")
     return reference.to(runtime.device)
 

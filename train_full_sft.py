@@ -32,7 +32,7 @@ import argparse
 from model.data.packing import training_batches
 from model.device import default_device
 from model.training.chat import add_chat_data_args, held_out_prompts, load_chats_with_held_out, write_chat_summary
-from model.training.cli import add_common_args, build_model, exit_on_user_error, start_stage
+from model.training.cli import HelpFormatter, add_common_args, build_model, exit_on_user_error, start_stage
 from model.training.evaluation import (assistant_token_loss, chat_token_losses, describe_metrics, end_of_turn_rate,
                                        generate_replies, print_changes)
 from model.training.losses import with_aux_loss
@@ -41,7 +41,7 @@ from model.training.trainer import Trainer
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     on_gpu = default_device() == "cuda"
     add_common_args(parser, "full_sft", from_weight="pretrain", epochs=2,
                     batch_size=16 if on_gpu else 8, learning_rate=2e-4 if on_gpu else 1e-3, max_seq_len=512,

@@ -17,7 +17,8 @@ from torch.utils.data import Subset
 from model.data.jsonl import default_val_path
 from model.data.pretrain import PretrainDataset
 from model.device import default_device
-from model.training.cli import add_common_args, add_data_args, build_model, exit_on_user_error, start_stage
+from model.training.cli import (HelpFormatter, add_common_args, add_data_args, build_model, exit_on_user_error,
+                                start_stage)
 from model.training.evaluation import evaluate_lm_loss
 from model.training.losses import with_aux_loss
 from model.training.runtime import cleanup, main_rank_first, print0
@@ -28,7 +29,7 @@ SAMPLE_PROMPTS = ["《静夜思》 李白\n", "To be, or not to be"]
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     on_gpu = default_device() == "cuda"
     add_common_args(parser, "pretrain", batch_size=32 if on_gpu else 16, learning_rate=5e-4 if on_gpu else 2e-3,
                     max_seq_len=512 if on_gpu else 256, eval_interval=100, save_interval=200)

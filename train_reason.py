@@ -25,7 +25,8 @@ from model.data.packing import pad_collate
 from model.device import default_device
 from model.generation import greedy_generate
 from model.training.chat import load_chats_with_held_out
-from model.training.cli import add_common_args, add_data_args, build_model, exit_on_user_error, start_stage
+from model.training.cli import (HelpFormatter, add_common_args, add_data_args, build_model, exit_on_user_error,
+                                start_stage)
 from model.training.evaluation import make_padded_chat_evaluate
 from model.training.losses import target_positions, weighted_ce, with_aux_loss
 from model.training.runtime import barrier, cleanup, print0
@@ -37,7 +38,7 @@ REASONING_FORMAT = re.compile(r"\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     on_gpu = default_device() == "cuda"
     # Supervised training on chats: SFT's learning rates (measured on the demo, docs/sft.md).
     add_common_args(parser, "reason", from_weight="full_sft", batch_size=16, learning_rate=2e-4 if on_gpu else 1e-3,

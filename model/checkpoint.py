@@ -56,9 +56,11 @@ def weight_path(save_dir: str, name: str, config: TinyMindConfig) -> str:
     return os.path.join(save_dir, f"{name}_{config.hidden_size}{suffix}.pth")
 
 
-def resolve_weight(name_or_path: str, save_dir: str, hidden_size: int | None = None) -> str:
+def resolve_weight(name_or_path: str, save_dir: str, hidden_size: int | None = None,
+                   flag: str = "--from_weight") -> str:
     """A .pth path as given, or a stage name looked up in save_dir (out/pretrain_512.pth ...). When the hidden size
-    is not given and exactly one file of that stage exists, use it, so `--from_weight pretrain` just works."""
+    is not given and exactly one file of that stage exists, use it, so `--from_weight pretrain` just works. `flag`:
+    the caller's own flag for a path, named in the error a user follows."""
     if name_or_path.endswith(".pth") or os.sep in name_or_path:
         if not os.path.exists(name_or_path):
             raise SystemExit(f"weights not found: {name_or_path}")
@@ -71,7 +73,7 @@ def resolve_weight(name_or_path: str, save_dir: str, hidden_size: int | None = N
         return exact[0]
     if not exact:
         raise SystemExit(f"no '{name_or_path}' weights in {save_dir}/ (looked for {pattern}); run the stage that "
-                         f"produces them first, or pass --from_weight PATH.pth")
+                         f"produces them first, or pass {flag} PATH.pth")
     raise SystemExit(f"several '{name_or_path}' weights in {save_dir}/: {', '.join(exact)}; "
                      "pass --hidden_size (and --use_moe/--use_mla) or a path to choose")
 

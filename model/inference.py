@@ -61,7 +61,7 @@ def pick_weight_file(weight: str, save_dir: str, hidden_size: int | None = None,
     """A stage name resolved in save_dir (out/full_sft_512.pth), or a path. When both a dense and a MoE/MLA file
     exist for the same stage, --use_moe/--use_mla choose between them instead of an ambiguity error."""
     if weight.endswith(".pth") or os.sep in weight:
-        return resolve_weight(weight, save_dir)
+        return resolve_weight(weight, save_dir, flag="--load_from")
     if use_moe is not None or use_mla is not None:
         suffix = ("_moe" if use_moe else "") + ("_mla" if use_mla else "")
         sizes = [str(hidden_size)] if hidden_size else ["*"]
@@ -72,7 +72,7 @@ def pick_weight_file(weight: str, save_dir: str, hidden_size: int | None = None,
         if not found:
             raise SystemExit(f"no '{weight}' weights with suffix '{suffix or '(dense)'}' in {save_dir}/")
         raise SystemExit(f"several matches in {save_dir}/: {', '.join(sorted(found))}; pass --hidden_size or a path")
-    return resolve_weight(weight, save_dir, hidden_size)
+    return resolve_weight(weight, save_dir, hidden_size, flag="--load_from")
 
 
 def discover_checkpoints(save_dir: str) -> list[str]:

@@ -16,6 +16,10 @@ from .engine import TrainingDiverged
 from .runtime import Runtime, init_runtime, print0
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the script docstring's layout and shows every flag's default."""
+
+
 def add_common_args(parser: argparse.ArgumentParser, stage: str, **defaults):
     """Flags every stage takes (MiniMind's names where it has one). `defaults` sets stage-specific defaults."""
     g = parser.add_argument_group("output")
@@ -50,7 +54,7 @@ def add_common_args(parser: argparse.ArgumentParser, stage: str, **defaults):
                    help="peak learning rate")
     g.add_argument("--min_lr_ratio", type=float, default=0.1, help="cosine schedule floor, as a fraction of the peak")
     g.add_argument("--warmup_steps", type=int, default=defaults.get("warmup_steps", 0),
-                   help="linear warmup steps (0 with --warmup_ratio unset: 1%% of the steps)")
+                   help="linear warmup steps (0: 1%% of the steps)")
     g.add_argument("--weight_decay", type=float, default=defaults.get("weight_decay", 0.1),
                    help="AdamW weight decay on weight matrices (not on norms or embeddings)")
     g.add_argument("--grad_clip", type=float, default=1.0, help="clip the global gradient norm to this (0: off)")

@@ -21,10 +21,11 @@ def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def load_frozen_checkpoint(spec: str, save_dir: str, hidden_size: int | None, tokenizer_path: str | None,
-                           vocab_size: int, what: str) -> tuple[TinyMindForCausalLM, str]:
+                           vocab_size: int, what: str, flag: str) -> tuple[TinyMindForCausalLM, str]:
     """One of our checkpoints (a stage name resolved in save_dir, or a .pth with its config JSON beside it),
-    trained with the same tokenizer and vocabulary as the policy, frozen. Returns (model, the file)."""
-    path = resolve_weight(spec, save_dir, hidden_size)
+    trained with the same tokenizer and vocabulary as the policy, frozen. Returns (model, the file). `flag`: the
+    stage's flag for it, named in errors."""
+    path = resolve_weight(spec, save_dir, hidden_size, flag)
     state, config = load_weights(path)
     if config is None:
         raise SystemExit(f"error: the {what} {path} has no config JSON beside it (saved by an older script?)")
