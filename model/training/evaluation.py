@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader
 
 from ..data.packing import PackedDataset, packed_collate, pad_collate
 from ..generation import greedy_generate
-from .losses import kd_loss, next_token_losses, target_positions, weighted_ce
+from .losses import kd_loss, next_token_losses, target_positions
 from .runtime import Runtime, all_reduce_mean, print0
 from .schedule import ResumableSampler
 
@@ -71,29 +71,37 @@ def held_out_batches(dataset, batch_size: int, max_batches: int, runtime, collat
 
 
 def make_padded_chat_evaluate(args, val_set, runtime, pad_token_id: int, teacher=None, tag_ids=None):
-    """Held-out evaluation of distillation and reasoning SFT on padded chat batches: the CE on assistant tokens;
-    with a teacher also KL(teacher || student) at T = 1 (the distance distillation closes, whatever --temperature
-    or --kd_direction trained it); with tag ids also the CE on those tags. Means of batch means, all ranks."""
+    """Held-out evaluation of distillation and reasoning SFT on padded chat batches, per token like every held-out
+    loss here (summed over the tokens, divided by their number, over all ranks): the CE on assistant tokens; with a
+    teacher also KL(teacher || student) at T = 1 (the distance distillation closes, whatever --temperature or
+    --kd_direction trained it); with tag ids also the CE on those tag tokens."""
     collate = functools.partial(pad_collate, pad_token_id=pad_token_id)
 
     def evaluate(model):
-        sums, batches = torch.zeros(3, device=runtime.device), 0
+        # CE sum, KL sum, tag CE sum, target tokens, tag tokens
+        totals = torch.zeros(5, dtype=torch.float64, device=runtime.device)
         for batch in held_out_batches(val_set, args.batch_size, args.eval_batches, runtime, collate):
             logits = model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             logits, labels, valid = target_positions(logits, batch["labels"])
-            sums[0] += weighted_ce(logits, labels)
+            ce = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none")
+            totals[0] += ce.sum().double()
+            totals[3] += labels.numel()
             if teacher is not None:
                 teacher_logits = teacher(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                sums[1] += kd_loss(logits, teacher_logits[:, :-1][valid], temperature=1.0, direction="forward")
+                totals[1] += kd_loss(logits, teacher_logits[:, :-1][valid], temperature=1.0, direction="forward",
+                                     num_items_in_batch=1.0).double()  # the sum over the tokens
             if tag_ids is not None:
-                sums[2] += weighted_ce(logits, labels, torch.isin(labels, tag_ids.to(labels.device)).float())
-            batches += 1
-        means = all_reduce_mean(sums / max(batches, 1), runtime).tolist()
-        metrics = {"val_loss": means[0]}
+                on_tags = torch.isin(labels, tag_ids.to(labels.device))
+                totals[2] += ce[on_tags].sum().double()
+                totals[4] += on_tags.sum()
+        if runtime.distributed:
+            dist.all_reduce(totals)
+        tokens, tag_tokens = totals[3].clamp(min=1), totals[4].clamp(min=1)
+        metrics = {"val_loss": (totals[0] / tokens).item()}
         if teacher is not None:
-            metrics["kl_to_teacher"] = means[1]
+            metrics["kl_to_teacher"] = (totals[1] / tokens).item()
         if tag_ids is not None:
-            metrics["tag_loss"] = means[2]
+            metrics["tag_loss"] = (totals[2] / tag_tokens).item()
         return metrics
     return evaluate
 

@@ -172,3 +172,26 @@ def test_teacher_dtype_casts_weights_and_keeps_rope_in_fp32(tmp_path, tokenizer,
         error = (teachers["bfloat16"](ids).logits.float() - teachers["float32"](ids).logits.float()).abs()[0]
     near, far = error[:256].max().item(), error[-256:].max().item()
     assert far < 2 * near, f"bf16 teacher's logit error {far:.4f} at positions 1792-2047 vs {near:.4f} at 0-255"
+
+
+def test_held_out_loss_has_one_definition_shared_with_sft(tmp_path, tokenizer):
+    """The same checkpoint on the same held-out chats gets the same held-out loss from distillation's evaluation
+    (padded batches) as from SFT's (packed): both per assistant token. A mean of batch means weighted the tokens of
+    short batches more (4.175 vs 4.247 on the demo)."""
+    import argparse
+
+    from model.data.chat import SFTDataset
+    from model.training.evaluation import assistant_token_loss, make_padded_chat_evaluate
+    from model.training.runtime import init_runtime
+    write_chats(tmp_path / "val.jsonl", 37)  # batches of 16, 16 and 5: unequal, as real held-out files are
+    val = SFTDataset(str(tmp_path / "val.jsonl"), tokenizer, 64, show_progress=False)
+    torch.manual_seed(0)
+    model = TinyMindForCausalLM(TinyMindConfig(vocab_size=len(tokenizer), **PRESETS["nano"])).eval()
+    runtime = init_runtime("cpu", "float32", 0, 1)
+    evaluate = make_padded_chat_evaluate(argparse.Namespace(batch_size=16, eval_batches=100), val, runtime,
+                                         tokenizer.pad_token_id, teacher=model)
+    with torch.no_grad():
+        padded = evaluate(model)
+        packed = assistant_token_loss(model, val, runtime, batch_size=4, max_seq_len=64)
+    assert padded["val_loss"] == pytest.approx(packed, abs=1e-5)
+    assert padded["kl_to_teacher"] == pytest.approx(0.0, abs=1e-6)
