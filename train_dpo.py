@@ -170,7 +170,7 @@ def main(argv=None):
     else:
         reference = load_reference(args, model, runtime)
 
-    trainer = Trainer(args, model, runtime, "dpo")
+    trainer = Trainer(args, model, runtime, args.save_weight)
     evaluate = make_evaluate(args, val_set, reference, val_table, runtime, pad_id)
     # The same metrics on the first training pairs tell "DPO learned what it was shown" apart from "it generalised".
     probe_set = Subset(train_set, range(min(len(train_set), args.eval_batches * args.batch_size)))

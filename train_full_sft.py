@@ -87,7 +87,7 @@ def main(argv=None):
         return {"val_loss": assistant_token_loss(model, val_chats, runtime, args.batch_size, args.max_seq_len,
                                                  args.eval_batches)}
 
-    trainer = Trainer(args, model, runtime, "full_sft")
+    trainer = Trainer(args, model, runtime, args.save_weight)
     before = None if trainer.resumed else chat_metrics(model, tokenizer, val_chats, prompts, runtime, args)
     if before is not None:
         print0(describe_metrics("held-out before training", before))

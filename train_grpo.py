@@ -356,7 +356,7 @@ def main(argv=None):
         last_answers[:] = answers
         return metrics
 
-    trainer = Trainer(args, model, runtime, "grpo")
+    trainer = Trainer(args, model, runtime, args.save_weight)
     steps = GRPOSteps(args, trainer, runtime, tokenizer, train_set, reward_funcs, reward_names, reward_weights,
                       ref_model)
     before = trainer.evaluate(evaluate, 0) if val_set is not None and not trainer.resumed else None

@@ -171,7 +171,7 @@ def main(argv=None):
 
     # The Trainer writes the adapter (not the full model) as this stage's weights; its resume checkpoint keeps the
     # full state (base + adapters) beside the other stages', under the --save_weight name.
-    trainer = Trainer(args, model, runtime, "lora", params=adapters, weights_file=adapter_file,
+    trainer = Trainer(args, model, runtime, args.save_weight, params=adapters, weights_file=adapter_file,
                       save_weights_fn=lambda trained: save_lora(trained, adapter_file))
     before = None if trainer.resumed else lora_metrics(model, tokenizer, own_val, general_val, prompts, runtime, args)
     if before is not None:

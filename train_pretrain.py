@@ -78,7 +78,7 @@ def main(argv=None):
         loss = evaluate_lm_loss(model, val_set, runtime, args.batch_size, args.eval_batches)
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50))}
 
-    trainer = Trainer(args, model, runtime, "pretrain")
+    trainer = Trainer(args, model, runtime, args.save_weight)
     before = None if trainer.resumed else trainer.evaluate(evaluate, 0)
     after = trainer.fit(train_set, loss_fn, evaluate=evaluate)
     if before is not None:

@@ -260,8 +260,10 @@ class Trainer:
         print0(f"{self.stage}: {steps.describe()}, device {runtime.device}, "
                f"dtype {str(runtime.dtype).replace('torch.', '')}")
         from tqdm import tqdm
-        progress = tqdm(total=total_steps, initial=state.step, disable=not runtime.is_main, desc=self.stage,
-                        dynamic_ncols=True, file=sys.stdout, mininterval=0.5 if sys.stdout.isatty() else 30)
+        # A bar only on a terminal: written to a file, its carriage returns pile into one endless line, and the log
+        # lines below already carry the step and the ETA.
+        progress = tqdm(total=total_steps, initial=state.step, disable=not runtime.is_main or not sys.stdout.isatty(),
+                        desc=self.stage, dynamic_ncols=True, file=sys.stdout, mininterval=0.5)
         self.model.train()
         window_start, window_tokens = time.time(), 0
         run_start = time.time() - state.elapsed

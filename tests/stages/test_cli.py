@@ -28,3 +28,23 @@ def test_missing_weights_name_the_callers_own_flag(tmp_path):
     assert "--from_weight" not in str(exit_info.value)  # eval_model.py has no such flag
     with pytest.raises(SystemExit, match="pass --teacher_weight PATH.pth"):
         load_frozen_checkpoint("teacher_sft", str(tmp_path), None, None, 6400, "teacher", "--teacher_weight")
+
+
+def test_output_to_a_file_has_no_progress_bar_and_names_the_run(tmp_path):
+    """Redirected to a file, tqdm's carriage returns piled into one endless line; the log lines carry the step and
+    the ETA instead. A teacher pretrained with --save_weight teacher_pretrain says so, not "pretrain"."""
+    import json
+    import subprocess
+    import sys
+
+    from tests import ROOT, TOKENIZER
+    command = [sys.executable, "train_pretrain.py", "--save_dir", str(tmp_path), "--save_weight", "teacher_pretrain",
+               "--preset", "nano", "--max_steps", "3", "--log_interval", "1", "--batch_size", "2", "--max_seq_len",
+               "32", "--eval_batches", "1", "--sample_tokens", "0", "--dtype", "float32", "--tokenizer_path",
+               TOKENIZER, "--cache_dir", str(tmp_path / "cache")]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "\r" not in result.stdout and "step 3/3" in result.stdout and "eta" in result.stdout
+    assert "teacher_pretrain: " in result.stdout and "teacher_pretrain done" in result.stdout
+    summary = json.loads((tmp_path / "summaries" / "teacher_pretrain.json").read_text())
+    assert summary["stage"] == "teacher_pretrain"
