@@ -1,10 +1,6 @@
 """train_distillation.py end to end on tiny generated chats: zero KD loss against itself, a different-size teacher
 pulled closer, a transformers teacher and vocabulary errors"""
 import json
-import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,7 +9,7 @@ from transformers import AutoTokenizer
 import train_distillation as distill
 from model import PRESETS, TinyMindConfig, TinyMindForCausalLM
 from model.checkpoint import save_weights
-from tests import ROOT, TOKENIZER
+from tests import TOKENIZER, torchrun
 
 WORDS = "the king queen love night moon river spring wind sword song heart light 春 风 明 月 山 水".split()
 
@@ -125,12 +121,7 @@ def test_missing_teacher_is_a_clear_error(tmp_path, tokenizer):
 def test_two_process_gloo_distillation_keeps_ranks_in_sync(tmp_path, tokenizer):
     teacher = make_checkpoint(tmp_path / "teacher" / "teacher_96.pth", len(tokenizer), seed=7, hidden_size=96)
     args = base_args(tmp_path, tokenizer, steps=3, extra=["--teacher_weight", teacher])
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                             str(port), os.path.join(ROOT, "train_distillation.py"), *args], cwd=ROOT,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    result = torchrun("train_distillation.py", args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "ranks in sync: yes" in result.stdout and "x 2 ranks" in result.stdout
 

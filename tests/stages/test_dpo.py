@@ -2,10 +2,6 @@
 real dataset, precomputed == live reference, bad pairs, and learning a preference that generalises."""
 import json
 import math
-import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,7 +11,7 @@ from model import PRESETS, TinyMindConfig, TinyMindForCausalLM
 from model.checkpoint import save_weights
 from model.data.chat import encode_chat, final_turn_labels
 from model.data.preference import DPODataset
-from tests import ROOT, TOKENIZER
+from tests import TOKENIZER, torchrun
 
 SUBJECTS = "the king, the queen, the moon, the river, spring wind, a sword, 春风, 明月, 山水, 江南".split(", ")
 
@@ -235,20 +231,11 @@ def test_training_opens_the_held_out_preference_margin(tmp_path, tokenizer):
     assert after["dpo_loss"] < 0.5
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_process_gloo_run_with_precomputed_reference(tmp_path, tokenizer):
     """Each rank scores half the pairs; the all-reduced table must serve both ranks' shuffled batches."""
     args = base_args(tmp_path, tokenizer, steps=3, extra=["--precompute_ref", "1"])
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_port", str(free_port()), os.path.join(ROOT, "train_dpo.py"),
-                             *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    result = torchrun("train_dpo.py", args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "ranks in sync: yes" in result.stdout and "x 2 ranks" in result.stdout
     first = read_log(tmp_path)[0]

@@ -6,7 +6,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 
@@ -23,7 +22,7 @@ from model.training import rollouts
 from model.training.losses import group_advantages
 from model.training.runtime import init_runtime
 from model.training.trainer import Trainer
-from tests import ROOT, TOKENIZER
+from tests import ROOT, TOKENIZER, torchrun
 
 EOS = 2
 
@@ -469,14 +468,21 @@ def test_grpo_raises_the_reward_of_a_toy_task(tmp_path, tokenizer):
     assert sum(rewards[-4:]) / 4 > rewards[0] + 0.25, rewards
 
 
-def test_resume_continues_exactly(tmp_path):
-    """Rollouts are sampled, so this also checks that the sampling RNG and the prompt order are restored."""
-    data = write_prompts(tmp_path / "sums.jsonl", count=24)
+def even_ids_reward_and_start(tmp_path) -> tuple[str, str]:
+    """A reward that varies between samples (share of even token ids, given by path as a user would) and a saved
+    unsharpened nano model to start from: the setup of the runs that compare two ways of training."""
     (tmp_path / "r.py").write_text("def even_ids(prompts, completions, completion_ids, **kwargs):\n"
                                    "    return [sum(i % 2 == 0 for i in ids) / len(ids) for ids in completion_ids]\n")
     start = str(tmp_path / "start.pth")
     save_weights(nano_model(sharpen=1.0), start)
-    flat_lr = ["--from_weight", start, "--reward_funcs", f"{tmp_path / 'r.py'}:even_ids", "--learning_rate", "1e-2",
+    return f"{tmp_path / 'r.py'}:even_ids", start
+
+
+def test_resume_continues_exactly(tmp_path):
+    """Rollouts are sampled, so this also checks that the sampling RNG and the prompt order are restored."""
+    data = write_prompts(tmp_path / "sums.jsonl", count=24)
+    reward, start = even_ids_reward_and_start(tmp_path)
+    flat_lr = ["--from_weight", start, "--reward_funcs", reward, "--learning_rate", "1e-2",
                "--min_lr_ratio", "1.0", "--warmup_steps", "1", "--epochs", "2"]
     whole, split = tmp_path / "whole", tmp_path / "split"
     whole.mkdir(), split.mkdir()
@@ -494,11 +500,8 @@ def test_sigterm_writes_a_resume_checkpoint_between_rollouts_and_resuming_matche
     updates per rollout the checkpoint waits for the rollout's second update (a resumed run starts with a fresh
     rollout), and resuming from it gives the weights of an uninterrupted run."""
     data = write_prompts(tmp_path / "sums.jsonl", count=64)
-    (tmp_path / "r.py").write_text("def even_ids(prompts, completions, completion_ids, **kwargs):\n"
-                                   "    return [sum(i % 2 == 0 for i in ids) / len(ids) for ids in completion_ids]\n")
-    start = str(tmp_path / "start.pth")
-    save_weights(nano_model(sharpen=1.0), start)
-    flags = ["--from_weight", start, "--reward_funcs", f"{tmp_path / 'r.py'}:even_ids", "--learning_rate", "1e-2",
+    reward, start = even_ids_reward_and_start(tmp_path)
+    flags = ["--from_weight", start, "--reward_funcs", reward, "--learning_rate", "1e-2",
              "--min_lr_ratio", "1.0", "--warmup_steps", "1", "--num_iterations", "2", "--log_interval", "1",
              "--save_interval", "1000", "--eval_samples", "0", "--epochs", "100"]
     killed, whole = tmp_path / "killed", tmp_path / "whole"
@@ -530,21 +533,13 @@ def test_deepspeed_engine_applies_the_scheduled_rate_and_matches_plain_pytorch(t
     optimizer held before, and land on the plain-PyTorch run's weights (ZeRO-2, one CPU process)."""
     pytest.importorskip("deepspeed")
     data = write_prompts(tmp_path / "sums.jsonl", count=24)
-    (tmp_path / "r.py").write_text("def even_ids(prompts, completions, completion_ids, **kwargs):\n"
-                                   "    return [sum(i % 2 == 0 for i in ids) / len(ids) for ids in completion_ids]\n")
-    start = str(tmp_path / "start.pth")
-    save_weights(nano_model(sharpen=1.0), start)
-    flags = ["--from_weight", start, "--reward_funcs", f"{tmp_path / 'r.py'}:even_ids", "--learning_rate", "1e-2",
+    reward, start = even_ids_reward_and_start(tmp_path)
+    flags = ["--from_weight", start, "--reward_funcs", reward, "--learning_rate", "1e-2",
              "--warmup_steps", "3", "--accumulation_steps", "2", "--log_interval", "1", "--eval_samples", "0"]
     plain, zero = tmp_path / "plain", tmp_path / "zero"
     train_grpo.main(run_args(plain, data, steps=3, extra=flags))
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port",
-                             str(port), os.path.join(ROOT, "train_grpo.py"),
-                             *run_args(zero, data, steps=3, extra=flags + ["--deepspeed", "ds_config.json"])],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = torchrun("train_grpo.py", run_args(zero, data, steps=3, extra=flags + ["--deepspeed", "ds_config.json"]),
+                      nproc=1)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     logged = [(r["step"], r["lr"]) for r in read_log(zero) if "loss" in r]
     assert logged == [(r["step"], r["lr"]) for r in read_log(plain) if "loss" in r] == [
@@ -558,10 +553,7 @@ def test_deepspeed_engine_applies_the_scheduled_rate_and_matches_plain_pytorch(t
 def test_two_process_gloo_run_keeps_ranks_in_sync(tmp_path):
     data = write_prompts(tmp_path / "sums.jsonl", count=32)
     args = run_args(tmp_path, data, steps=2, extra=["--scale_rewards", "batch"])
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_port", str(29700 + os.getpid() % 1000), os.path.join(ROOT, "train_grpo.py"),
-                             *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    result = torchrun("train_grpo.py", args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "ranks in sync: yes" in result.stdout
     assert "x 2 ranks per rollout" in result.stdout

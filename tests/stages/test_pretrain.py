@@ -13,7 +13,7 @@ import torch
 import train_pretrain
 from model.training.runtime import init_runtime
 from model.training.trainer import Trainer, TrainingDiverged
-from tests import ROOT, TOKENIZER
+from tests import ROOT, TOKENIZER, torchrun
 
 WORDS = "the king queen love night moon river spring wind sword song heart light 春 风 明 月 山 水".split()
 
@@ -147,10 +147,7 @@ def test_kill_9_then_resume_reproduces_the_uninterrupted_run(tmp_path):
 @pytest.mark.slow
 def test_two_process_gloo_run_keeps_ranks_in_sync(tmp_path):
     args = base_args(tmp_path, steps=6)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_port", str(29500 + os.getpid() % 1000), os.path.join(ROOT, "train_pretrain.py"),
-                             *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    result = torchrun("train_pretrain.py", args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "ranks in sync: yes" in result.stdout
     assert "x 2 ranks" in result.stdout

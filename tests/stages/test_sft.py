@@ -4,8 +4,6 @@ import json
 import os
 import random
 import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -18,7 +16,7 @@ from model.data.packing import PackedDataset, packed_collate, pad_collate
 from model.training.chat import held_out_prompts
 from model.training.evaluation import chat_token_losses, end_of_turn_rate, generate_replies
 from model.training.runtime import init_runtime
-from tests import ROOT, TOKENIZER
+from tests import TOKENIZER, torchrun
 
 THINGS = {"sky": "blue", "grass": "green", "snow": "white", "coal": "black", "sun": "yellow", "rose": "red",
           "plum": "purple", "orange": "orange"}
@@ -364,10 +362,7 @@ def test_missing_pretrained_weights_is_a_clear_error(tmp_path):
 @pytest.mark.slow
 def test_two_process_gloo_run_keeps_ranks_in_sync(tmp_path):
     args = run_args(tmp_path, steps=4)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_port", str(29700 + os.getpid() % 1000), os.path.join(ROOT, "train_full_sft.py"),
-                             *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    result = torchrun("train_full_sft.py", args, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "ranks in sync: yes" in result.stdout and "x 2 ranks" in result.stdout
     assert "val_loss" in result.stdout and " -> " in result.stdout

@@ -21,7 +21,7 @@ from model.checkpoint import save_weights
 from model.inference import LoadedModel, build_prompt, default_generation_config
 from scripts import serve_openai_api as server_module
 from scripts import web_demo
-from tests import ROOT, TOKENIZER
+from tests import ROOT, TOKENIZER, free_port
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
 
@@ -273,12 +273,6 @@ def test_chat_page_is_served(server):
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
     page = response.text
     assert "/v1/chat/completions" in page and "/v1/models" in page and "getReader" in page and "[DONE]" in page
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
