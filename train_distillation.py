@@ -147,7 +147,7 @@ def main(argv=None):
         with torch.no_grad(), runtime.autocast():
             print0(f"teacher held-out loss {evaluate(teacher)['val_loss']:.4f}")
         before = trainer.evaluate(evaluate, 0)
-    after = trainer.fit(train_set, make_loss_fn(args, teacher), evaluate=evaluate,
+    after = trainer.fit(train_set, make_loss_fn(args, teacher), evaluate=evaluate, token_normalised=True,
                         collate_fn=functools.partial(pad_collate, pad_token_id=tokenizer.pad_token_id))
     if before is not None:
         print0(f"held-out loss {before['val_loss']:.4f} -> {after['val_loss']:.4f}")

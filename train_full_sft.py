@@ -91,7 +91,7 @@ def main(argv=None):
     before = None if trainer.resumed else chat_metrics(model, tokenizer, val_chats, prompts, runtime, args)
     if before is not None:
         print0(describe_metrics("held-out before training", before))
-    trainer.fit(train_set, loss_fn, collate_fn=collate_fn, evaluate=evaluate)
+    trainer.fit(train_set, loss_fn, collate_fn=collate_fn, evaluate=evaluate, token_normalised=True)
     after = chat_metrics(model, tokenizer, val_chats, prompts, runtime, args)
     results = {"after": {k: v for k, v in after.items() if k != "replies"}, "weights": trainer.weights_file}
     if before is not None:

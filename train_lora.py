@@ -176,7 +176,7 @@ def main(argv=None):
     before = None if trainer.resumed else lora_metrics(model, tokenizer, own_val, general_val, prompts, runtime, args)
     if before is not None:
         print0(describe_metrics("held-out before training", before))
-    trainer.fit(train_set, loss_fn, collate_fn=collate_fn, evaluate=evaluate)
+    trainer.fit(train_set, loss_fn, collate_fn=collate_fn, evaluate=evaluate, token_normalised=True)
     after = lora_metrics(model, tokenizer, own_val, general_val, prompts, runtime, args)
     size_kb = os.path.getsize(adapter_file) / 1024 if runtime.is_main else 0.0
     print0(f"adapter: {adapter_file} ({size_kb:,.0f} KB, {sum(p.numel() for p in adapters):,} parameters); "

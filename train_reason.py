@@ -19,6 +19,7 @@ import functools
 import re
 
 import torch
+import torch.nn.functional as F
 
 from model.data.chat import iter_conversations
 from model.data.packing import pad_collate
@@ -28,7 +29,7 @@ from model.training.chat import load_chats_with_held_out
 from model.training.cli import (HelpFormatter, add_common_args, add_data_args, build_model, exit_on_user_error,
                                 start_stage)
 from model.training.evaluation import make_padded_chat_evaluate
-from model.training.losses import target_positions, weighted_ce, with_aux_loss
+from model.training.losses import target_positions, weighted_mean, with_aux_loss
 from model.training.runtime import barrier, cleanup, print0
 from model.training.tracking import before_after, write_summary
 from model.training.trainer import Trainer
@@ -101,9 +102,10 @@ def make_loss_fn(args, tag_ids: torch.Tensor):
         out = model(batch["input_ids"], attention_mask=batch["attention_mask"])
         logits, labels, _ = target_positions(out.logits, batch["labels"])
         tag_ids_here = tag_ids.to(labels.device)
-        loss = weighted_ce(logits, labels, tag_weights(labels, tag_ids_here, args.special_token_weight))
+        per_token = F.cross_entropy(logits.float(), labels, reduction="none")  # once, for the loss and both logs
+        loss = weighted_mean(per_token, tag_weights(labels, tag_ids_here, args.special_token_weight))
         on_tags = torch.isin(labels, tag_ids_here).float()
-        metrics = {"ce": weighted_ce(logits.detach(), labels), "tag_ce": weighted_ce(logits.detach(), labels, on_tags),
+        metrics = {"ce": weighted_mean(per_token.detach()), "tag_ce": weighted_mean(per_token.detach(), on_tags),
                    "tokens": batch["attention_mask"].sum()}
         return with_aux_loss(loss, out.aux_loss, metrics)
     return loss_fn

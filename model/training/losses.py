@@ -149,7 +149,11 @@ def target_positions(logits: torch.Tensor, labels: torch.Tensor):
 
 def weighted_ce(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """sum_t w_t * CE_t / sum_t w_t over [N, V] logits and [N] labels. weights None: the plain mean."""
-    per_token = F.cross_entropy(logits.float(), labels, reduction="none")
+    return weighted_mean(F.cross_entropy(logits.float(), labels, reduction="none"), weights)
+
+
+def weighted_mean(per_token: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_t w_t * x_t / sum_t w_t (weights None: the plain mean), for several weightings of one per-token CE."""
     weights = torch.ones_like(per_token) if weights is None else weights.to(per_token.dtype)
     return (per_token * weights).sum() / weights.sum().clamp(min=1e-8)
 

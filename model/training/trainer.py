@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from ..checkpoint import save_weights, unwrap, weight_path
-from .engine import TorchEngine, TrainingDiverged  # noqa: F401  (TrainingDiverged: what stages catch)
+from .engine import TorchEngine
 from .runtime import Runtime, all_reduce_mean, barrier, device_peak_flops, peak_memory_gb, print0
 from .schedule import ResumableSampler, lr_at
 from .tracking import MetricsLog, format_seconds, write_summary
@@ -76,9 +76,10 @@ class SupervisedSteps:
     The order is fixed by (seed, epoch) and resumes mid-epoch from the train state; an epoch's last micro-batches
     that do not fill a whole step are skipped rather than leaked into the next step's gradient."""
 
-    def __init__(self, trainer: "Trainer", dataset, loss_fn, collate_fn=None, shuffle: bool = True):
+    def __init__(self, trainer: "Trainer", dataset, loss_fn, collate_fn=None, shuffle: bool = True,
+                 token_normalised: bool = False):
         self.trainer, self.dataset, self.loss_fn = trainer, dataset, loss_fn
-        self.collate_fn, self.shuffle = collate_fn, shuffle
+        self.collate_fn, self.shuffle, self.token_normalised = collate_fn, shuffle, token_normalised
         args, runtime = trainer.args, trainer.runtime
         micro_batches_per_epoch = len(dataset) // runtime.world_size // args.batch_size
         self.steps_per_epoch = micro_batches_per_epoch // args.accumulation_steps
@@ -137,7 +138,7 @@ class SupervisedSteps:
         trainer, runtime = self.trainer, self.trainer.runtime
         micro_batches = [{k: v.to(runtime.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
                           for k, v in batch.items()} for batch in self.next_micro_batches()]
-        normaliser = self.loss_normaliser(micro_batches)
+        normaliser = self.loss_normaliser(micro_batches) if self.token_normalised else None
         loss_sum, metric_sums, tokens = torch.zeros((), device=runtime.device), {}, 0
         for i, batch in enumerate(micro_batches):
             if normaliser is not None:
@@ -231,12 +232,14 @@ class Trainer:
         return grad_norm
 
     # ---- the loop --------------------------------------------------------------------------------------------
-    def fit(self, train_dataset, loss_fn, collate_fn=None, evaluate=None, shuffle=True):
+    def fit(self, train_dataset, loss_fn, collate_fn=None, evaluate=None, shuffle=True, token_normalised=False):
         """Train over `train_dataset` for args.epochs (or args.max_steps) with `loss_fn(model, batch) ->
         (loss, metrics)`; `metrics` may hold "tokens", the batch's real token count for throughput (default: the
         size of batch["input_ids"]). `evaluate(model) -> dict` runs on all ranks every eval_interval steps and at
-        the end; its metrics are logged with an 'eval/' prefix. Returns the final evaluation."""
-        return self.run(SupervisedSteps(self, train_dataset, loss_fn, collate_fn, shuffle), evaluate)
+        the end; its metrics are logged with an 'eval/' prefix. `token_normalised`: the loss_fn divides summed
+        token losses by batch["loss_normaliser"] (counted, and all-reduced, only for stages that use it).
+        Returns the final evaluation."""
+        return self.run(SupervisedSteps(self, train_dataset, loss_fn, collate_fn, shuffle, token_normalised), evaluate)
 
     def run(self, steps, evaluate=None):
         """Train with a step source: `steps.total_steps`, `steps.describe()`, `steps.step() -> StepResult`,

@@ -12,7 +12,8 @@ import torch
 
 import train_pretrain
 from model.training.runtime import init_runtime
-from model.training.trainer import Trainer, TrainingDiverged
+from model.training.engine import TrainingDiverged
+from model.training.trainer import Trainer
 from tests import ROOT, TOKENIZER, torchrun
 
 WORDS = "the king queen love night moon river spring wind sword song heart light 春 风 明 月 山 水".split()

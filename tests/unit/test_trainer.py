@@ -46,7 +46,8 @@ def test_every_target_token_of_a_step_weighs_the_same(tmp_path):
     model = nano_model()
     reference = copy.deepcopy(model)
     trainer = make_trainer(tmp_path, model, accumulation=2)
-    steps = SupervisedSteps(trainer, samples, train_full_sft.loss_fn, pad_collate, shuffle=False)
+    steps = SupervisedSteps(trainer, samples, train_full_sft.loss_fn, pad_collate, shuffle=False,
+                            token_normalised=True)
     steps.step()
     got = {name: p.grad.clone() for name, p in model.named_parameters()}
 
