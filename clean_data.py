@@ -10,7 +10,9 @@ Input, one JSON object per line, the format detected per line:
     conversation   {"conversations": [{"role": "user", "content": "..."}, ...]}
 Each turn of a conversation is normalized on its own; rules, hashes and the language model see the turns joined by
 newlines, and a conversation is kept or dropped as a unit. Other fields of a record pass through unchanged.
-Malformed lines (bad JSON, bad UTF-8, wrong schema) are skipped, counted and reported with file and line number.
+Malformed lines (bad JSON, bad UTF-8, wrong schema) are skipped, counted and reported with file and line number;
+the checks are the trainers' own (model/data/schema.py), so what is kept can be trained on. An input with no valid
+line at all stops the run with one line `error: ...`.
 The output is written to a temporary name and renamed at the very end, so an interrupted run never leaves a half
 file under the final name. The report (documents in/out, drops by stage and reason) is printed and saved as
 <output>.report.csv and <output>.report.json.
@@ -62,20 +64,24 @@ chunk size, one dedup shard, the reference LM (about 400 MB for 1M characters, s
 a sample of at most --quantile_sample perplexities.
 Disk: up to two intermediate copies of the surviving data plus the dedup pairs (16 bytes per document and band /
 sentence) and signatures (4 bytes per permutation and document), in a temporary folder beside the output
-(--tmp_dir), removed at the end.
+(--tmp_dir), removed at the end, on an error and on SIGTERM; the folder of a run killed outright (kill -9) is
+removed by the next run.
 """
 
 import argparse
 import os
 import shutil
+import signal
 import sys
-import tempfile
+import threading
 import time
 
 from model.data.cleaning.config import STAGES, prepare_config
 from model.data.cleaning.dedup import DedupKeyStore
 from model.data.cleaning.passes import run_dedup_apply, run_dedup_reduce, run_filter, run_quality
 from model.data.cleaning.report import Report, finish_report
+from model.data.cleaning.runner import make_work_dir
+from model.data.jsonl import BadInput
 
 # -----------------------------------------------------------------------------------------------------------------
 # command line
@@ -198,15 +204,20 @@ def run_pipeline(cfg) -> dict:
     t0, report = time.time(), Report()
     out_dir = os.path.dirname(os.path.abspath(cfg.output))
     os.makedirs(out_dir, exist_ok=True)
-    work = tempfile.mkdtemp(prefix="clean_data_", dir=cfg.tmp_dir or out_dir)
+    work = make_work_dir(cfg.tmp_dir or out_dir)  # also removes the work folders of killed runs
     tmp_output = f"{cfg.output}.tmp-{os.getpid()}"
     last = [s for s in STAGES if s in cfg.stages][-1] if cfg.stages else "read"
+    # SIGTERM (a scheduler's stop, `timeout`, a container shutdown) unwinds like an exception, through the finally
+    # below that removes the work folder and the partial output; kill -9 cannot, and the next run sweeps up
+    previous_handler = signal.signal(signal.SIGTERM, _stop_on_sigterm) \
+        if threading.current_thread() is threading.main_thread() else None
     try:
         # pass 1 (map): parse every line, report bad ones, apply stage 1, and emit the dedup keys of the kept
         # documents; if no later stage follows, this pass writes the output
         path = tmp_output if last in ("read", "filter") else os.path.join(work, "after_filter.jsonl")
         keys = DedupKeyStore(work, cfg) if "dedup" in cfg.stages else None
         docs_read, docs = run_filter(cfg, report, path, with_ids=path != tmp_output, keys_store=keys)
+        check_some_input_is_valid(cfg, report, docs_read)
         if "dedup" in cfg.stages:
             # reduce over the (key, doc id) shards: which documents are duplicates, which sentences boilerplate
             # (doc ids are input positions, so the lines read size the removed mask)
@@ -222,15 +233,38 @@ def run_pipeline(cfg) -> dict:
         shutil.rmtree(work, ignore_errors=True)
         if os.path.exists(tmp_output):
             os.remove(tmp_output)
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
     return finish_report(cfg, report, docs_read, docs, time.time() - t0)
 
 
+def _stop_on_sigterm(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
+    print("clean_data: stopped by SIGTERM; removing the work folder and the partial output", file=sys.stderr)
+    raise SystemExit(128 + signum)
+
+
+def check_some_input_is_valid(cfg, report, docs_read: int):
+    """Bad lines are skipped and reported, but an input with no valid line at all (empty, binary, the wrong
+    format) is a mistake to stop at, not a run that writes an empty file."""
+    if docs_read == 0:
+        raise BadInput(f"{', '.join(cfg.input)}: no lines to clean (the input is empty)")
+    if report.n_malformed == docs_read:
+        first = report.malformed[0] if report.malformed else {"file": cfg.input[0], "line": "?", "error": "?"}
+        raise BadInput(f"{first['file']}:{first['line']}: {first['error']}; all {docs_read} lines of the input are "
+                       "malformed, nothing to clean")
+
+
 def main(argv=None):
+    """The command line: bad input ends the run with one line `error: ...` and exit status 1."""
     cfg = make_config(argv if argv is not None else sys.argv[1:])
     for path in cfg.input:
-        if not os.path.exists(path):
-            raise SystemExit(f"input not found: {path}")
-    run_pipeline(cfg)
+        if not os.path.isfile(path):
+            raise SystemExit(f"error: input not found: {path}")
+    try:
+        run_pipeline(cfg)
+    except BadInput as error:
+        raise SystemExit(f"error: {error}") from None
 
 
 if __name__ == "__main__":

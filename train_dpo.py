@@ -26,7 +26,7 @@ import functools
 import torch
 from torch.utils.data import Subset
 
-from model.data.jsonl import default_val_path
+from model.data.jsonl import BadInput, default_val_path
 from model.data.preference import DPODataset, IndexedPairs, collate_pairs
 from model.device import default_device
 from model.training.cli import (HelpFormatter, add_common_args, add_data_args, build_model, exit_on_user_error,
@@ -76,6 +76,9 @@ def load_pairs(args, tokenizer, runtime):
         if val_path:
             val = DPODataset(val_path, tokenizer, args.max_seq_len, bool(args.skip_bad_lines), runtime.is_main)
     if not val_path:
+        if len(train) < 2:  # holding one out would leave nothing to train on
+            raise BadInput(f"{args.data_path}: {len(train)} usable pair: too few to hold any out; pass "
+                           "--val_data_path")
         held_out = max(1, int(len(train) * args.val_fraction))
         val = Subset(train, range(len(train) - held_out, len(train)))
         train = Subset(train, range(len(train) - held_out))

@@ -5,7 +5,7 @@ cache every stage and rank reuses.
 The loss mask comes from the template itself: its {% generation %} blocks mark each assistant reply and its closing
 <|im_end|>, and transformers returns that as `assistant_masks`, token by token. No searching for marker strings in
 text, which breaks as soon as a reply quotes one. DPO pairs go through the same cache (kind "dpo"), masked on their
-final reply only."""
+final reply only. What a line must hold is checked in schema.py, which clean_data shares."""
 import copy
 import json
 import os
@@ -13,33 +13,13 @@ import signal
 
 import numpy as np
 import torch
+from jinja2.exceptions import TemplateError
 from torch.utils.data import Dataset
 
-from .jsonl import BadInput, iter_jsonl, note_bad_line, parse_line, token_cache_path
-
-ROLES = {"system", "user", "assistant", "tool"}
-
-
-def check_conversation(messages) -> str | None:
-    """Why a conversation cannot be trained on, or None."""
-    if not isinstance(messages, list) or not messages:
-        return '"conversations" must be a non-empty list of messages'
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            return f"message {i} is not an object"
-        if message.get("role") not in ROLES:
-            return f"message {i} has role {message.get('role')!r}; expected one of {sorted(ROLES)}"
-        if not isinstance(message.get("content", ""), str):
-            return f"message {i} content must be a string"
-    if not any(m["role"] == "assistant" for m in messages):
-        return "no assistant message to learn from"
-    return None
-
-
-def _require_conversation(obj) -> str | None:
-    if "conversations" not in obj:
-        return 'missing the "conversations" field'
-    return check_conversation(obj["conversations"])
+from .jsonl import (BadInput, file_size, iter_jsonl, no_usable, note_bad_line, parse_line, read_cache_summary,
+                    refuse_skipped_lines, remove_files, sweep_stale_temps, token_cache_path)
+from ..files import temp_path
+from .schema import check_chat, check_pair
 
 
 def tools_of(messages: list[dict]) -> list | None:
@@ -52,9 +32,10 @@ def tools_of(messages: list[dict]) -> list | None:
 def iter_conversations(path: str, lines: set | None = None):
     """The "conversations" of each line of a chat file (only of `lines`, if given: a held-out split's). Bad lines
     are skipped: the dataset that read the file first has stopped at or reported them."""
-    for line_number, obj in iter_jsonl(path, skip_bad_lines=True, validate=_require_conversation):
+    for line_number, obj in iter_jsonl(path, skip_bad_lines=True, validate=check_chat):
         if lines is None or line_number in lines:
-            yield obj["conversations"]
+            # an assistant turn that only calls tools may have no content; readers of replies get ""
+            yield [m if m.get("content") is not None else {**m, "content": ""} for m in obj["conversations"]]
 
 
 def encode_chat(tokenizer, messages: list[dict], **template_kwargs) -> tuple[list[int], list[int]]:
@@ -68,29 +49,6 @@ def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
     """The conversation so far plus the header that asks the model for the next assistant turn."""
     return list(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
                                               tools=tools_of(messages), return_dict=True)["input_ids"])
-
-
-def _split_prompt(messages):
-    """Everything before the final assistant turn is the prompt; the final assistant turn is the completion."""
-    if not messages or messages[-1].get("role") != "assistant":
-        return None, None
-    return messages[:-1], messages[-1]
-
-
-def _require_pair(obj) -> str | None:
-    for side in ("chosen", "rejected"):
-        if side not in obj:
-            return f'missing the "{side}" field'
-        reason = check_conversation(obj[side])
-        if reason:
-            return f"{side}: {reason}"
-        if obj[side][-1].get("role") != "assistant":
-            return f"{side}: the last message must be the assistant's answer"
-    chosen_prompt, _ = _split_prompt(obj["chosen"])
-    rejected_prompt, _ = _split_prompt(obj["rejected"])
-    if chosen_prompt != rejected_prompt:
-        return "chosen and rejected have different prompts (all turns before the last assistant turn must match)"
-    return None
 
 
 def final_turn_labels(ids: list[int], mask: list[int]) -> list[int]:
@@ -124,16 +82,23 @@ def _encode_lines(kind: str, chunk: list[tuple[int, bytes]]) -> list[tuple[int, 
     dtype = np.uint16 if len(_worker_tokenizer) <= 65536 else np.uint32
     encoded = []
     for line_number, raw in chunk:
-        obj, reason = parse_line(raw, _require_conversation if kind == "sft" else _require_pair)
+        obj, reason = parse_line(raw, check_chat if kind == "sft" else check_pair)
         if reason is not None:
             encoded.append((line_number, None, reason))
             continue
         sequences = []
-        for messages in [obj["conversations"]] if kind == "sft" else [obj["chosen"], obj["rejected"]]:
-            ids, mask = encode_chat(_worker_tokenizer, messages, tools=tools_of(messages))
-            if kind == "dpo":
-                mask = [int(label != -100) for label in final_turn_labels(ids, mask)]
-            sequences.append((np.asarray(ids, dtype=dtype), np.asarray(mask, dtype=np.uint8)))
+        try:
+            for messages in [obj["conversations"]] if kind == "sft" else [obj["chosen"], obj["rejected"]]:
+                ids, mask = encode_chat(_worker_tokenizer, messages, tools=tools_of(messages))
+                if kind == "dpo":
+                    mask = [int(label != -100) for label in final_turn_labels(ids, mask)]
+                sequences.append((np.asarray(ids, dtype=dtype), np.asarray(mask, dtype=np.uint8)))
+        except (TemplateError, TypeError, ValueError) as error:
+            # the checks in schema.py should leave nothing the template cannot render; should one slip through, it
+            # is this line's error, not a traceback from a worker
+            encoded.append((line_number, None, f"the chat template cannot render it ({type(error).__name__}: "
+                                               f"{error})"))
+            continue
         encoded.append((line_number, sequences, None))
     return encoded
 
@@ -157,8 +122,9 @@ def build_chat_cache(data_path: str, tokenizer, cache_file: str, skip_bad_lines:
     """Render and tokenize every conversation once, in `num_proc` processes (default: one per core, up to 16,
     for files over 8 MB), into flat token and mask files plus an index (length, file line, first masked position)
     of each sequence. Whole sequences are stored; max_seq_len is applied when a dataset opens the cache, so one
-    cache serves every length. Written under temp names and renamed, the summary last: a cache that exists is
-    complete."""
+    cache serves every length. Written under temp names and renamed, the summary last: a cache whose summary exists
+    is complete. A failed build (a bad line, an error in a worker, Ctrl-C) removes its temp files; a killed one's
+    are removed by the next build."""
     import functools
     import multiprocessing
 
@@ -169,9 +135,11 @@ def build_chat_cache(data_path: str, tokenizer, cache_file: str, skip_bad_lines:
         raise BadInput(f"{data_path}: the file is empty")
     if num_proc is None:
         num_proc = min(16, os.cpu_count() or 1) if os.path.getsize(data_path) > 8e6 else 1
-    os.makedirs(os.path.dirname(cache_file), exist_ok=True)
-    tmp = f".tmp.{os.getpid()}"
-    stats, lengths, line_numbers, first_targets, first_bad = {"bad_lines": 0}, [], [], [], None
+    directory = os.path.dirname(cache_file)
+    os.makedirs(directory, exist_ok=True)
+    sweep_stale_temps(directory, os.path.basename(data_path) + ".")
+    parts = {part: temp_path(cache_file + part) for part in (".ids", ".mask", ".index.npy", ".json")}
+    stats, lengths, line_numbers, first_targets = {"bad_lines": 0, "lines": 0}, [], [], []
     dtype = np.uint16 if len(tokenizer) <= 65536 else np.uint32
     progress = tqdm(total=os.path.getsize(data_path), unit="B", unit_scale=True, disable=not show_progress,
                     desc=f"tokenizing {os.path.basename(data_path)} ({num_proc} proc)")
@@ -189,11 +157,11 @@ def build_chat_cache(data_path: str, tokenizer, cache_file: str, skip_bad_lines:
         results = map(encode, chunks)
     failed = True
     try:
-        with open(cache_file + ".ids" + tmp, "wb") as ids_out, open(cache_file + ".mask" + tmp, "wb") as mask_out:
+        with open(parts[".ids"], "wb") as ids_out, open(parts[".mask"], "wb") as mask_out:
             for encoded in results:
                 for line_number, sequences, reason in encoded:
+                    stats["lines"] += 1
                     if sequences is None:
-                        first_bad = first_bad or f"{data_path}:{line_number}: {reason}"
                         note_bad_line(data_path, line_number, reason, skip_bad_lines, stats)
                         continue
                     for ids, mask in sequences:
@@ -202,6 +170,17 @@ def build_chat_cache(data_path: str, tokenizer, cache_file: str, skip_bad_lines:
                         lengths.append(len(ids))
                         line_numbers.append(line_number)
                         first_targets.append(int(mask.argmax()) if mask.any() else len(mask))
+        if not lengths:
+            raise no_usable(data_path, "conversations" if kind == "sft" else "pairs", stats)
+        with open(parts[".index.npy"], "wb") as f:  # a file object: np.save would append .npy to a name
+            np.save(f, np.asarray([lengths, line_numbers, first_targets], dtype=np.int64))
+        summary = {"sequences": len(lengths), "tokens": int(sum(lengths)), "dtype": np.dtype(dtype).name,
+                   "bad_lines": stats["bad_lines"], "first_bad_line": stats.get("first_bad_line")}
+        with open(parts[".json"], "w") as f:
+            json.dump(summary, f)
+        remove_files([cache_file + ".json"])  # an old, damaged summary must not vouch for the new parts
+        for part, tmp in parts.items():  # the summary last
+            os.replace(tmp, cache_file + part)
         failed = False
     finally:
         if pool is not None and failed:
@@ -211,20 +190,24 @@ def build_chat_cache(data_path: str, tokenizer, cache_file: str, skip_bad_lines:
             pool.join()
         progress.close()
         if failed:
-            for part in (".ids", ".mask"):
-                if os.path.exists(cache_file + part + tmp):
-                    os.remove(cache_file + part + tmp)
-    np.save(cache_file + ".index" + tmp + ".npy", np.asarray([lengths, line_numbers, first_targets], dtype=np.int64)
-            .reshape(3, -1))
-    for part in (".ids", ".mask"):
-        os.replace(cache_file + part + tmp, cache_file + part)
-    os.replace(cache_file + ".index" + tmp + ".npy", cache_file + ".index.npy")
-    summary = {"sequences": len(lengths), "tokens": int(sum(lengths)), "dtype": np.dtype(dtype).name,
-               "bad_lines": stats["bad_lines"], "first_bad_line": first_bad}
-    with open(cache_file + ".json" + tmp, "w") as f:
-        json.dump(summary, f)
-    os.replace(cache_file + ".json" + tmp, cache_file + ".json")
+            remove_files(parts.values())
     return summary
+
+
+def check_chat_cache(cache_file: str):
+    """What read_cache_summary asks of a chat cache: token, mask and index files that match the summary."""
+    def check(summary: dict) -> str | None:
+        tokens, itemsize = summary["tokens"], np.dtype(summary["dtype"]).itemsize
+        sizes = (file_size(cache_file + ".ids"), file_size(cache_file + ".mask"))
+        if sizes != (tokens * itemsize, tokens):
+            return f"token and mask files of {sizes} bytes, the summary says {(tokens * itemsize, tokens)}"
+        index = np.load(cache_file + ".index.npy", mmap_mode="r")
+        if index.shape != (3, summary["sequences"]) or int(index[0].sum()) != tokens:
+            return f"an index of shape {index.shape} for {summary['sequences']} sequences"
+        if not {"bad_lines", "first_bad_line"} <= summary.keys():
+            return "the summary lacks the skipped lines"
+        return None
+    return check
 
 
 class ChatCache:
@@ -236,15 +219,14 @@ class ChatCache:
         if not os.path.exists(data_path):
             raise FileNotFoundError(f"data file not found: {data_path}")
         cache_file = token_cache_path(data_path, tokenizer, cache_dir, suffix=kind)
-        if not os.path.exists(cache_file + ".json"):
-            build_chat_cache(data_path, tokenizer, cache_file, skip_bad_lines, num_proc, show_progress, kind)
-        with open(cache_file + ".json") as f:
-            summary = json.load(f)
-        if summary["bad_lines"] and not skip_bad_lines:  # a cache built with --skip_bad_lines 1
-            raise BadInput(f"{summary['first_bad_line']} (pass --skip_bad_lines 1 to skip such lines)")
+        summary = read_cache_summary(cache_file, [".ids", ".mask", ".index.npy"], check_chat_cache(cache_file))
+        if summary is None:
+            summary = build_chat_cache(data_path, tokenizer, cache_file, skip_bad_lines, num_proc, show_progress,
+                                       kind)
+        refuse_skipped_lines(summary, skip_bad_lines)  # a cache built with --skip_bad_lines 1
         self.bad_lines = summary["bad_lines"]
-        self.ids = np.memmap(cache_file + ".ids", dtype=summary["dtype"], mode="r") if summary["tokens"] else None
-        self.masks = np.memmap(cache_file + ".mask", dtype=np.uint8, mode="r") if summary["tokens"] else None
+        self.ids = np.memmap(cache_file + ".ids", dtype=summary["dtype"], mode="r")
+        self.masks = np.memmap(cache_file + ".mask", dtype=np.uint8, mode="r")
         self.lengths, self.line_numbers, self.first_targets = np.load(cache_file + ".index.npy")
         self.starts = np.concatenate([[0], np.cumsum(self.lengths)[:-1]]).astype(np.int64)
 

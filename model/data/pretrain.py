@@ -9,25 +9,24 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .jsonl import BadInput, iter_jsonl, token_cache_path
-
-
-def _require_text(obj) -> str | None:
-    if "text" not in obj:
-        return 'missing the "text" field'
-    if not isinstance(obj["text"], str):
-        return f'"text" must be a string, got {type(obj["text"]).__name__}'
-    return None
+from .jsonl import (BadInput, file_size, iter_jsonl, no_usable, read_cache_summary, refuse_skipped_lines,
+                    remove_files, sweep_stale_temps, token_cache_path)
+from ..files import temp_path
+from .schema import check_text
 
 
 def build_token_cache(data_path: str, tokenizer, cache_file: str, skip_bad_lines: bool = False,
                       chunk_docs: int = 2048, show_progress: bool = True) -> dict:
     """Tokenize every document into one flat uint16 file (uint32 for vocabularies over 65,536) plus a JSON
-    summary with the document lengths' histogram. Writes to a temp name and renames when complete."""
+    summary with the document lengths' histogram and the lines skipped. Both are written to temp names and renamed,
+    the summary last: a cache whose summary exists is complete. A failed build removes its temp files; a killed
+    one's are removed by the next build."""
     from tqdm import tqdm
     dtype = np.uint16 if len(tokenizer) <= 65536 else np.uint32
-    os.makedirs(os.path.dirname(cache_file), exist_ok=True)
-    tmp = f"{cache_file}.tmp.{os.getpid()}"
+    directory = os.path.dirname(cache_file)
+    os.makedirs(directory, exist_ok=True)
+    sweep_stale_temps(directory, os.path.basename(data_path) + ".")
+    tmp, summary_tmp = temp_path(cache_file), temp_path(cache_file + ".json")
     stats = {"bad_lines": 0}
     lengths, total_tokens = [], 0
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
@@ -42,27 +41,45 @@ def build_token_cache(data_path: str, tokenizer, cache_file: str, skip_bad_lines
             lengths.append(len(doc))
             total_tokens += len(doc)
 
-    with open(tmp, "wb") as out:
-        texts = []
-        for _, obj in iter_jsonl(data_path, skip_bad_lines, stats, _require_text, on_bytes=progress.update):
-            texts.append(obj["text"])
-            if len(texts) >= chunk_docs:  # batches let the Rust tokenizer use every core
+    try:
+        with open(tmp, "wb") as out:
+            texts = []
+            for _, obj in iter_jsonl(data_path, skip_bad_lines, stats, check_text, on_bytes=progress.update):
+                texts.append(obj["text"])
+                if len(texts) >= chunk_docs:  # batches let the Rust tokenizer use every core
+                    flush(texts, out)
+                    texts = []
+            if texts:
                 flush(texts, out)
-                texts = []
-        if texts:
-            flush(texts, out)
-    progress.n = progress.total
-    progress.close()
-    if total_tokens == 0:
-        os.remove(tmp)
-        raise BadInput(f"{data_path}: no usable documents")
-    os.replace(tmp, cache_file)
-    summary = {"documents": len(lengths), "tokens": total_tokens, "bad_lines": stats["bad_lines"],
-               "bad_line_numbers": stats.get("bad_line_numbers", [])[:100], "dtype": np.dtype(dtype).name,
-               "lengths": lengths}
-    with open(cache_file + ".json", "w") as f:
-        json.dump(summary, f)
+        progress.n = progress.total
+        if total_tokens == 0:
+            raise no_usable(data_path, "documents", stats)
+        summary = {"documents": len(lengths), "tokens": total_tokens, "bad_lines": stats["bad_lines"],
+                   "bad_line_numbers": stats.get("bad_line_numbers", [])[:100],
+                   "first_bad_line": stats.get("first_bad_line"), "dtype": np.dtype(dtype).name, "lengths": lengths}
+        with open(summary_tmp, "w") as f:
+            json.dump(summary, f)
+        remove_files([cache_file + ".json"])  # an old, damaged summary must not vouch for the new tokens
+        os.replace(tmp, cache_file)
+        os.replace(summary_tmp, cache_file + ".json")
+    except BaseException:
+        remove_files([tmp, summary_tmp])
+        raise
+    finally:
+        progress.close()
     return summary
+
+
+def check_token_cache(cache_file: str):
+    """What read_cache_summary asks of a pretraining cache: the tokens file holds exactly the summary's tokens."""
+    def check(summary: dict) -> str | None:
+        expected = summary["tokens"] * np.dtype(summary["dtype"]).itemsize
+        if file_size(cache_file) != expected or len(summary["lengths"]) != summary["documents"]:
+            return f"{file_size(cache_file)} bytes of tokens, the summary says {expected}"
+        if not {"bad_lines", "bad_line_numbers", "first_bad_line"} <= summary.keys():
+            return "the summary lacks the skipped lines"
+        return None
+    return check
 
 
 class PretrainDataset(Dataset):
@@ -76,10 +93,11 @@ class PretrainDataset(Dataset):
         if not os.path.exists(data_path):
             raise FileNotFoundError(f"data file not found: {data_path}")
         self.cache_file = token_cache_path(data_path, tokenizer, cache_dir)
-        if not os.path.exists(self.cache_file):
-            build_token_cache(data_path, tokenizer, self.cache_file, skip_bad_lines, show_progress=show_progress)
-        with open(self.cache_file + ".json") as f:
-            self.summary = json.load(f)
+        self.summary = read_cache_summary(self.cache_file, [""], check_token_cache(self.cache_file))
+        if self.summary is None:
+            self.summary = build_token_cache(data_path, tokenizer, self.cache_file, skip_bad_lines,
+                                             show_progress=show_progress)
+        refuse_skipped_lines(self.summary, skip_bad_lines)
         if self.summary["bad_lines"]:
             print(f"{data_path}: skipped {self.summary['bad_lines']} bad lines "
                   f"(first at lines {self.summary['bad_line_numbers'][:5]})")

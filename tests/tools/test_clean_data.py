@@ -6,6 +6,7 @@ import math
 import os
 import random
 import re
+import socket
 from collections import Counter
 
 import numpy as np
@@ -536,6 +537,105 @@ def test_interrupted_run_leaves_no_partial_output(tmp_path, monkeypatch):
     with open(out) as f:
         assert f.read() == "previous run\n"
     assert sorted(os.listdir(tmp_path)) == ["in.jsonl", "out.jsonl"]  # no temp file, no work folder
+
+
+def test_a_bom_before_the_first_line_is_kept_as_the_trainers_keep_it(tmp_path):
+    src, out = tmp_path / "in.jsonl", str(tmp_path / "out.jsonl")
+    src.write_bytes(b"\xef\xbb\xbf" + "\n".join(json.dumps({"text": t}, ensure_ascii=False) for t in ZH[:3])
+                    .encode() + b"\n")
+    report = cd.run_pipeline(cd.make_config(["--input", str(src), "--output", out, "--quiet", "--stages", "filter"]))
+    assert report["malformed_lines"]["count"] == 0 and [r["text"] for r in read_jsonl(out)] == ZH[:3]
+
+
+def test_cleaning_keeps_exactly_the_chats_the_trainers_accept(tmp_path, tokenizer):
+    """One set of checks (model/data/schema.py): a chat clean_data keeps is one SFT trains on, and the other way
+    round. Each line below carries its index "i"; both sides must keep the same ones."""
+    from model.data.chat import SFTDataset
+
+    def chat(i, *messages, **fields):
+        return {"conversations": [{"role": "user", "content": f"问题 {i}：{ZH[i][:30]}"}, *messages], "i": i, **fields}
+    call = {"type": "function", "function": {"name": "add", "arguments": {"a": 2}}}
+    lines = [
+        chat(0, {"role": "assistant", "content": ZH[0][:40]}),
+        chat(1, {"role": "human", "content": ZH[1][:40]}, {"role": "assistant", "content": "好"}),  # unknown role
+        chat(2, {"role": "assistant"}),  # no content
+        chat(3, {"role": "assistant", "content": None, "tool_calls": [call]}),  # a tool call: no content needed
+        chat(4, {"role": "assistant", "content": "", "tool_calls": json.dumps([call])}),  # tool calls as a string
+        chat(5, {"role": "assistant", "content": ZH[5][:40], "reasoning_content": 5}),
+        chat(6, {"role": "user", "content": None}, {"role": "assistant", "content": "好"}),
+        chat(7, {"role": "assistant", "content": ZH[7][:40]}),
+    ]
+    src, out = tmp_path / "in.jsonl", str(tmp_path / "out.jsonl")
+    write_jsonl(src, lines)
+    with open(src, "ab") as f:  # a lone surrogate: JSON, but no tokenizer or UTF-8 writer takes it
+        f.write(json.dumps(chat(8, {"role": "assistant", "content": "\ud800"})).encode() + b"\n")
+    cd.run_pipeline(cd.make_config(["--input", str(src), "--output", out, "--quiet", "--stages", ""]))
+    cleaned = {r["i"] for r in read_jsonl(out)}
+    trained = SFTDataset(str(src), tokenizer, 1024, skip_bad_lines=True, show_progress=False,
+                         cache_dir=str(tmp_path / "cache"))
+    assert cleaned == {int(n) - 1 for n in trained.line_numbers} == {0, 3, 7}
+
+
+def test_an_input_with_no_valid_line_is_an_error_and_leaves_nothing(tmp_path):
+    out = str(tmp_path / "out.jsonl")
+    for content, message in [(b"", "no lines to clean"), (b"\n \n", "no lines to clean"),
+                             (bytes(range(11, 256)) * 4 + b"\n\x00\xff\n", "all 2 lines of the input are malformed")]:
+        (tmp_path / "in.jsonl").write_bytes(content)
+        with pytest.raises(SystemExit, match=f"error: .*in.jsonl.*{message}"):
+            cd.main(["--input", str(tmp_path / "in.jsonl"), "--output", out, "--quiet"])
+        assert os.listdir(tmp_path) == ["in.jsonl"]
+    with pytest.raises(SystemExit, match="error: input not found"):
+        cd.main(["--input", str(tmp_path / "nope.jsonl"), "--output", out])
+
+
+def start_stalled_run(tmp_path):
+    """clean_data in a subprocess, stopped inside its quality stage (the work folder holds partial data by then);
+    returns the process once it is there."""
+    import subprocess
+    import sys
+    import time
+    from tests import ROOT
+    src, flag = tmp_path / "in.jsonl", tmp_path.parent / f"{tmp_path.name}.stalled"
+    write_jsonl(src, [{"text": t} for t in ZH])
+    code = (f"import time, clean_data\n"
+            f"def stall(*args, **kwargs):\n    open({str(flag)!r}, 'w').close()\n    time.sleep(120)\n"
+            f"clean_data.run_quality = stall\n"
+            f"clean_data.main(['--input', {str(src)!r}, '--output', {str(tmp_path / 'out.jsonl')!r}, '--quiet'])\n")
+    process = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not flag.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert flag.exists(), process.communicate()[1]
+    assert [name for name in os.listdir(tmp_path) if name.startswith("clean_data_")]  # the work folder
+    return process
+
+
+def test_sigterm_removes_the_work_folder_and_the_partial_output(tmp_path):
+    import signal
+    process = start_stalled_run(tmp_path)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM and "stopped by SIGTERM" in stderr
+    assert os.listdir(tmp_path) == ["in.jsonl"]
+
+
+def test_the_next_run_removes_the_work_folder_of_a_killed_run(tmp_path, capsys):
+    import signal
+    process = start_stalled_run(tmp_path)
+    process.send_signal(signal.SIGKILL)  # nothing runs: the folder stays behind
+    process.communicate(timeout=60)
+    killed = [name for name in os.listdir(tmp_path) if name.startswith("clean_data_")]
+    assert len(killed) == 1
+    # a live run's folder and a folder without an owner file are not this run's to remove
+    (tmp_path / "clean_data_live").mkdir()
+    (tmp_path / "clean_data_live" / "owner").write_text(f"{socket.gethostname()} {os.getpid()}\n")
+    (tmp_path / "clean_data_unknown").mkdir()
+    cd.run_pipeline(cd.make_config(["--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl"),
+                                    "--quiet", "--stages", "filter"]))
+    assert f"removed {tmp_path / killed[0]}: the work folder of a clean_data run (process {process.pid}) that " \
+           "was killed" in capsys.readouterr().err
+    assert sorted(name for name in os.listdir(tmp_path) if name.startswith("clean_data_")) == \
+        ["clean_data_live", "clean_data_unknown"]
 
 
 def test_stage_subsets(tmp_path):

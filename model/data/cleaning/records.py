@@ -1,8 +1,10 @@
 """One input line becomes one record: decoded, parsed and checked here (a bad line raises BadLine with the reason
 code the report counts it under), and the text(s) of a record read or replaced in one place, so every stage treats
-pretrain text and conversations alike."""
+pretrain text and conversations alike. Lines are decoded and checked by the same functions the trainers use
+(model/data/jsonl.py, model/data/schema.py): a line cleaning keeps is a line training accepts."""
 
-import json
+from ..jsonl import load_line
+from ..schema import check_messages, check_text
 
 
 class BadLine(Exception):
@@ -13,25 +15,19 @@ class BadLine(Exception):
 
 def parse_record(raw: bytes, text_field: str) -> dict:
     """Decode one input line into a record dict, or raise BadLine with a reason code."""
-    try:
-        line = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise BadLine("invalid_utf8", str(e)) from None
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise BadLine("malformed_json", str(e)) from None
+    record, code, why = load_line(raw)
+    if code is not None:
+        raise BadLine(code, why)
     if not isinstance(record, dict):
         raise BadLine("bad_schema", f"expected a JSON object, got {type(record).__name__}")
     if "conversations" in record:
-        turns = record["conversations"]
-        if not isinstance(turns, list) or not turns or not all(
-            isinstance(t, dict) and isinstance(t.get("content"), str) and isinstance(t.get("role"), str) for t in turns
-        ):
-            raise BadLine("bad_schema", "conversations must be a non-empty list of {role, content} strings")
-        return record
-    if not isinstance(record.get(text_field), str):
-        raise BadLine("bad_schema", f"no string field '{text_field}' and no 'conversations'")
+        # any chat a trainer can render: SFT chats, GRPO prompts (no assistant turn yet), tool calls
+        why = check_messages(record["conversations"])
+    else:
+        why = check_text(record, text_field)
+        why = why and f"{why} (and no \"conversations\")"
+    if why:
+        raise BadLine("bad_schema", why)
     return record
 
 
@@ -41,7 +37,8 @@ def record_kind(record: dict) -> str:
 
 def record_texts(record: dict, text_field: str) -> list:
     if "conversations" in record:
-        return [turn["content"] for turn in record["conversations"]]
+        # an assistant turn that only calls tools may have no content
+        return [turn.get("content") or "" for turn in record["conversations"]]
     return [record[text_field]]
 
 
@@ -49,7 +46,8 @@ def with_texts(record: dict, text_field: str, texts: list) -> dict:
     """A copy of the record with its text(s) replaced; other fields untouched."""
     record = dict(record)
     if "conversations" in record:
-        record["conversations"] = [dict(turn, content=t) for turn, t in zip(record["conversations"], texts)]
+        record["conversations"] = [dict(turn, content=t) if turn.get("content") is not None or t else turn
+                                   for turn, t in zip(record["conversations"], texts)]
     else:
         record[text_field] = texts[0]
     return record

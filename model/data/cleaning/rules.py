@@ -284,8 +284,10 @@ def filter_record_view(record: dict, cfg) -> tuple:
     """filter_record, plus the DocView the rules used (its jieba words are reused for dedup shingles)."""
     texts = [normalize_text(t, cfg) for t in record_texts(record, cfg.text_field)]
     kind = record_kind(record)
-    if kind == "conversation" and not all(texts):
-        return None, "empty_turn", None
+    if kind == "conversation":
+        turns = record["conversations"]
+        if not all(text or turn.get("tool_calls") for text, turn in zip(texts, turns)):  # tool calls: not empty
+            return None, "empty_turn", None
     if not any(texts):
         return None, "empty", None
     view = DocView("\n".join(texts), kind, cfg)

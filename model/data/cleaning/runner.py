@@ -3,9 +3,51 @@ forked workers in input order with a bounded number in flight, intermediate file
 run_pass, which ties these together with timing and a progress bar."""
 
 import json
+import os
+import shutil
+import signal
+import socket
 import sys
+import tempfile
 import time
 from collections import deque
+
+from ...files import writer_may_run
+
+WORK_PREFIX = "clean_data_"
+
+
+def make_work_dir(parent: str) -> str:
+    """A fresh work folder for a run's intermediate files, with an `owner` file (host and pid) so that a later run
+    can tell a killed run's folder (kill -9 leaves it, with partial data) from a live one's; it removes those."""
+    os.makedirs(parent, exist_ok=True)
+    sweep_stale_work_dirs(parent)
+    work = tempfile.mkdtemp(prefix=WORK_PREFIX, dir=parent)
+    with open(os.path.join(work, "owner"), "w") as f:
+        f.write(f"{socket.gethostname()} {os.getpid()}\n")
+    return work
+
+
+def sweep_stale_work_dirs(parent: str):
+    for name in sorted(os.listdir(parent)):
+        path = os.path.join(parent, name)
+        if not name.startswith(WORK_PREFIX) or not os.path.isdir(path):
+            continue
+        try:
+            with open(os.path.join(path, "owner")) as f:
+                host, pid = f.read().split()
+            written = os.path.getmtime(os.path.join(path, "owner"))
+        except (OSError, ValueError):  # no owner: being created right now, or not ours to judge
+            continue
+        if host == socket.gethostname() and not writer_may_run(int(pid), written):
+            shutil.rmtree(path, ignore_errors=True)
+            print(f"removed {path}: the work folder of a clean_data run (process {pid}) that was killed",
+                  file=sys.stderr)
+
+
+def _worker_init():
+    # a forked worker inherits the parent's SIGTERM handler (clean up and exit); Pool.terminate() must just end it
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def parallel_map(fn, chunks, num_workers: int, max_in_flight: int):
@@ -16,7 +58,7 @@ def parallel_map(fn, chunks, num_workers: int, max_in_flight: int):
             yield nbytes, fn(items)
         return
     import multiprocessing as mp
-    pool = mp.get_context("fork").Pool(num_workers)
+    pool = mp.get_context("fork").Pool(num_workers, initializer=_worker_init)
     try:
         pending = deque()
         for nbytes, items in chunks:
