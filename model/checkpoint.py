@@ -3,14 +3,28 @@ tokenizer it was trained with. Training writes them; chat, serving, export and t
 module knows nothing about training.
 
 A checkpoint is `<save_dir>/<stage>_<hidden>[_moe][_mla].pth` (a plain fp32 state dict, as MiniMind's) with its
-TinyMindConfig as JSON beside it."""
+TinyMindConfig as JSON beside it.
+
+A file that cannot be used (truncated by a kill, zero bytes from a full disk, not a checkpoint at all, a config JSON
+that is not one) raises BadCheckpoint, whose message names the file and says what is wrong: the stages turn it into
+one `error: ...` line. Saves go through a temp file that is removed on any failure; the temps of killed saves are
+swept (sweep_stale_temp_files)."""
 import glob
 import hashlib
+import json
 import os
+import re
+import warnings
 
 import torch
 
 from .config import TinyMindConfig
+from .data.jsonl import BadInput
+from .files import TEMP_SUFFIX, atomic_torch_save, atomic_write, atomic_write_text, remove_stale_temps  # noqa: F401
+
+
+class BadCheckpoint(BadInput):
+    """A weight, resume, adapter or config file that cannot be used; the message names the file and what is wrong."""
 
 
 def tokenizer_digest(tokenizer_path: str) -> str | None:
@@ -82,25 +96,18 @@ def config_path_for(weight_file: str) -> str:
     return weight_file[:-len(".pth")] + ".json"
 
 
-def atomic_torch_save(obj, path: str):
-    """Write to a temp file in the same directory, fsync, then rename: a crash leaves the old file intact."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+SWEPT_KINDS = (".pth", ".pt", ".json")  # what training writes into a save directory: weights, adapters, configs
 
 
-def atomic_write_text(text: str, path: str):
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def sweep_stale_temp_files(save_dir: str) -> list[str]:
+    """Remove the temp files that killed saves (kill -9, out of memory, preemption) left in save_dir and its
+    subdirectories one level down (lora/, summaries/): each is as big as a checkpoint, and they would pile up
+    run after run. A run calls this at its start, on one rank; a save that is running is never touched.
+    Returns the removed paths."""
+    candidates = glob.glob(os.path.join(glob.escape(save_dir), "*.tmp*")) + \
+        glob.glob(os.path.join(glob.escape(save_dir), "*", "*.tmp*"))
+    return remove_stale_temps(sorted(p for p in candidates if TEMP_SUFFIX.search(p)
+                                     and TEMP_SUFFIX.split(os.path.basename(p))[0].endswith(SWEPT_KINDS)))
 
 
 def unwrap(model):
@@ -123,13 +130,103 @@ def save_weights(model, path: str):
     atomic_write_text(model.config.to_json_string(), config_path_for(path))
 
 
+def read_torch_file(path: str, advice: str = "delete it or retrain"):
+    """torch.load(weights_only=True) with an error that names the file and says what is wrong with it. torch's own
+    errors do not name the file, and for an object it refuses they suggest weights_only=False: never do that, it
+    runs whatever code the file holds. `advice`: what the user can do about a damaged file."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found")
+    if os.path.isdir(path):
+        raise BadCheckpoint(f"{path} is a directory, not a PyTorch checkpoint file")
+    size = os.path.getsize(path)
+    if size == 0:
+        raise BadCheckpoint(f"{path} is empty (0 bytes: a save killed early, or a full disk): {advice}")
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")  # random bytes trip it: noise
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except PermissionError as error:
+        raise BadCheckpoint(f"{path} cannot be read ({error.strerror})") from None
+    except Exception as error:  # whatever torch trips over (zip, pickle, EOF, OSError), the file is unusable
+        refused = re.search(r"GLOBAL (\S+)", str(error))
+        if refused:
+            raise BadCheckpoint(f"{path} holds a Python object that is not a tensor ({refused.group(1)}): refused "
+                                "unread, since loading it could run code. TinyMind never writes such files; use "
+                                "weights from a source you trust") from None
+        raise BadCheckpoint(f"{path} is not a complete PyTorch checkpoint (truncated or corrupt; {size:,} bytes): "
+                            f"{advice}") from None
+
+
+def check_state_dict(state, path: str):
+    """A weight file must hold {name: tensor}; anything else is refused before it meets a model."""
+    if isinstance(state, dict) and {"lora", "config"} <= set(state):
+        raise BadCheckpoint(f"{path} is a LoRA adapter, not model weights: pass it as --lora_name, with the weights "
+                            "it was trained on as the model")
+    if not isinstance(state, dict) or not state or \
+            not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        kind = f"a {type(state).__name__}" if not isinstance(state, dict) else \
+            "an empty dict" if not state else "a dict that is not name -> tensor"
+        raise BadCheckpoint(f"{path} is a PyTorch file but not model weights ({kind})")
+
+
+def read_json(path: str, advice: str):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        reason = "empty" if os.path.getsize(path) == 0 else f"{type(error).__name__}: {error}"
+        raise BadCheckpoint(f"{path} is not valid JSON ({reason}): {advice}") from None
+
+
+# Sizes a config must hold as positive integers (None: derived from the others); anything else builds no model.
+CONFIG_SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "intermediate_size", "head_dim")
+CONFIG_ADVICE = "put back the config JSON the training run wrote beside the weights, or retrain"
+
+
+def config_from_dict(raw, path: str, advice: str = CONFIG_ADVICE) -> TinyMindConfig:
+    """A TinyMindConfig from the JSON read from `path`, refused with the file's name when it cannot be one."""
+    if not isinstance(raw, dict):
+        raise BadCheckpoint(f"{path} is not a model config (a JSON {type(raw).__name__}, not an object): {advice}")
+    if raw.get("model_type", "tinymind") != "tinymind":
+        raise BadCheckpoint(f"{path} describes a {raw['model_type']!r} model, not a TinyMind one: {advice}")
+    for key in CONFIG_SIZES:
+        value = raw.get(key)
+        if value is not None and (type(value) is not int or value <= 0):
+            raise BadCheckpoint(f"{path}: {key} is {value!r}, not a positive integer: {advice}")
+    try:
+        return TinyMindConfig.from_dict(raw)
+    except (TypeError, ValueError, KeyError, AttributeError, ZeroDivisionError) as error:
+        raise BadCheckpoint(f"{path} is not a TinyMind config ({type(error).__name__}: {error}): {advice}") from None
+
+
+def load_config(path: str) -> TinyMindConfig:
+    """The TinyMindConfig saved beside a weight file (config_path_for)."""
+    return config_from_dict(read_json(path, CONFIG_ADVICE), path)
+
+
 def load_weights(path: str) -> tuple[dict, TinyMindConfig | None]:
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]  # a resume checkpoint also works as a weight file
+    """(state dict, the config JSON beside it or None). A resume checkpoint also works as a weight file."""
+    state = read_torch_file(path)
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    check_state_dict(state, path)
     cfg_file = config_path_for(path)
-    config = TinyMindConfig.from_json_file(cfg_file) if os.path.exists(cfg_file) else None
-    return state, config
+    return state, load_config(cfg_file) if os.path.exists(cfg_file) else None
+
+
+RESUME_KEYS = ("model", "optimizer", "scaler", "train_state", "rng")  # what TorchEngine and the Trainer read back
+
+
+def load_resume_checkpoint(path: str) -> dict:
+    """A resume checkpoint as TorchEngine.save_resume wrote it, checked to hold what a resume reads back."""
+    advice = "delete it to start the run from scratch (or run without --from_resume 1)"
+    ckpt = read_torch_file(path, advice)
+    missing = [k for k in RESUME_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise BadCheckpoint(f"{path} is not a resume checkpoint (it has no {', '.join(missing)}): {advice}")
+    check_state_dict(ckpt["model"], path)
+    return ckpt
 
 
 def load_state_into(model, state: dict, source: str):
@@ -139,11 +236,23 @@ def load_state_into(model, state: dict, source: str):
     mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
                   for k, v in model.state_dict().items() if k in state and state[k].shape != v.shape]
     if missing or unexpected or mismatched:
-        lines = [f"checkpoint {source} does not fit this model config:"]
+        lines = [f"checkpoint {source} does not fit this model config:{missing_config_hint(source)}"]
         if missing:
             lines.append(f"  missing keys ({len(missing)}): {sorted(missing)[:5]}")
         if unexpected:
             lines.append(f"  unexpected keys ({len(unexpected)}): {sorted(unexpected)[:5]}")
         lines += [f"  shape {m}" for m in mismatched[:5]]
-        raise SystemExit("\n".join(lines))
+        raise BadCheckpoint("\n".join(lines))
     model.load_state_dict(state, strict=False)
+
+
+def missing_config_hint(source) -> str:
+    """Weights without their config JSON get a model built from the flags (or the default preset), which rarely
+    fits: say that the JSON is missing rather than only list the shapes. The config is not guessed from the shapes:
+    q_proj [heads x head_dim, hidden] leaves the head count open, and RoPE, norms and MoE settings are not there."""
+    if not isinstance(source, str) or not source.endswith(".pth") or "_resume" in os.path.basename(source) or \
+            os.path.exists(config_path_for(source)):
+        return ""
+    return (f" its config JSON {config_path_for(source)} is missing, so the model was built from the flags (or the "
+            "default preset). Copy the JSON of the run that wrote these weights there, or pass the model flags "
+            "that match them")

@@ -11,8 +11,8 @@ finding and loading a checkpoint, prompt building, sampling defaults and streame
 A checkpoint is `<save_dir>/<stage>_<hidden>[_moe][_mla].pth` (plain fp32 state dict) with its TinyMindConfig as
 `<stage>_<hidden>[_moe][_mla].json` beside it, so Dense, MoE and MLA models load without repeating model flags.
 """
+import functools
 import glob
-import json
 import os
 import threading
 import time
@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, StoppingCriteria, TextIteratorStreamer
 
-from .checkpoint import (SHIPPED_TOKENIZER, config_path_for, load_state_into, load_weights, resolve_weight,
-                         trained_tokenizer_path)
+from .checkpoint import (SHIPPED_TOKENIZER, BadCheckpoint, config_from_dict, config_path_for, load_state_into,
+                         load_weights, read_json, resolve_weight, trained_tokenizer_path)
 from .config import TinyMindConfig
 from .device import DTYPES, cast_weights, default_device
 from .model import TinyMindForCausalLM, describe
@@ -35,6 +35,8 @@ GENERATION_DEFAULTS = dict(max_new_tokens=512, temperature=0.7, top_p=0.85, top_
 
 # The repository's tokenizer (model/tokenizer.json), found from any working directory.
 DEFAULT_TOKENIZER = SHIPPED_TOKENIZER
+
+EXPORT_ADVICE = "export the directory again (python -m scripts.convert_model)"
 
 
 @dataclass
@@ -141,15 +143,24 @@ def read_safetensors(directory: str) -> dict:
     from safetensors.torch import load_file
     index = os.path.join(directory, "model.safetensors.index.json")
     if os.path.exists(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
+        weight_map = read_json(index, EXPORT_ADVICE)
+        if not isinstance(weight_map, dict) or not isinstance(weight_map.get("weight_map"), dict):
+            raise BadCheckpoint(f"{index} has no weight_map: {EXPORT_ADVICE}")
+        files = sorted(set(map(str, weight_map["weight_map"].values())))
     elif os.path.exists(os.path.join(directory, "model.safetensors")):
         files = ["model.safetensors"]
     else:
         raise SystemExit(f"no model.safetensors in {directory}/")
     state = {}
     for name in files:
-        state.update(load_file(os.path.join(directory, name)))
+        path = os.path.join(directory, name)
+        if not os.path.isfile(path):
+            raise BadCheckpoint(f"{path} is missing (listed in {index}): {EXPORT_ADVICE}")
+        try:
+            state.update(load_file(path))
+        except Exception:  # safetensors' errors (header, length, EOF) do not name the file
+            raise BadCheckpoint(f"{path} is not a complete safetensors file (truncated or corrupt; "
+                                f"{os.path.getsize(path):,} bytes): {EXPORT_ADVICE}") from None
     return state
 
 
@@ -157,14 +168,31 @@ def load_transformers_dir(directory: str):
     """A directory written by scripts/convert_model.py (or any Llama/Qwen3 one). Our own model_type is built
     directly from config.json + safetensors with the local classes: no trust_remote_code, no code from the
     directory is run. Anything else goes through AutoModelForCausalLM, which never runs remote code here."""
-    with open(os.path.join(directory, "config.json")) as f:
-        raw = json.load(f)
+    config_file = os.path.join(directory, "config.json")
+    raw = read_json(config_file, EXPORT_ADVICE)
+    if not isinstance(raw, dict):
+        raise BadCheckpoint(f"{config_file} is not a model config (a JSON {type(raw).__name__}): {EXPORT_ADVICE}")
     if raw.get("model_type") != "tinymind":
-        return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
-    config = TinyMindConfig.from_dict({k: v for k, v in raw.items()
-                                       if k not in ("architectures", "auto_map", "transformers_version", "dtype")})
+        try:
+            model, info = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32,
+                                                               output_loading_info=True)
+        except Exception as error:  # transformers' and safetensors' errors do not say which file is bad
+            reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            raise BadCheckpoint(f"{directory}{os.sep} cannot be loaded ({reason}): {EXPORT_ADVICE}") from None
+        # transformers fills weights the files lack with random values and only warns: refuse that instead
+        missing = sorted(set(info["missing_keys"]) | {str(k[0]) if isinstance(k, tuple) else str(k)
+                                                      for k in info.get("mismatched_keys", [])})
+        if missing:
+            raise BadCheckpoint(f"{directory}{os.sep} does not fit its config.json: {len(missing)} weights missing "
+                                f"or of another shape (e.g. {missing[:3]}): {EXPORT_ADVICE}")
+        return model
+    config = config_from_dict({k: v for k, v in raw.items()
+                               if k not in ("architectures", "auto_map", "transformers_version", "dtype")},
+                              config_file, EXPORT_ADVICE)
     state = {k: v.float() if v.is_floating_point() else v for k, v in read_safetensors(directory).items()}
-    if config.tie_word_embeddings:  # the export leaves the tied head out (safetensors refuses shared tensors)
+    # The export leaves the tied head out (safetensors refuses shared tensors); a file without the embedding either
+    # is left to load_state_into, which names what is missing.
+    if config.tie_word_embeddings and "model.embed_tokens.weight" in state:
         state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
     return build_tinymind(state, config, directory)
 
@@ -175,6 +203,20 @@ def build_tinymind(state: dict, config: TinyMindConfig, source: str) -> TinyMind
     return model
 
 
+def exit_on_bad_file(load):
+    """Chat, serving, export and the benchmark all load through load_model_for_inference: a file there that cannot
+    be used ends them with one `error: ...` line naming it (as the stages' exit_on_user_error does), not a
+    traceback."""
+    @functools.wraps(load)
+    def wrapper(*args, **kwargs):
+        try:
+            return load(*args, **kwargs)
+        except (BadCheckpoint, FileNotFoundError) as error:
+            raise SystemExit(f"error: {error}") from error
+    return wrapper
+
+
+@exit_on_bad_file
 def load_model_for_inference(load_from: str | None = None, weight: str | None = "full_sft", save_dir: str = "out",
                              hidden_size: int | None = None, use_moe: int | None = None, use_mla: int | None = None,
                              lora_name: str | None = None, tokenizer_path: str | None = None,
@@ -198,9 +240,9 @@ def load_model_for_inference(load_from: str | None = None, weight: str | None = 
         source = pick_weight_file(load_from or weight, save_dir, hidden_size, use_moe, use_mla)
         state, config = load_weights(source)
         if config is None:
-            raise SystemExit(f"{config_path_for(source)} not found: every checkpoint needs its config JSON beside it "
-                             "(the training scripts write it). Copy the JSON of the run that produced these weights "
-                             "there, or save it with `TinyMindConfig(...).to_json_file(path)`.")
+            raise BadCheckpoint(f"{config_path_for(source)} not found: every checkpoint needs its config JSON beside "
+                                "it (the training scripts write it). Copy the JSON of the run that produced these "
+                                "weights there, or save it with `TinyMindConfig(...).to_json_file(path)`.")
         model = build_tinymind(state, config, source)
         name = os.path.basename(source)[:-len(".pth")]
         tokenizer = load_tokenizer(tokenizer_path or trained_tokenizer_path(config))

@@ -38,6 +38,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .files import atomic_torch_save
 from .moe import MoEFeedForward
 
 __all__ = [
@@ -236,25 +237,41 @@ def lora_config_dict(model: nn.Module) -> dict:
 
 def save_lora(model: nn.Module, path: str | os.PathLike) -> None:
     """Write {"lora": adapter tensors, "config": lora_config_dict} with torch.save, atomically: a crash mid-write
-    leaves the previous file intact because we write a temporary file and os.replace it into place."""
+    leaves the previous file intact and no temp file behind (model/files.py)."""
     # A and B are the same whether or not the layers are merged, so saving is valid in either state.
     payload = {"lora": {k: v.detach().cpu().clone() for k, v in lora_state_dict(model).items()},
                "config": lora_config_dict(model)}
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    atomic_torch_save(payload, os.fspath(path))
 
 
 def load_lora(model: nn.Module, path_or_dict: str | os.PathLike | dict, verbose: bool = False) -> nn.Module:
     """Load an adapter written by save_lora. If the model has no LoRA layers yet, apply_lora is called with the
-    stored settings first. Keys must match exactly (strict), and r/alpha/use_rslora must agree with the model's."""
-    payload = path_or_dict if isinstance(path_or_dict, dict) else torch.load(path_or_dict, map_location="cpu",
-                                                                            weights_only=True)
-    if "lora" not in payload or "config" not in payload:
+    stored settings first. Keys must match exactly (strict), and r/alpha/use_rslora must agree with the model's.
+    From a file, every way it can fail (damaged, not an adapter, an adapter of another model) is a BadCheckpoint
+    that names the file."""
+    if isinstance(path_or_dict, dict):
+        return _load_lora_payload(model, path_or_dict, verbose)
+    # Reading weight files safely lives with the other weight files; imported here, so the network modules
+    # themselves do not depend on the data side (where BadCheckpoint's base class is).
+    from .checkpoint import BadCheckpoint, read_torch_file
+    path = os.fspath(path_or_dict)
+    payload = read_torch_file(path, advice="delete it and retrain the adapter")
+    try:
+        return _load_lora_payload(model, payload, verbose)
+    except (ValueError, KeyError, TypeError) as error:
+        reason = str(error.args[0] if error.args else type(error).__name__).removeprefix("load_lora: ")
+        raise BadCheckpoint(f"{path} is not a LoRA adapter for this model: {reason}") from None
+
+
+def _load_lora_payload(model: nn.Module, payload, verbose: bool) -> nn.Module:
+    if not isinstance(payload, dict) or "lora" not in payload or "config" not in payload:
         raise ValueError("load_lora: expected a dict with 'lora' (tensors) and 'config' keys, as save_lora writes")
     config, tensors = payload["config"], payload["lora"]
+    if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+        raise ValueError("load_lora: 'lora' must map names to tensors")
+    settings = ("r", "alpha", "dropout", "targets", "use_rslora")
+    if not isinstance(config, dict) or not all(k in config for k in settings):
+        raise ValueError(f"load_lora: 'config' must hold the adapter's settings {settings}")
     targets = config["targets"] if isinstance(config["targets"], str) else tuple(config["targets"])
     if not lora_layers(model):
         apply_lora(model, r=config["r"], alpha=config["alpha"], dropout=config["dropout"], target_modules=targets,

@@ -25,12 +25,13 @@ import shutil
 import torch
 from safetensors.torch import save_file
 
-from model.checkpoint import load_state_into, save_weights
+from model.checkpoint import BadCheckpoint, load_state_into, read_json, save_weights
 from model.config import TinyMindConfig
 from model.device import DTYPES
-from model.inference import (default_generation_config, load_model_for_inference, load_transformers_dir,
-                             read_safetensors)
+from model.inference import (EXPORT_ADVICE, default_generation_config, load_model_for_inference,
+                             load_transformers_dir, read_safetensors)
 from model.model import TinyMindForCausalLM
+from model.training.cli import exit_on_user_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -172,16 +173,21 @@ def tinymind_config_from_transformers(hf_config) -> TinyMindConfig:
 def import_directory(directory: str, out_path: str) -> TinyMindForCausalLM:
     """A Llama/Qwen3/TinyMind transformers directory -> <out_path>.pth + its config JSON (fp32)."""
     from transformers import AutoConfig
-    with open(os.path.join(directory, "config.json")) as f:
-        model_type = json.load(f).get("model_type")
+    config_file = os.path.join(directory, "config.json")
+    raw = read_json(config_file, EXPORT_ADVICE)
+    model_type = raw.get("model_type") if isinstance(raw, dict) else None
     if model_type == "tinymind":
         model = load_transformers_dir(directory)
     elif model_type in ("llama", "qwen3"):
-        config = tinymind_config_from_transformers(AutoConfig.from_pretrained(directory))
+        try:
+            config = tinymind_config_from_transformers(AutoConfig.from_pretrained(directory))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            raise BadCheckpoint(f"{config_file} is not a usable {model_type} config ({type(error).__name__}: "
+                                f"{error}): {EXPORT_ADVICE}") from None
         state = {k: v.float() if v.is_floating_point() else v for k, v in read_safetensors(directory).items()
                  if not k.endswith("rotary_emb.inv_freq")}  # older exports saved this buffer
-        if config.tie_word_embeddings:  # left out of the file, re-tied on load
-            state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
+        if config.tie_word_embeddings and "model.embed_tokens.weight" in state:  # left out of the file, re-tied on
+            state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])  # load (else: named as missing)
         model = TinyMindForCausalLM(config)
         load_state_into(model, state, directory)
     else:
@@ -217,6 +223,7 @@ def parse_args(argv=None):
     return args
 
 
+@exit_on_user_error
 def main(argv=None):
     args = parse_args(argv)
     if args.to_pth:

@@ -5,7 +5,7 @@ import os
 
 import torch
 
-from ..checkpoint import atomic_write_text
+from ..files import atomic_write_text
 from .runtime import Runtime
 
 
