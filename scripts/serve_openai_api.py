@@ -11,11 +11,16 @@
 Endpoints: POST /v1/chat/completions (streamed as server-sent events ending with `data: [DONE]`, or one JSON
 answer), GET /v1/models, GET /health, and GET / (the chat page in scripts/web/index.html).
 Sampling fields: temperature (0 = greedy), top_p, max_tokens (or max_completion_tokens), stop, seed, and the
-common extensions top_k and repetition_penalty. Every bad request gets a 4xx with an OpenAI-style JSON error body.
+common extensions top_k and repetition_penalty. Every bad request gets a 4xx with an OpenAI-style JSON error body
+naming the field: wrong JSON types are refused, not coerced, and every number is range-checked. A body over
+--max_request_bytes is a 413 (sent with Content-Length or chunked), one slower than --body_timeout a 408. A stream
+that fails after its 200 header reports an error event ({"error": {...}}), then `data: [DONE]`.
 
 One model runs at a time: requests wait in arrival order for a lock around generation, so concurrent clients
 never share a forward pass or a random-number stream, and each gets exactly its own tokens. On a CPU that is also
-the fastest schedule (one generation already uses every core); --max_queue bounds the waiting line (503 beyond).
+the fastest schedule (one generation already uses every core). --max_queue bounds the waiting line: one request
+generating plus max_queue waiting are admitted, every request beyond gets a 503. A client that disconnects, streamed
+or not, waiting or generating, is dropped: its generation stops at the next decode step and its place is freed.
 Pretrain checkpoints continue the newest message's text; every other stage answers through the chat template.
 """
 import argparse
@@ -25,6 +30,7 @@ import json
 import os
 import secrets
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -33,8 +39,9 @@ from typing import Literal
 import anyio
 import torch
 from fastapi import Depends, FastAPI, Request
+from jinja2.exceptions import TemplateError
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -54,6 +61,7 @@ class Limits:
     max_message_chars: int = 16_000
     max_total_chars: int = 64_000
     max_request_bytes: int = 1_000_000
+    body_timeout: float = 30.0  # seconds for a whole request body to arrive
     max_stop_sequences: int = 4
     max_stop_chars: int = 64
     default_max_tokens: int = 512
@@ -75,12 +83,22 @@ class APIError(Exception):
 # ================================================================================================ request schema
 
 
-class TextPart(BaseModel):
+# Below this a temperature is greedy decoding in all but name, and dividing the logits by it overflows to inf.
+MIN_TEMPERATURE = 1e-4
+
+
+class StrictModel(BaseModel):
+    # A wrong JSON type is a 400, as with OpenAI, instead of a silent coercion ("5" -> 5, true -> 1, "yes" -> True).
+    # An integer still passes where a number is expected. Unknown fields (user, metadata, ...) are accepted, unused.
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class TextPart(StrictModel):
     type: Literal["text"]
     text: str
 
 
-class Message(BaseModel):
+class Message(StrictModel):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
 
@@ -88,26 +106,24 @@ class Message(BaseModel):
         return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
 
 
-class StreamOptions(BaseModel):
-    include_usage: bool = False
+class StreamOptions(StrictModel):
+    include_usage: bool | None = False
 
 
-class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # unknown OpenAI fields (user, metadata, ...) are accepted, unused
-
+class ChatCompletionRequest(StrictModel):
     model: str
     messages: list[Message] = Field(min_length=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0, le=10_000)
-    repetition_penalty: float | None = Field(None, gt=0, le=10)
+    repetition_penalty: float | None = Field(None, ge=0.01, le=10)  # a tinier one overflows the logits too
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
-    stream: bool = False
+    stream: bool | None = False  # null is allowed wherever OpenAI's API allows it, and means the default
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1)
-    seed: int | None = None
+    n: int | None = Field(1, ge=1)
+    seed: int | None = Field(None, ge=-2 ** 63, le=2 ** 64 - 1)  # what torch.manual_seed accepts
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
 
@@ -148,18 +164,20 @@ class PreparedRequest:
 
 
 class Server:
-    """The loaded models, the generation lock and the request checks."""
+    """The loaded models, the generation lock, admission and the request checks."""
 
     def __init__(self, models: list[LoadedModel], limits: Limits, api_key: str | None = None):
         self.models = {loaded.name: loaded for loaded in models}
         self.limits, self.api_key = limits, api_key
         self.lock = asyncio.Lock()  # FIFO: waiting requests are served in arrival order
-        self.waiting = 0
+        self.waiting = 0  # requests waiting for the lock right now (reported by /health)
+        self.active = 0  # admitted and not finished: the one generating plus those waiting (bounded by admit())
+        self.admission = threading.Lock()
         self.created = int(time.time())
 
     @contextlib.asynccontextmanager
     async def turn(self):
-        """Wait in line for the model, counted in `waiting` (which admit() bounds), then hold it."""
+        """Wait in line for the model, counted in `waiting`, then hold it."""
         self.waiting += 1
         try:
             await self.lock.acquire()
@@ -184,13 +202,13 @@ class Server:
         limits = self.limits
         loaded = self.models.get(request.model)
         if loaded is None:
-            raise APIError(404, f"model {request.model!r} not found; available: {', '.join(self.models)}",
+            raise APIError(404, f"model {request.model[:100]!r} not found; available: {', '.join(self.models)}",
                            param="model", code="model_not_found")
-        if request.n != 1:
+        if request.n not in (None, 1):
             raise APIError(400, "only n=1 is supported", param="n")
-        if request.frequency_penalty or request.presence_penalty:
-            raise APIError(400, "frequency_penalty and presence_penalty are not supported; use repetition_penalty",
-                           param="frequency_penalty")
+        for field in ("frequency_penalty", "presence_penalty"):
+            if getattr(request, field):
+                raise APIError(400, f"{field} is not supported; use repetition_penalty", param=field)
         if len(request.messages) > limits.max_messages:
             raise APIError(400, f"too many messages: {len(request.messages)} > {limits.max_messages}",
                            param="messages")
@@ -200,13 +218,20 @@ class Server:
             if len(m["content"]) > limits.max_message_chars:
                 raise APIError(400, f"messages[{i}] has {len(m['content'])} characters; the limit is "
                                     f"{limits.max_message_chars}", param=f"messages[{i}].content")
+            check_unicode(m["content"], f"messages[{i}].content")
         if sum(len(m["content"]) for m in messages) > limits.max_total_chars:
             raise APIError(400, f"the messages exceed {limits.max_total_chars} characters in total", param="messages")
         stops = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
         if len(stops) > limits.max_stop_sequences or any(not s or len(s) > limits.max_stop_chars for s in stops):
             raise APIError(400, f"stop: at most {limits.max_stop_sequences} non-empty sequences of up to "
                                 f"{limits.max_stop_chars} characters", param="stop")
-        prompt = build_prompt(loaded.tokenizer, messages, loaded.mode)
+        for stop in stops:
+            check_unicode(stop, "stop")
+        try:
+            prompt = build_prompt(loaded.tokenizer, messages, loaded.mode)
+        except TemplateError as error:  # some chat templates refuse e.g. roles out of order
+            message = f"the model's chat template refused these messages: {error}"
+            raise APIError(400, message, param="messages") from None
         prompt_tokens = len(loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"])
         context = loaded.context_length
         room = context - prompt_tokens
@@ -216,15 +241,25 @@ class Server:
                                 f"{prompt_tokens} and {asked or 1} more were requested", param="messages",
                            code="context_length_exceeded")
         max_new_tokens = asked or min(limits.default_max_tokens, room)
+        temperature = request.temperature
+        if temperature is not None and temperature < MIN_TEMPERATURE:
+            temperature = 0
         config = default_generation_config(
-            loaded.tokenizer, temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
+            loaded.tokenizer, temperature=temperature, top_p=request.top_p, top_k=request.top_k,
             repetition_penalty=request.repetition_penalty, max_new_tokens=max_new_tokens)
         return PreparedRequest(loaded, prompt, prompt_tokens, config, stops, request.seed)
 
-    def admit(self):
-        if self.waiting >= self.limits.max_queue:
-            raise APIError(503, f"server busy: {self.waiting} requests are waiting; retry later",
-                           code="server_busy", error_type="server_error")
+    def admit(self) -> "Ticket":
+        """A place in line, or a 503. Checking and taking the place are one step under a lock, and the place is
+        held until the request is over (a stream: until its last event is sent or its client leaves). Counting
+        only the requests already waiting for the model let a burst slip past the limit: a stream starts waiting
+        only after its 200 header is on the way."""
+        with self.admission:
+            if self.active > self.limits.max_queue:  # one generating + max_queue waiting
+                raise APIError(503, f"server busy: {self.active - 1} requests are waiting; retry later",
+                               code="server_busy", error_type="server_error")
+            self.active += 1
+        return Ticket(self)
 
     def start(self, prepared: PreparedRequest) -> GenerationStream:
         """Call with the lock held: the seed and the generation then belong to this request alone."""
@@ -233,12 +268,44 @@ class Server:
         return GenerationStream(prepared.loaded, prepared.prompt, prepared.generation_config)
 
 
+class Ticket:
+    """A request's place in line (see Server.admit); release() gives it back, once however often it is called."""
+
+    def __init__(self, server: Server):
+        self.server, self.held = server, True
+
+    def release(self):
+        with self.server.admission:
+            if self.held:
+                self.held = False
+                self.server.active -= 1
+
+
+def check_unicode(text: str, param: str):
+    """JSON can spell a lone UTF-16 surrogate (\\ud800) that no UTF-8 tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise APIError(400, f"{param} is not valid Unicode (it holds a lone surrogate)", param=param) from None
+
+
+async def next_piece(iterator) -> str | None:
+    """The next piece of text, None at the end. A cancelled request (its client left) stops waiting at once; the
+    worker thread it abandons returns as soon as finish() has stopped the generation."""
+    return await anyio.to_thread.run_sync(next, iterator, None, abandon_on_cancel=True)
+
+
 async def finish(stream: GenerationStream):
-    """Stop the worker thread and wait for it, even while this request is being cancelled (client gone): the
-    lock must not be released while the model is still generating."""
+    """Stop the worker thread at its next decode step and wait for it, even while this request is being cancelled
+    (client gone): the lock must not be released while the model is still generating."""
     stream.cancel()
     with anyio.CancelScope(shield=True):
         await run_in_threadpool(stream.join)
+
+
+def generation_failed(request_id: str, error: Exception) -> APIError:
+    print(f"generation failed for {request_id}: {error!r}", file=sys.stderr, flush=True)  # the log gets the cause
+    return APIError(500, "generation failed", error_type="server_error")
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -248,23 +315,46 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 async def complete(server: Server, prepared: PreparedRequest, request_id: str, created: int) -> dict:
     async with server.turn():
-        stream = server.start(prepared)
+        stream = None
         try:
+            stream = server.start(prepared)
             stop_filter, pieces = StopFilter(prepared.stops), []
             iterator = iter(stream)
             while not stop_filter.stopped:
-                piece = await run_in_threadpool(next, iterator, None)
+                piece = await next_piece(iterator)
                 if piece is None:
                     break
                 pieces.append(stop_filter.feed(piece))
             pieces.append("" if stop_filter.stopped else stop_filter.flush())
+        except Exception as error:  # noqa: BLE001 - a 500 for the client, the cause for the server log
+            raise generation_failed(request_id, error) from None
         finally:
-            await finish(stream)
+            if stream is not None:
+                await finish(stream)
     finish_reason = "stop" if stop_filter.stopped else stream.finish_reason
     return {"id": request_id, "object": "chat.completion", "created": created, "model": prepared.loaded.name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(pieces)},
                          "logprobs": None, "finish_reason": finish_reason}],
             "usage": usage(prepared.prompt_tokens, stream.new_tokens)}
+
+
+async def cancel_on_disconnect(receive, work):
+    """Await `work`, unless the client hangs up first: then cancel it and return None. StreamingResponse does the
+    same for streams; without it a non-streamed answer was generated to the end for nobody, holding the model."""
+    scope = anyio.CancelScope()
+
+    async def watch():
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        scope.cancel()
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        with scope:
+            return await work
+        return None  # reached only when the client left
+    finally:
+        watcher.cancel()
 
 
 def sse(obj) -> str:
@@ -274,7 +364,7 @@ def sse(obj) -> str:
 async def stream_events(server: Server, prepared: PreparedRequest, request_id: str, created: int,
                         include_usage: bool):
     """Server-sent events: a role chunk, content chunks, a chunk with finish_reason, optionally a usage chunk,
-    then [DONE]. An error after the 200 header can only be reported in the stream, as an error event."""
+    then [DONE]. An error after the 200 header can only be reported in the stream: an error event, then [DONE]."""
 
     def chunk(delta: dict, finish_reason=None) -> str:
         return sse({"id": request_id, "object": "chat.completion.chunk", "created": created,
@@ -282,13 +372,14 @@ async def stream_events(server: Server, prepared: PreparedRequest, request_id: s
                     "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]})
 
     async with server.turn():
-        stream = server.start(prepared)
+        stream = None
         try:
+            stream = server.start(prepared)
             yield chunk({"role": "assistant", "content": ""})
             stop_filter = StopFilter(prepared.stops)
             iterator = iter(stream)
             while not stop_filter.stopped:
-                piece = await run_in_threadpool(next, iterator, None)
+                piece = await next_piece(iterator)
                 if piece is None:
                     break
                 text = stop_filter.feed(piece)
@@ -303,12 +394,32 @@ async def stream_events(server: Server, prepared: PreparedRequest, request_id: s
                 yield sse({"id": request_id, "object": "chat.completion.chunk", "created": created,
                            "model": prepared.loaded.name, "choices": [],
                            "usage": usage(prepared.prompt_tokens, stream.new_tokens)})
-        except Exception as error:  # noqa: BLE001 - reported to the client, details to the server log
-            print(f"generation failed for {request_id}: {error!r}", file=sys.stderr, flush=True)
-            yield sse(APIError(500, "generation failed", error_type="server_error").body())
+        except Exception as error:  # noqa: BLE001 - an error event for the client, the cause for the server log
+            yield sse(generation_failed(request_id, error).body())
         finally:
-            await finish(stream)
+            if stream is not None:
+                await finish(stream)
     yield "data: [DONE]\n\n"
+
+
+class AdmittedStream(StreamingResponse):
+    """A streamed answer that holds its request's place in line (a Ticket) until it is over, however it ends."""
+
+    def __init__(self, ticket: Ticket, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.ticket = ticket
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            try:
+                # A stream cut while its generator waits at a `yield` would otherwise be closed only by the garbage
+                # collector, and hold the model until then.
+                with anyio.CancelScope(shield=True):
+                    await self.body_iterator.aclose()
+            finally:
+                self.ticket.release()
 
 
 # ====================================================================================================== app
@@ -318,31 +429,67 @@ def error_response(error: APIError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status)
 
 
-class BodySizeLimit:
-    """Refuse bodies over max_bytes with 413 before reading them (Content-Length), or while reading (chunked)."""
+class BodyLimit:
+    """Reads each request's whole body before the app sees it, so both limits hold however the body is sent: over
+    max_bytes is a 413 (whether Content-Length announces it or a chunked body grows past it), slower than `timeout`
+    seconds a 408 (a slowloris client would otherwise hold its connection open for ever). The app then gets the
+    body replayed, and after it the real receive, which reports the client disconnecting."""
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, timeout: float):
+        self.app, self.max_bytes, self.timeout = app, max_bytes, timeout
+        # Closing a socket with unread data resets the connection, and the client might never read its 413: so
+        # the rest of a body that is too large is read and dropped first, up to this many bytes.
+        self.drain_bytes = 4 * max_bytes
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        too_large = APIError(413, f"request body larger than {self.max_bytes} bytes", code="request_too_large")
         length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            response = error_response(APIError(413, f"request body larger than {self.max_bytes} bytes",
-                                               code="request_too_large"))
-            return await response(scope, receive, send)
-        received = 0
+        if length is not None and (not length.isdigit() or int(length) > self.drain_bytes):
+            return await error_response(too_large)(scope, receive, send)
+        chunks, size, more = [], 0, True
+        try:
+            with anyio.fail_after(self.timeout):
+                while more and size <= self.drain_bytes:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return  # the client left before its request was complete: nobody to answer
+                    body, more = message.get("body", b""), message.get("more_body", False)
+                    size += len(body)
+                    if size <= self.max_bytes:
+                        chunks.append(body)
+        except TimeoutError:
+            timeout = APIError(408, f"the request body did not arrive within {self.timeout:g} seconds",
+                               code="request_timeout")
+            return await error_response(too_large if size > self.max_bytes else timeout)(scope, receive, send)
+        if size > self.max_bytes:
+            return await error_response(too_large)(scope, receive, send)
+        replayed = False
 
-        async def limited_receive():
-            nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.max_bytes:
-                raise APIError(413, f"request body larger than {self.max_bytes} bytes", code="request_too_large")
-            return message
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
 
-        await self.app(scope, limited_receive, send)
+        await self.app(scope, replay, send)
+
+
+# Names pydantic adds to an error's location for the branch of a union (`str | list[str]`), not fields.
+UNION_BRANCHES = {"str", "int", "float", "bool"}
+
+
+def error_param(location) -> str | None:
+    """('body', 'messages', 0, 'content', 'str') -> 'messages[0].content', how the other errors name fields."""
+    param = ""
+    for part in location:
+        if isinstance(part, int):
+            param += f"[{part}]"
+        elif part != "body" and part.isidentifier() and part not in UNION_BRANCHES:
+            param += f".{part}" if param else part
+    return param or None
 
 
 def create_app(models: list[LoadedModel], limits: Limits | None = None, api_key: str | None = None,
@@ -350,7 +497,7 @@ def create_app(models: list[LoadedModel], limits: Limits | None = None, api_key:
     server = Server(models, limits or Limits(), api_key)
     app = FastAPI(title="TinyMind OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
-    app.add_middleware(BodySizeLimit, max_bytes=server.limits.max_request_bytes)
+    app.add_middleware(BodyLimit, max_bytes=server.limits.max_request_bytes, timeout=server.limits.body_timeout)
 
     @app.exception_handler(APIError)
     async def on_api_error(request, error: APIError):
@@ -358,13 +505,14 @@ def create_app(models: list[LoadedModel], limits: Limits | None = None, api_key:
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request, error: RequestValidationError):
-        first = error.errors()[0] if error.errors() else {"loc": (), "msg": "invalid request"}
+        # Of a union's failed branches the one that got furthest says most: a list of parts with a bad part is
+        # reported as that part ('messages[0].content[0].type'), not as "content: Input should be a valid string".
+        first = max(error.errors(), key=lambda e: len(e.get("loc", ())), default={"msg": "invalid request"})
         if first.get("type") == "json_invalid":
             detail = first.get("ctx", {}).get("error", "")
             return error_response(APIError(400, f"the request body is not valid JSON ({detail})"))
-        where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
-        message = f"{where}: {first['msg']}" if where else first["msg"]
-        return error_response(APIError(400, message, param=where or None))
+        param = error_param(first.get("loc", ()))
+        return error_response(APIError(400, f"{param or 'request body'}: {first['msg']}", param=param))
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request, error: StarletteHTTPException):
@@ -380,7 +528,7 @@ def create_app(models: list[LoadedModel], limits: Limits | None = None, api_key:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "models": list(server.models), "waiting": server.waiting}
+        return {"status": "ok", "models": list(server.models), "waiting": server.waiting, "active": server.active}
 
     @app.get("/v1/models", dependencies=[authorized])
     async def list_models():
@@ -389,16 +537,20 @@ def create_app(models: list[LoadedModel], limits: Limits | None = None, api_key:
              "context_length": loaded.context_length, "mode": loaded.mode} for name, loaded in server.models.items()]}
 
     @app.post("/v1/chat/completions", dependencies=[authorized])
-    async def chat_completions(request: ChatCompletionRequest):
+    async def chat_completions(request: ChatCompletionRequest, http: Request):
         prepared = server.prepare(request)
-        server.admit()
+        ticket = server.admit()
         request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if request.stream:
             include_usage = bool(request.stream_options and request.stream_options.include_usage)
-            return StreamingResponse(stream_events(server, prepared, request_id, created, include_usage),
-                                     media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await complete(server, prepared, request_id, created)
+            return AdmittedStream(ticket, stream_events(server, prepared, request_id, created, include_usage),
+                                  media_type="text/event-stream",
+                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        try:
+            answer = await cancel_on_disconnect(http.receive, complete(server, prepared, request_id, created))
+        finally:
+            ticket.release()
+        return Response(status_code=499) if answer is None else answer  # 499: nginx's "client closed request"
 
     if web_ui:
         @app.get("/", include_in_schema=False)
@@ -441,8 +593,10 @@ def add_server_args(parser: argparse.ArgumentParser, default_weights: list[str])
     g.add_argument("--max_message_chars", type=int, default=defaults.max_message_chars, help="characters per message")
     g.add_argument("--max_total_chars", type=int, default=defaults.max_total_chars, help="characters per request")
     g.add_argument("--max_request_bytes", type=int, default=defaults.max_request_bytes, help="request body size")
+    g.add_argument("--body_timeout", type=float, default=defaults.body_timeout,
+                   help="seconds a request body may take to arrive (408 after)")
     g.add_argument("--max_queue", type=int, default=defaults.max_queue,
-                   help="requests allowed to wait for the model; more get 503")
+                   help="requests allowed to wait for the model while one generates; more get 503")
 
 
 def load_models(args) -> list[LoadedModel]:
@@ -473,7 +627,8 @@ def serve(args):
     models = load_models(args)
     limits = Limits(max_messages=args.max_messages, max_message_chars=args.max_message_chars,
                     max_total_chars=args.max_total_chars, max_request_bytes=args.max_request_bytes,
-                    default_max_tokens=args.default_max_tokens, max_queue=args.max_queue)
+                    body_timeout=args.body_timeout, default_max_tokens=args.default_max_tokens,
+                    max_queue=args.max_queue)
     app = create_app(models, limits, args.api_key, bool(args.web_ui))
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"warning: listening on {args.host} without --api_key: anyone who can reach this port can use it")
