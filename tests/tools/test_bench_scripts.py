@@ -1,5 +1,6 @@
 """scripts/bench/: the SFT benchmark's padding shares are exact on a small case, the DPO benchmark's loss is DPO's
-(ln 2 at step 0, live or precomputed reference), and no benchmark imports a stage script (train_*.py)."""
+(ln 2 at step 0, live or precomputed reference), MiniMind's own trainer is timed from its log lines, and no benchmark
+imports a stage script (train_*.py)."""
 import math
 import os
 import subprocess
@@ -56,3 +57,48 @@ def test_no_benchmark_imports_a_stage_script():
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+FAKE_MINIMIND_TRAINER = '''
+import argparse, json, math, time
+p = argparse.ArgumentParser()
+for flag in ("data_path", "device", "dtype"):
+    p.add_argument("--" + flag)
+for flag in ("epochs", "batch_size", "max_seq_len", "hidden_size", "num_hidden_layers", "accumulation_steps",
+             "log_interval", "save_interval", "num_workers"):
+    p.add_argument("--" + flag, type=int)
+a = p.parse_args()
+iters = math.ceil(sum(1 for _ in open(a.data_path)) / a.batch_size)
+for step in range(1, iters + 1):
+    time.sleep(0.05)
+    print(f"Epoch:[1/1]({step}/{iters}), loss: 8.0, logits_loss: 8.0, aux_loss: 0.0, lr: 0.0005, epoch_time: 0.0min")
+'''
+
+
+def test_minimind_run_is_timed_from_its_step_lines(tmp_path):
+    """The plumbing that runs MiniMind's own trainer (a stand-in that prints its log format here; the benchmark in
+    docs/benchmarks.md ran the real one): shape read from its config, steps timed between its log lines, useful
+    tokens counted the way its dataset pads."""
+    import shutil
+    from scripts.bench import bench_train
+    minimind = tmp_path / "minimind"
+    for folder in ("trainer", "model", "dataset"):
+        (minimind / folder).mkdir(parents=True)
+    (minimind / "trainer" / "train_pretrain.py").write_text(FAKE_MINIMIND_TRAINER)
+    (minimind / "model" / "model_minimind.py").write_text(
+        "class MiniMindConfig:\n    def __init__(self, hidden_size, num_hidden_layers):\n"
+        "        self.num_attention_heads, self.num_key_value_heads, self.vocab_size = 8, 4, 6400\n"
+        "        self.intermediate_size, self.rope_theta = 1664, 1e6\n")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(ROOT, "model", name), minimind / "model" / name)
+    shape = bench_train.minimind_config(str(minimind), 512, 8)
+    assert shape["num_key_value_heads"] == 4 and shape["intermediate_size"] == 1664
+    args = type("Args", (), dict(warmup=1, steps=3, batch_size=2, seq_len=16, minimind_workers=0))()
+    texts = ["短", "一段比较长的文字" * 10, "中等长度的句子。", "x", "y" * 40, "z", "w", "v"]
+    config = TinyMindConfig(**{**PRESETS["nano"], "hidden_size": 512, "num_hidden_layers": 8})
+    result = bench_train.run_minimind(str(minimind), texts, config, args, torch.device("cpu"))
+    useful, total = bench_train.minimind_useful_tokens(texts, os.path.join(ROOT, "model"), 2, 16, 1, 4)
+    assert total == 3 * 2 * 15 and 0 < useful < total
+    assert result["pad_fraction"] == pytest.approx(1 - useful / total)
+    assert 3 * 2 * 15 / 0.05 / 3 > result["all_tok_s"] > 0  # three sleeps of 50 ms at least
+    assert not (minimind / "out").exists()  # the checkout is never written to
