@@ -5,7 +5,8 @@ cache every stage and rank reuses.
 The loss mask comes from the template itself: its {% generation %} blocks mark each assistant reply and its closing
 <|im_end|>, and transformers returns that as `assistant_masks`, token by token. No searching for marker strings in
 text, which breaks as soon as a reply quotes one. DPO pairs go through the same cache (kind "dpo"), masked on their
-final reply only. What a line must hold is checked in schema.py, which clean_data shares."""
+final reply only. What a line must hold is checked in schema.py, which clean_data shares; other formats (OpenAI/TRL
+messages, ShareGPT, Alpaca, JSON arrays, parquet, datasets folders) are turned into MiniMind's by formats.py."""
 import copy
 import json
 import os
@@ -16,10 +17,10 @@ import torch
 from jinja2.exceptions import TemplateError
 from torch.utils.data import Dataset
 
-from .jsonl import (BadInput, file_size, iter_jsonl, no_usable, note_bad_line, parse_line, read_cache_summary,
-                    refuse_skipped_lines, remove_files, sweep_stale_temps, token_cache_path)
+from .formats import Source, open_source
+from .jsonl import (BadInput, file_size, no_usable, note_bad_line, read_cache_summary, refuse_skipped_lines,
+                    remove_files, sweep_stale_temps, token_cache_path)
 from ..files import temp_path
-from .schema import check_chat, check_pair
 
 
 def tools_of(messages: list[dict]) -> list | None:
@@ -29,13 +30,25 @@ def tools_of(messages: list[dict]) -> list | None:
     return json.loads(tools) if isinstance(tools, str) else tools or None
 
 
+def template_inputs(messages: list[dict]) -> tuple[list[dict], list | None]:
+    """(messages, tools) to render: the tools from the system message's "functions", and the messages less a system
+    message that only carries them (null content: tools given without a system prompt, schema.py), so they render
+    as the template renders tools alone."""
+    tools = tools_of(messages)
+    if messages and messages[0].get("role") == "system" and messages[0].get("content") is None:
+        messages = messages[1:]
+    return messages, tools
+
+
 def iter_conversations(path: str, lines: set | None = None):
-    """The "conversations" of each line of a chat file (only of `lines`, if given: a held-out split's). Bad lines
-    are skipped: the dataset that read the file first has stopped at or reported them."""
-    for line_number, obj in iter_jsonl(path, skip_bad_lines=True, validate=check_chat):
-        if lines is None or line_number in lines:
+    """The "conversations" of each record of a chat file, in any format formats.py reads (only of `lines`, if
+    given: a held-out split's line or record numbers). Bad records are skipped: the dataset that read the file
+    first has stopped at or reported them."""
+    for number, obj in open_source(path, "sft", skip_bad_lines=True).records(skip_bad_lines=True):
+        if lines is None or number in lines:
+            messages, _ = template_inputs(obj["conversations"])
             # an assistant turn that only calls tools may have no content; readers of replies get ""
-            yield [m if m.get("content") is not None else {**m, "content": ""} for m in obj["conversations"]]
+            yield [m if m.get("content") is not None else {**m, "content": ""} for m in messages]
 
 
 def encode_chat(tokenizer, messages: list[dict], **template_kwargs) -> tuple[list[int], list[int]]:
@@ -47,8 +60,9 @@ def encode_chat(tokenizer, messages: list[dict], **template_kwargs) -> tuple[lis
 
 def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
     """The conversation so far plus the header that asks the model for the next assistant turn."""
+    messages, tools = template_inputs(messages)
     return list(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
-                                              tools=tools_of(messages), return_dict=True)["input_ids"])
+                                              tools=tools, return_dict=True)["input_ids"])
 
 
 def final_turn_labels(ids: list[int], mask: list[int]) -> list[int]:
@@ -75,21 +89,23 @@ def _init_tokenizing_worker(tokenizer):
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
 
 
-def _encode_lines(kind: str, chunk: list[tuple[int, bytes]]) -> list[tuple[int, list | None, str | None]]:
-    """Per line (line, [(ids, mask), ...], None), or (line, None, why) for a bad one; runs in a tokenizing worker.
-    kind "sft": one sequence per line, masked on every assistant reply; "dpo": chosen then rejected, each masked on
-    its final reply only (DPO compares completions, not the shared history)."""
+def _encode_lines(source: Source, chunk: list[tuple[int, object]]) -> list[tuple[int, list | None, str | None]]:
+    """Per record (number, [(ids, mask), ...], None), or (number, None, why) for a bad one; runs in a tokenizing
+    worker. Kind "sft": one sequence per record, masked on every assistant reply; "dpo": chosen then rejected, each
+    masked on its final reply only (DPO compares completions, not the shared history)."""
+    kind = source.kind
     dtype = np.uint16 if len(_worker_tokenizer) <= 65536 else np.uint32
     encoded = []
-    for line_number, raw in chunk:
-        obj, reason = parse_line(raw, check_chat if kind == "sft" else check_pair)
+    for line_number, payload in chunk:
+        obj, reason = source.prepare(payload)  # parsed, converted to MiniMind's form and checked, here in the worker
         if reason is not None:
             encoded.append((line_number, None, reason))
             continue
         sequences = []
         try:
             for messages in [obj["conversations"]] if kind == "sft" else [obj["chosen"], obj["rejected"]]:
-                ids, mask = encode_chat(_worker_tokenizer, messages, tools=tools_of(messages))
+                messages, tools = template_inputs(messages)
+                ids, mask = encode_chat(_worker_tokenizer, messages, tools=tools)
                 if kind == "dpo":
                     mask = [int(label != -100) for label in final_turn_labels(ids, mask)]
                 sequences.append((np.asarray(ids, dtype=dtype), np.asarray(mask, dtype=np.uint8)))
@@ -103,16 +119,13 @@ def _encode_lines(kind: str, chunk: list[tuple[int, bytes]]) -> list[tuple[int, 
     return encoded
 
 
-def _line_chunks(path: str, on_bytes, lines_per_chunk: int = 512):
+def _chunks(source: Source, on_progress, records_per_chunk: int = 512):
     chunk = []
-    with open(path, "rb") as f:
-        for line_number, raw in enumerate(f, start=1):
-            on_bytes(len(raw))
-            if raw.strip():
-                chunk.append((line_number, raw))
-            if len(chunk) >= lines_per_chunk:
-                yield chunk
-                chunk = []
+    for number, payload in source.payloads(on_progress):
+        chunk.append((number, payload))
+        if len(chunk) >= records_per_chunk:
+            yield chunk
+            chunk = []
     if chunk:
         yield chunk
 
@@ -120,31 +133,29 @@ def _line_chunks(path: str, on_bytes, lines_per_chunk: int = 512):
 def build_chat_cache(data_path: str, tokenizer, cache_file: str, skip_bad_lines: bool = False,
                      num_proc: int | None = None, show_progress: bool = True, kind: str = "sft") -> dict:
     """Render and tokenize every conversation once, in `num_proc` processes (default: one per core, up to 16,
-    for files over 8 MB), into flat token and mask files plus an index (length, file line, first masked position)
-    of each sequence. Whole sequences are stored; max_seq_len is applied when a dataset opens the cache, so one
-    cache serves every length. Written under temp names and renamed, the summary last: a cache whose summary exists
-    is complete. A failed build (a bad line, an error in a worker, Ctrl-C) removes its temp files; a killed one's
-    are removed by the next build."""
+    for files over 8 MB), into flat token and mask files plus an index (length, file line or record number, first
+    masked position) of each sequence. Whole sequences are stored; max_seq_len is applied when a dataset opens the
+    cache, so one cache serves every length. Written under temp names and renamed, the summary last: a cache whose
+    summary exists is complete. A failed build (a bad line, an error in a worker, Ctrl-C) removes its temp files; a
+    killed one's are removed by the next build."""
     import functools
     import multiprocessing
 
     from tqdm import tqdm
-    if not os.path.exists(data_path):
-        raise FileNotFoundError(f"data file not found: {data_path}")
-    if os.path.getsize(data_path) == 0:
-        raise BadInput(f"{data_path}: the file is empty")
+    source = open_source(data_path, kind, skip_bad_lines)
     if num_proc is None:
-        num_proc = min(16, os.cpu_count() or 1) if os.path.getsize(data_path) > 8e6 else 1
+        num_proc = min(16, os.cpu_count() or 1) if source.nbytes() > 8e6 else 1
     directory = os.path.dirname(cache_file)
     os.makedirs(directory, exist_ok=True)
-    sweep_stale_temps(directory, os.path.basename(data_path) + ".")
+    sweep_stale_temps(directory, os.path.basename(os.path.normpath(data_path)) + ".")
     parts = {part: temp_path(cache_file + part) for part in (".ids", ".mask", ".index.npy", ".json")}
     stats, lengths, line_numbers, first_targets = {"bad_lines": 0, "lines": 0}, [], [], []
     dtype = np.uint16 if len(tokenizer) <= 65536 else np.uint32
-    progress = tqdm(total=os.path.getsize(data_path), unit="B", unit_scale=True, disable=not show_progress,
-                    desc=f"tokenizing {os.path.basename(data_path)} ({num_proc} proc)")
-    chunks = _line_chunks(data_path, progress.update)
-    encode = functools.partial(_encode_lines, kind)
+    progress = tqdm(total=source.progress_total(), unit="B" if source.unit == "line" else " records",
+                    unit_scale=source.unit == "line", disable=not show_progress,
+                    desc=f"tokenizing {os.path.basename(os.path.normpath(data_path))} ({num_proc} proc)")
+    chunks = _chunks(source, progress.update)
+    encode = functools.partial(_encode_lines, source)
     pool = None
     if num_proc > 1:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # each worker is one thread of Rust tokenizing
@@ -162,7 +173,7 @@ def build_chat_cache(data_path: str, tokenizer, cache_file: str, skip_bad_lines:
                 for line_number, sequences, reason in encoded:
                     stats["lines"] += 1
                     if sequences is None:
-                        note_bad_line(data_path, line_number, reason, skip_bad_lines, stats)
+                        note_bad_line(data_path, line_number, reason, skip_bad_lines, stats, source.unit)
                         continue
                     for ids, mask in sequences:
                         ids_out.write(ids.tobytes())  # already `dtype`: the workers choose it the same way
@@ -171,7 +182,7 @@ def build_chat_cache(data_path: str, tokenizer, cache_file: str, skip_bad_lines:
                         line_numbers.append(line_number)
                         first_targets.append(int(mask.argmax()) if mask.any() else len(mask))
         if not lengths:
-            raise no_usable(data_path, "conversations" if kind == "sft" else "pairs", stats)
+            raise no_usable(data_path, "conversations" if kind == "sft" else "pairs", stats, unit=source.unit)
         with open(parts[".index.npy"], "wb") as f:  # a file object: np.save would append .npy to a name
             np.save(f, np.asarray([lengths, line_numbers, first_targets], dtype=np.int64))
         summary = {"sequences": len(lengths), "tokens": int(sum(lengths)), "dtype": np.dtype(dtype).name,

@@ -1,5 +1,6 @@
-"""Reading MiniMind-format jsonl: every reader names the file and line of bad input, and token caches are keyed by
-the data file and the tokenizer so a stale one is never reused. A cache is complete or absent: its parts are written
+"""Reading jsonl (the other formats are turned into it record by record in formats.py): every reader names the file
+and line of bad input, and token caches are keyed by the data (file, or the files of a folder), the format converters'
+version and the tokenizer, so a stale one is never reused. A cache is complete or absent: its parts are written
 under temp names and renamed, its summary last, and a summary that does not match its parts makes it count as
 absent, so it is rebuilt."""
 import hashlib
@@ -17,13 +18,12 @@ SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 class BadInput(ValueError):
-    """Malformed input data; the message starts with `path:line:`."""
+    """Malformed input data; the message starts with the path (`path:line:` or `path: record N:` for a bad record,
+    `path:` for a whole file)."""
 
 
-def iter_jsonl(path: str, skip_bad_lines: bool = False, stats: dict | None = None, validate=None, on_bytes=None):
-    """Yield (line_number, object) for each JSON line. Blank lines are skipped. A line that is not a JSON object,
-    or that `validate(obj)` rejects (by returning a reason string), raises BadInput("path:line: reason"), or is
-    skipped and counted in stats["bad_lines"] when skip_bad_lines is set. stats["lines"] counts non-blank lines."""
+def iter_lines(path: str, on_bytes=None):
+    """Yield (line_number, raw bytes) of each non-blank line; `on_bytes(n)` is told the size of every line read."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"data file not found: {path}")
     if os.path.getsize(path) == 0:
@@ -32,15 +32,8 @@ def iter_jsonl(path: str, skip_bad_lines: bool = False, stats: dict | None = Non
         for line_number, raw in enumerate(f, start=1):
             if on_bytes is not None:
                 on_bytes(len(raw))
-            if not raw.strip():
-                continue
-            if stats is not None:
-                stats["lines"] = stats.get("lines", 0) + 1
-            obj, reason = parse_line(raw, validate)
-            if reason is not None:
-                note_bad_line(path, line_number, reason, skip_bad_lines, stats)
-                continue
-            yield line_number, obj
+            if raw.strip():
+                yield line_number, raw
 
 
 def decode_line(raw: bytes) -> str:
@@ -84,19 +77,27 @@ def parse_line(raw: bytes, validate=None) -> tuple[dict | None, str | None]:
     return obj, reason
 
 
-def note_bad_line(path: str, line_number: int, reason: str, skip_bad_lines: bool, stats: dict | None):
+def location(path: str, number: int, unit: str = "line") -> str:
+    """Where a bad record is: `path:12` for a line of a text file, `path: record 17` for the 18th record of a JSON
+    array, parquet file or datasets folder (counted from 0, as pandas and datasets index them)."""
+    return f"{path}:{number}" if unit == "line" else f"{path}: {unit} {number}"
+
+
+def note_bad_line(path: str, line_number: int, reason: str, skip_bad_lines: bool, stats: dict | None,
+                  unit: str = "line"):
+    where = location(path, line_number, unit)
     if not skip_bad_lines:
-        raise BadInput(f"{path}:{line_number}: {reason} (pass --skip_bad_lines 1 to skip such lines)")
+        raise BadInput(f"{where}: {reason} (pass --skip_bad_lines 1 to skip such {unit}s)")
     if stats is not None:
         stats["bad_lines"] = stats.get("bad_lines", 0) + 1
         stats.setdefault("bad_line_numbers", []).append(line_number)
-        stats.setdefault("first_bad_line", f"{path}:{line_number}: {reason}")
+        stats.setdefault("first_bad_line", f"{where}: {reason}")
 
 
-def no_usable(path: str, what: str, stats: dict, note: str = "") -> BadInput:
+def no_usable(path: str, what: str, stats: dict, note: str = "", unit: str = "line") -> BadInput:
     """The error of a file with nothing to train on: blank, or every line bad and skipped (or dropped: `note`)."""
-    detail = f"; the first bad line: {stats['first_bad_line']}" if stats.get("first_bad_line") else ""
-    return BadInput(f"{path}: no usable {what}: {stats.get('lines', 0)} lines, {stats.get('bad_lines', 0)} "
+    detail = f"; the first bad {unit}: {stats['first_bad_line']}" if stats.get("first_bad_line") else ""
+    return BadInput(f"{path}: no usable {what}: {stats.get('lines', 0)} {unit}s, {stats.get('bad_lines', 0)} "
                     f"skipped{note}{detail}")
 
 
@@ -109,8 +110,9 @@ def refuse_skipped_lines(summary: dict, skip_bad_lines: bool):
 
 
 def default_val_path(data_path: str) -> str | None:
-    """The held-out twin beside a data file (demo.jsonl -> demo_val.jsonl), if it exists."""
-    root, ext = os.path.splitext(data_path)
+    """The held-out twin beside a data file or folder (demo.jsonl -> demo_val.jsonl, chats/ -> chats_val/), if it
+    exists."""
+    root, ext = os.path.splitext(os.path.normpath(data_path))
     candidate = f"{root}_val{ext}"
     return candidate if os.path.exists(candidate) else None
 
@@ -122,10 +124,27 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha1(state.encode()).hexdigest()[:12]
 
 
+def data_signature(path: str) -> str:
+    """Changes whenever the data changes: a file's size and mtime, or those of every file inside a folder (a
+    datasets save_to_disk folder, whose own mtime misses a shard rewritten in place). Hidden entries are left out,
+    so a cache_dir inside the folder does not change the key of the cache it holds."""
+    if not os.path.isdir(path):
+        stat = os.stat(path)
+        return f"{stat.st_size}|{stat.st_mtime_ns}"
+    entries = []
+    for root, dirs, files in os.walk(path):
+        dirs[:] = sorted(name for name in dirs if not name.startswith("."))
+        for name in sorted(name for name in files if not name.startswith(".")):
+            stat = os.stat(os.path.join(root, name))
+            entries.append(f"{os.path.relpath(os.path.join(root, name), path)}:{stat.st_size}:{stat.st_mtime_ns}")
+    return hashlib.sha1("|".join(entries).encode()).hexdigest()
+
+
 def token_cache_path(data_path: str, tokenizer, cache_dir: str | None = None, suffix: str = "tokens") -> str:
-    stat = os.stat(data_path)
-    key = f"{os.path.abspath(data_path)}|{stat.st_size}|{stat.st_mtime_ns}|{tokenizer_fingerprint(tokenizer)}|" \
-          f"{CACHE_FORMAT_VERSION}"
+    from .formats import FORMATS_VERSION  # formats.py builds on this module; a change in its converters is a new key
+    data_path = os.path.normpath(data_path)  # a folder given as "chats/" is still named "chats"
+    key = f"{os.path.abspath(data_path)}|{data_signature(data_path)}|{tokenizer_fingerprint(tokenizer)}|" \
+          f"{CACHE_FORMAT_VERSION}|{FORMATS_VERSION}"
     digest = hashlib.sha1(key.encode()).hexdigest()[:16]
     cache_dir = cache_dir or os.path.join(os.path.dirname(os.path.abspath(data_path)), ".cache")
     return os.path.join(cache_dir, f"{os.path.basename(data_path)}.{digest}.{suffix}")

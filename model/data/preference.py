@@ -1,5 +1,6 @@
-"""Preference pairs for DPO: {"chosen": [messages], "rejected": [messages]} sharing their prompt, tokenized through
-the chat cache and masked on the final reply only (DPO compares completions, not the shared history)."""
+"""Preference pairs for DPO: {"chosen": [messages], "rejected": [messages]} sharing their prompt (TRL's and ShareGPT's
+pair formats are turned into it by formats.py), tokenized through the chat cache and masked on the final reply only
+(DPO compares completions, not the shared history)."""
 import numpy as np
 import torch
 from torch.utils.data import Dataset

@@ -1,7 +1,8 @@
-"""Pretraining data (`{"text": ...}` per line), tokenized once into a uint16 memmap cache beside the data, then
+"""Pretraining data (`{"text": ...}` per line; or a parquet file, datasets folder or JSON array with a "text" field,
+or a .txt file of one document per line: formats.py), tokenized once into a uint16 memmap cache beside the data, then
 served as packed windows: documents are concatenated end to end (`<|im_start|> text <|im_end|>` each) and cut into
 max_seq_len-token windows, so no FLOP is spent on padding. Files of any size work: neither the text nor the tokens
-are ever held in RAM."""
+are ever held in RAM (but for a JSON array's text: it is parsed whole)."""
 import json
 import os
 
@@ -9,10 +10,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .jsonl import (BadInput, file_size, iter_jsonl, no_usable, read_cache_summary, refuse_skipped_lines,
-                    remove_files, sweep_stale_temps, token_cache_path)
+from .formats import open_source
+from .jsonl import (BadInput, file_size, no_usable, read_cache_summary, refuse_skipped_lines, remove_files,
+                    sweep_stale_temps, token_cache_path)
 from ..files import temp_path
-from .schema import check_text
 
 
 def build_token_cache(data_path: str, tokenizer, cache_file: str, skip_bad_lines: bool = False,
@@ -22,16 +23,18 @@ def build_token_cache(data_path: str, tokenizer, cache_file: str, skip_bad_lines
     the summary last: a cache whose summary exists is complete. A failed build removes its temp files; a killed
     one's are removed by the next build."""
     from tqdm import tqdm
+    source = open_source(data_path, "pretrain", skip_bad_lines)
     dtype = np.uint16 if len(tokenizer) <= 65536 else np.uint32
     directory = os.path.dirname(cache_file)
     os.makedirs(directory, exist_ok=True)
-    sweep_stale_temps(directory, os.path.basename(data_path) + ".")
+    sweep_stale_temps(directory, os.path.basename(os.path.normpath(data_path)) + ".")
     tmp, summary_tmp = temp_path(cache_file), temp_path(cache_file + ".json")
     stats = {"bad_lines": 0}
     lengths, total_tokens = [], 0
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    progress = tqdm(total=os.path.getsize(data_path), unit="B", unit_scale=True, disable=not show_progress,
-                    desc=f"tokenizing {os.path.basename(data_path)}")
+    progress = tqdm(total=source.progress_total(), unit="B" if source.unit == "line" else " records",
+                    unit_scale=source.unit == "line", disable=not show_progress,
+                    desc=f"tokenizing {os.path.basename(os.path.normpath(data_path))}")
 
     def flush(texts, out):
         nonlocal total_tokens
@@ -44,18 +47,18 @@ def build_token_cache(data_path: str, tokenizer, cache_file: str, skip_bad_lines
     try:
         with open(tmp, "wb") as out:
             texts = []
-            for _, obj in iter_jsonl(data_path, skip_bad_lines, stats, check_text, on_bytes=progress.update):
+            for _, obj in source.records(skip_bad_lines, stats, on_progress=progress.update):
                 texts.append(obj["text"])
                 if len(texts) >= chunk_docs:  # batches let the Rust tokenizer use every core
                     flush(texts, out)
                     texts = []
             if texts:
                 flush(texts, out)
-        progress.n = progress.total
+        progress.n = progress.total or progress.n
         if total_tokens == 0:
-            raise no_usable(data_path, "documents", stats)
+            raise no_usable(data_path, "documents", stats, unit=source.unit)
         summary = {"documents": len(lengths), "tokens": total_tokens, "bad_lines": stats["bad_lines"],
-                   "bad_line_numbers": stats.get("bad_line_numbers", [])[:100],
+                   "unit": source.unit, "bad_line_numbers": stats.get("bad_line_numbers", [])[:100],
                    "first_bad_line": stats.get("first_bad_line"), "dtype": np.dtype(dtype).name, "lengths": lengths}
         with open(summary_tmp, "w") as f:
             json.dump(summary, f)
@@ -83,7 +86,7 @@ def check_token_cache(cache_file: str):
 
 
 class PretrainDataset(Dataset):
-    """Packed next-token windows over a tokenized jsonl corpus. Item i is tokens[i*L : (i+1)*L] as both
+    """Packed next-token windows over a tokenized corpus. Item i is tokens[i*L : (i+1)*L] as both
     input_ids and labels (the model shifts labels itself); documents run into each other, separated by their
     <|im_start|>/<|im_end|> markers, so every position is a real training token."""
 
@@ -99,8 +102,9 @@ class PretrainDataset(Dataset):
                                              show_progress=show_progress)
         refuse_skipped_lines(self.summary, skip_bad_lines)
         if self.summary["bad_lines"]:
-            print(f"{data_path}: skipped {self.summary['bad_lines']} bad lines "
-                  f"(first at lines {self.summary['bad_line_numbers'][:5]})")
+            unit = self.summary.get("unit", "line")
+            print(f"{data_path}: skipped {self.summary['bad_lines']} bad {unit}s "
+                  f"(first at {unit}s {self.summary['bad_line_numbers'][:5]})")
         self.tokens = np.memmap(self.cache_file, dtype=self.summary["dtype"], mode="r")
         self.num_windows = len(self.tokens) // max_seq_len
         if self.num_windows == 0:

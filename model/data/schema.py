@@ -6,7 +6,10 @@ The chat rules are what the chat template (model/tokenizer_config.json) can rend
 every message needs a role among ROLES and a string "content"; an assistant message may have tool calls instead of
 content (OpenAI's `"content": null`), a string "reasoning_content", and "tool_calls", a list of {name, arguments}
 objects, bare or under "function". MiniMind's tool schemas sit in the first (system) message's "functions" field,
-as a list or as its JSON string."""
+as a list or as its JSON string; a system message that only carries them has `"content": null` (tools without a
+system prompt: how formats.py keeps OpenAI's record-level "tools"; the chat template is not shown that message).
+
+Other formats (OpenAI/TRL messages, ShareGPT, Alpaca, parquet, ...) are turned into these by formats.py first."""
 import json
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -42,7 +45,9 @@ def check_message(i: int, message) -> str | None:
     if role not in ROLES:
         return f"message {i} has role {role!r}; expected one of {sorted(ROLES)}"
     content = message.get("content")
-    if not isinstance(content, str) and not (role == "assistant" and content is None and message.get("tool_calls")):
+    calls_only = role == "assistant" and content is None and message.get("tool_calls")
+    tools_only = role == "system" and i == 0 and content is None and message.get("functions")
+    if not isinstance(content, str) and not calls_only and not tools_only:
         if "content" not in message:
             return f'message {i} ({role}) has no "content"'
         return f'message {i} ({role}) needs a string "content", got {json_type(content)}'
