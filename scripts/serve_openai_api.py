@@ -8,23 +8,33 @@
     client = OpenAI(base_url="http://127.0.0.1:8998/v1", api_key="sk-local")
     client.chat.completions.create(model="full_sft_512", messages=[{"role": "user", "content": "你好"}], stream=True)
 
-Endpoints: POST /v1/chat/completions (streamed as server-sent events ending with `data: [DONE]`, or one JSON
-answer), GET /v1/models, GET /health, and GET / (the chat page in scripts/web/index.html).
+Endpoints: POST /v1/chat/completions and POST /v1/completions (each streamed as server-sent events ending with
+`data: [DONE]`, or one JSON answer), GET /v1/models, GET /health, and GET / (the chat page in scripts/web/index.html).
 Sampling fields: temperature (0 = greedy), top_p, max_tokens (or max_completion_tokens), stop, seed, and the
 common extensions top_k and repetition_penalty. Every bad request gets a 4xx with an OpenAI-style JSON error body
-naming the field: wrong JSON types are refused, not coerced, and every number is range-checked. A body over
---max_request_bytes is a 413 (sent with Content-Length or chunked), one slower than --body_timeout a 408. A stream
-that fails after its 200 header reports an error event ({"error": {...}}), then `data: [DONE]`.
+naming the field: wrong JSON types are refused, not coerced, and every number is range-checked. A parameter the
+server cannot honour (n > 1, penalties, logit_bias, JSON response formats, echo, ...) is a 400 that says so, never
+silently ignored. A body over --max_request_bytes is a 413 (sent with Content-Length or chunked), one slower than
+--body_timeout a 408. A stream that fails after its 200 header reports an error event ({"error": {...}}), then
+`data: [DONE]`.
+
+Tool calling: a request's `tools` are rendered by the chat template exactly as SFT renders MiniMind's `functions`,
+and each <tool_call>{"name": ..., "arguments": ...}</tool_call> block the model writes comes back as a `tool_calls`
+entry (finish_reason "tool_calls"), streamed too. Assistant messages with tool_calls (content null) and `tool`
+messages are accepted. tool_choice: "auto" (the default) or "none". logprobs / top_logprobs (chat) and logprobs
+(completions) report the model's own distribution, before temperature, top-k/top-p and the repetition penalty.
 
 One model runs at a time: requests wait in arrival order for a lock around generation, so concurrent clients
 never share a forward pass or a random-number stream, and each gets exactly its own tokens. On a CPU that is also
 the fastest schedule (one generation already uses every core). --max_queue bounds the waiting line: one request
 generating plus max_queue waiting are admitted, every request beyond gets a 503. A client that disconnects, streamed
 or not, waiting or generating, is dropped: its generation stops at the next decode step and its place is freed.
-Pretrain checkpoints continue the newest message's text; every other stage answers through the chat template.
+Pretrain checkpoints continue text: a completion's prompt, or a chat request's newest message (the chat page
+can then show what a base model does); every other stage answers chats through the chat template.
 """
 import argparse
 import asyncio
+import codecs
 import contextlib
 import json
 import os
@@ -33,7 +43,8 @@ import sys
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Literal
 
 import anyio
@@ -46,8 +57,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from model.inference import (GenerationStream, LoadedModel, build_prompt, default_generation_config,
-                             discover_checkpoints, load_model_for_inference)
+from model.inference import (CountingStreamer, GenerationStream, LoadedModel, build_prompt, default_generation_config,
+                             discover_checkpoints, encode_prompt, load_model_for_inference)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -57,7 +68,7 @@ WEB_PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web", "inde
 @dataclass
 class Limits:
     """What one request may ask for. Bounded inputs keep one client from tying up the server or its memory."""
-    max_messages: int = 64
+    max_messages: int = 64  # also the prompts of one /v1/completions request
     max_message_chars: int = 16_000
     max_total_chars: int = 64_000
     max_request_bytes: int = 1_000_000
@@ -66,6 +77,16 @@ class Limits:
     max_stop_chars: int = 64
     default_max_tokens: int = 512
     max_queue: int = 16
+
+
+# OpenAI's own defaults and bounds: completion clients rely on 16 tokens when they send no max_tokens, and 20 is
+# the most alternatives OpenAI reports per token.
+COMPLETION_DEFAULT_MAX_TOKENS = 16
+MAX_TOP_LOGPROBS = 20
+# Real tool schemas nest a few levels; rendering one nested hundreds deep would exhaust Python's recursion limit.
+MAX_TOOL_DEPTH = 64
+# What OpenAI reports for a token too unlikely to be worth a number; also keeps -inf (JSON has none) out of answers.
+MIN_LOGPROB = -9999.0
 
 
 class APIError(Exception):
@@ -98,11 +119,27 @@ class TextPart(StrictModel):
     text: str
 
 
+class FunctionCall(StrictModel):
+    name: str
+    arguments: str  # a JSON text, as OpenAI sends it; rendered into the prompt as it is
+
+
+class ToolCall(StrictModel):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(StrictModel):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    # Missing or null is allowed only beside tool_calls (Server.chat_messages says so for every other message).
+    content: str | list[TextPart] | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None  # the template shows tool results in order; the id is not rendered
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
 
 
@@ -110,15 +147,18 @@ class StreamOptions(StrictModel):
     include_usage: bool | None = False
 
 
-class ChatCompletionRequest(StrictModel):
+class ResponseFormat(StrictModel):
+    type: str
+
+
+class SamplingRequest(StrictModel):
+    """What chat and completion requests share."""
     model: str
-    messages: list[Message] = Field(min_length=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0, le=10_000)
     repetition_penalty: float | None = Field(None, ge=0.01, le=10)  # a tinier one overflows the logits too
     max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
     stream: bool | None = False  # null is allowed wherever OpenAI's API allows it, and means the default
     stream_options: StreamOptions | None = None
@@ -126,9 +166,37 @@ class ChatCompletionRequest(StrictModel):
     seed: int | None = Field(None, ge=-2 ** 63, le=2 ** 64 - 1)  # what torch.manual_seed accepts
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict | None = None
 
 
-# ================================================================================================ generation
+class ChatCompletionRequest(SamplingRequest):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    tools: list[dict] | None = None  # checked field by field in Server.tool_schemas, then rendered as sent
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool | None = None
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    response_format: ResponseFormat | None = None
+    functions: list | None = None  # OpenAI's deprecated form of tools: refused with a pointer to `tools`
+    function_call: str | dict | None = None
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: str | list[str]
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # here: how many alternatives per token
+    echo: bool | None = False
+    suffix: str | None = None
+    best_of: int | None = Field(None, ge=1)
+
+
+# ================================================================================================ answers
+
+
+def held_prefix(text: str, marker: str) -> int:
+    """How many characters at the end of `text` could be the start of `marker` (to hold back until the next
+    piece shows whether they are)."""
+    return max((k for k in range(1, len(marker)) if text.endswith(marker[:k])), default=0)
 
 
 class StopFilter:
@@ -144,7 +212,7 @@ class StopFilter:
         if hits:
             out, self.pending, self.stopped = self.pending[:min(hits)], "", True
             return out
-        hold = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
+        hold = max((held_prefix(self.pending, s) for s in self.stops), default=0)
         out, self.pending = self.pending[:len(self.pending) - hold], self.pending[len(self.pending) - hold:]
         return out
 
@@ -153,14 +221,246 @@ class StopFilter:
         return out
 
 
+def parse_tool_call(body: str) -> dict | None:
+    """The OpenAI tool call a <tool_call> block's JSON stands for, or None if it is not {"name": ..., ...}."""
+    try:
+        call = json.loads(body)
+    except (ValueError, RecursionError):  # RecursionError: brackets nested thousands deep
+        return None
+    if not isinstance(call, dict) or not isinstance(call.get("name"), str) or not call["name"]:
+        return None
+    arguments = call.get("arguments", {})
+    # OpenAI sends arguments as a JSON text; a model that wrote a string has already written one
+    arguments = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            "function": {"name": call["name"], "arguments": arguments}}
+
+
+class ToolCallParser:
+    """Splits a streamed answer into text and tool calls. Each <tool_call>{"name": ..., "arguments": ...}</tool_call>
+    block, the form the chat template and MiniMind's SFT data teach, becomes a ("call", {...}) event; everything
+    else is ("text", ...) as the model wrote it, a block that is not such JSON or that max_tokens cut off included.
+    The line breaks the template puts around calls are not content: whitespace next to a call is dropped (and held
+    back until it is known whether a call comes), so an answer without calls comes out exactly as written."""
+
+    OPEN, CLOSE = "<tool_call>", "</tool_call>"
+
+    def __init__(self, max_calls: int | None = None):
+        self.buffer, self.inside, self.space, self.after_call = "", False, "", False
+        self.calls, self.max_calls = 0, max_calls
+
+    def feed(self, text: str) -> list[tuple[str, object]]:
+        self.buffer += text
+        events = []
+        while True:
+            if self.inside:
+                end = self.buffer.find(self.CLOSE)
+                if end < 0:
+                    return events
+                body, self.buffer, self.inside = self.buffer[:end], self.buffer[end + len(self.CLOSE):], False
+                call = parse_tool_call(body)
+                if call is None:
+                    self.text(self.OPEN + body + self.CLOSE, events)
+                    continue
+                self.space, self.after_call = "", True
+                if self.max_calls is None or self.calls < self.max_calls:  # parallel_tool_calls false: the first
+                    events.append(("call", call))
+                self.calls += 1
+            else:
+                start = self.buffer.find(self.OPEN)
+                if start < 0:
+                    keep = len(self.buffer) - held_prefix(self.buffer, self.OPEN)
+                    self.text(self.buffer[:keep], events)
+                    self.buffer = self.buffer[keep:]
+                    return events
+                self.text(self.buffer[:start], events)
+                self.buffer, self.inside = self.buffer[start + len(self.OPEN):], True
+
+    def finish(self) -> list[tuple[str, object]]:
+        events = []
+        self.text((self.OPEN if self.inside else "") + self.buffer, events)
+        if self.space and not self.calls:
+            events.append(("text", self.space))
+        self.buffer, self.inside, self.space = "", False, ""
+        return events
+
+    def text(self, text: str, events: list):
+        if self.after_call:
+            text = text.lstrip()
+            if not text:
+                return
+            self.after_call = False
+        text = self.space + text
+        body = text.rstrip()
+        self.space = text[len(body):]
+        if body:
+            events.append(("text", body))
+
+
+def gpt2_byte_decoder() -> dict[str, int]:
+    """Byte-level BPE vocabularies (GPT-2's, ours, Qwen's) spell each byte as a printable character; this maps the
+    characters back to bytes, so a token that is half of a UTF-8 character still has exact bytes."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(others)}}
+
+
+BYTE_DECODER = gpt2_byte_decoder()
+
+
 @dataclass
-class PreparedRequest:
-    loaded: LoadedModel
+class TokenLogprob:
+    token: bytes
+    logprob: float
+    top: list[tuple[bytes, float]] = field(default_factory=list)
+
+
+def token_text(raw: bytes) -> str:
+    """A token as text; bytes that are not a whole UTF-8 character are written \\xNN (the `bytes` field is exact)."""
+    return raw.decode("utf-8", errors="backslashreplace")
+
+
+class LogprobAligner:
+    """Hands out each token's logprob entry once text it spells has gone to the client: a stop sequence then cuts
+    the entries where it cuts the text, and a streamed chunk carries the entries of its own text."""
+
+    def __init__(self):
+        self.pending, self.end, self.released = deque(), 0, 0  # (start byte, entry); byte counts
+
+    def add(self, entries: list[TokenLogprob]):
+        for entry in entries:
+            self.pending.append((self.end, entry))
+            self.end += len(entry.token)
+
+    def release(self, text: str) -> list[TokenLogprob]:
+        self.released += len(text.encode("utf-8", errors="replace"))
+        out = []
+        while self.pending and self.pending[0][0] < self.released:
+            out.append(self.pending.popleft()[1])
+        return out
+
+    def rest(self) -> list[TokenLogprob]:
+        out = [entry for _, entry in self.pending]
+        self.pending.clear()
+        return out
+
+
+def chat_logprobs(entries: list[TokenLogprob]) -> dict:
+    """OpenAI's chat shape: {"content": [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}."""
+    return {"content": [{"token": token_text(e.token), "logprob": e.logprob, "bytes": list(e.token),
+                         "top_logprobs": [{"token": token_text(t), "logprob": lp, "bytes": list(t)} for t, lp in e.top]}
+                        for e in entries], "refusal": None}
+
+
+class CompletionLogprobs:
+    """OpenAI's legacy completion shape: parallel lists tokens, token_logprobs, top_logprobs ({token: logprob}) and
+    text_offset (each token's first character in the completion's text), continued across streamed chunks."""
+
+    def __init__(self, alternatives: int):
+        self.alternatives, self.chars = alternatives, 0
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="ignore")
+
+    def shape(self, entries: list[TokenLogprob]) -> dict:
+        offsets = []
+        for entry in entries:
+            offsets.append(self.chars)
+            self.chars += len(self.decoder.decode(entry.token))
+        return {"tokens": [token_text(e.token) for e in entries], "token_logprobs": [e.logprob for e in entries],
+                "top_logprobs": [{token_text(t): lp for t, lp in e.top} for e in entries] if self.alternatives
+                else None, "text_offset": offsets}
+
+
+# ================================================================================================ generation
+
+
+class TokenStreamer(CountingStreamer):
+    """CountingStreamer whose queue carries (text, [TokenLogprob]) pairs: each piece of text with the tokens that
+    arrived since the last piece. With `top_logprobs` set, a forward hook (see_logits) keeps each step's log-softmax
+    of the raw logits, so the logprobs are the model's own distribution, before temperature, top-k/top-p and the
+    repetition penalty (as vLLM reports them by default)."""
+
+    def __init__(self, tokenizer, top_logprobs: int | None = None):
+        super().__init__(tokenizer)
+        self.top_logprobs, self.entries, self.step_logprobs = top_logprobs, [], None
+        self.special_ids = set(tokenizer.all_special_ids)  # dropped from the text, so from the logprobs too
+        self.added = {i: token.content for i, token in tokenizer.added_tokens_decoder.items()}
+
+    def see_logits(self, module, args, output):
+        logprobs = torch.log_softmax(output.logits[0, -1].float(), dim=-1)
+        self.step_logprobs = logprobs.nan_to_num(MIN_LOGPROB, MIN_LOGPROB, MIN_LOGPROB).clamp(min=MIN_LOGPROB)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        if token_id in self.added:
+            return self.added[token_id].encode()
+        piece = self.tokenizer.convert_ids_to_tokens(token_id)
+        if piece and all(char in BYTE_DECODER for char in piece):
+            return bytes(BYTE_DECODER[char] for char in piece)
+        return self.tokenizer.decode([token_id]).encode()  # not a byte-level vocabulary
+
+    def put(self, value):
+        if self.top_logprobs is not None and not self.next_tokens_are_prompt:
+            for token in value.reshape(-1).tolist():
+                if token not in self.special_ids:
+                    self.entries.append(self.entry(token))
+        super().put(value)
+
+    def entry(self, token: int) -> TokenLogprob:
+        logprobs, top = self.step_logprobs, []
+        if self.top_logprobs:
+            values, ids = torch.topk(logprobs, min(self.top_logprobs, logprobs.numel()))
+            top = [(self.token_bytes(i), v) for i, v in zip(ids.tolist(), values.tolist())]
+        return TokenLogprob(self.token_bytes(token), float(logprobs[token]), top)
+
+    def on_finalized_text(self, text: str, stream_end: bool = False):
+        entries, self.entries = self.entries, []
+        self.text_queue.put((text, entries), timeout=self.timeout)
+        if stream_end:
+            self.text_queue.put(self.stop_signal, timeout=self.timeout)
+
+
+class ServedGeneration(GenerationStream):
+    """A GenerationStream that yields (text, [TokenLogprob]) pairs: its setup, with a TokenStreamer (the base class
+    takes no streamer), and the logits hook on the model while this generation runs (the lock makes it the only
+    one)."""
+
+    def __init__(self, loaded: LoadedModel, prompt: str, generation_config, top_logprobs: int | None = None):
+        self.loaded, self.generation_config = loaded, generation_config
+        self.input_ids = encode_prompt(loaded.tokenizer, prompt, loaded.device)
+        self.prompt_tokens = self.input_ids.shape[1]
+        self.cancel_event = threading.Event()
+        self.streamer = TokenStreamer(loaded.tokenizer, top_logprobs)
+        self.error = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        hook = None
+        if self.streamer.top_logprobs is not None:
+            hook = self.loaded.model.register_forward_hook(self.streamer.see_logits)
+        try:
+            super()._run()
+        finally:
+            if hook is not None:
+                hook.remove()
+
+
+@dataclass
+class Job:
+    """One prompt to generate from (a chat request has one, a completion request one per prompt)."""
     prompt: str
     prompt_tokens: int
     generation_config: object
+
+
+@dataclass
+class PreparedRequest:
+    loaded: LoadedModel
+    jobs: list[Job]
     stops: list[str]
     seed: int | None
+    top_logprobs: int | None = None  # None: no logprobs; k: each token's logprob and k alternatives
+    tools: bool = False  # parse <tool_call> blocks out of the answer
+    max_tool_calls: int | None = None
 
 
 class Server:
@@ -197,8 +497,10 @@ class Server:
             raise APIError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
                            code="invalid_api_key", error_type="authentication_error")
 
-    def prepare(self, request: ChatCompletionRequest) -> PreparedRequest:
-        """Every check that can fail, before any work starts (and before a stream sends its 200 header)."""
+    # Every check that can fail runs before any work starts (and before a stream sends its 200 header).
+
+    def common_checks(self, request: SamplingRequest) -> tuple[LoadedModel, list[str]]:
+        """The model and the stop sequences, after the checks chat and completion requests share."""
         limits = self.limits
         loaded = self.models.get(request.model)
         if loaded is None:
@@ -206,48 +508,155 @@ class Server:
                            param="model", code="model_not_found")
         if request.n not in (None, 1):
             raise APIError(400, "only n=1 is supported", param="n")
-        for field in ("frequency_penalty", "presence_penalty"):
-            if getattr(request, field):
-                raise APIError(400, f"{field} is not supported; use repetition_penalty", param=field)
-        if len(request.messages) > limits.max_messages:
-            raise APIError(400, f"too many messages: {len(request.messages)} > {limits.max_messages}",
-                           param="messages")
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                    for m in request.messages]
-        for i, m in enumerate(messages):
-            if len(m["content"]) > limits.max_message_chars:
-                raise APIError(400, f"messages[{i}] has {len(m['content'])} characters; the limit is "
-                                    f"{limits.max_message_chars}", param=f"messages[{i}].content")
-            check_unicode(m["content"], f"messages[{i}].content")
-        if sum(len(m["content"]) for m in messages) > limits.max_total_chars:
-            raise APIError(400, f"the messages exceed {limits.max_total_chars} characters in total", param="messages")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if getattr(request, name):
+                raise APIError(400, f"{name} is not supported; use repetition_penalty", param=name)
+        if request.logit_bias:
+            raise APIError(400, "logit_bias is not supported", param="logit_bias")
         stops = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
         if len(stops) > limits.max_stop_sequences or any(not s or len(s) > limits.max_stop_chars for s in stops):
             raise APIError(400, f"stop: at most {limits.max_stop_sequences} non-empty sequences of up to "
                                 f"{limits.max_stop_chars} characters", param="stop")
         for stop in stops:
             check_unicode(stop, "stop")
-        try:
-            prompt = build_prompt(loaded.tokenizer, messages, loaded.mode)
-        except TemplateError as error:  # some chat templates refuse e.g. roles out of order
-            message = f"the model's chat template refused these messages: {error}"
-            raise APIError(400, message, param="messages") from None
+        return loaded, stops
+
+    def job(self, loaded: LoadedModel, prompt: str, request: SamplingRequest, asked: int | None,
+            default_max_tokens: int, param: str) -> Job:
+        """A prompt that fits the context with the tokens asked for, and its generation settings."""
         prompt_tokens = len(loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"])
         context = loaded.context_length
         room = context - prompt_tokens
-        asked = request.max_completion_tokens or request.max_tokens
         if room < 1 or (asked is not None and asked > room):
-            raise APIError(400, f"this model's maximum context length is {context} tokens; the messages take "
-                                f"{prompt_tokens} and {asked or 1} more were requested", param="messages",
+            raise APIError(400, f"this model's maximum context length is {context} tokens; the {param} take "
+                                f"{prompt_tokens} and {asked or 1} more were requested", param=param,
                            code="context_length_exceeded")
-        max_new_tokens = asked or min(limits.default_max_tokens, room)
         temperature = request.temperature
         if temperature is not None and temperature < MIN_TEMPERATURE:
             temperature = 0
         config = default_generation_config(
             loaded.tokenizer, temperature=temperature, top_p=request.top_p, top_k=request.top_k,
-            repetition_penalty=request.repetition_penalty, max_new_tokens=max_new_tokens)
-        return PreparedRequest(loaded, prompt, prompt_tokens, config, stops, request.seed)
+            repetition_penalty=request.repetition_penalty, max_new_tokens=asked or min(default_max_tokens, room))
+        return Job(prompt, prompt_tokens, config)
+
+    def prepare(self, request: ChatCompletionRequest) -> PreparedRequest:
+        loaded, stops = self.common_checks(request)
+        if request.functions or request.function_call is not None:
+            param = "functions" if request.functions else "function_call"
+            raise APIError(400, "functions/function_call are OpenAI's deprecated form of tool calling; send `tools` "
+                                "(and `tool_choice`) instead", param=param)
+        if request.response_format is not None and request.response_format.type != "text":
+            raise APIError(400, f"response_format {request.response_format.type!r} is not supported: only 'text' "
+                                "(this server cannot constrain generation to JSON; ask for JSON in the prompt)",
+                           param="response_format")
+        if request.top_logprobs is not None and not request.logprobs:
+            raise APIError(400, "top_logprobs requires logprobs: true", param="top_logprobs")
+        messages = self.chat_messages(request)
+        tools = self.tool_schemas(request, loaded)
+        chars = sum(len(m["content"]) + sum(len(c["function"]["name"]) + len(c["function"]["arguments"])
+                                            for c in m.get("tool_calls", [])) for m in messages)
+        if chars + (len(json.dumps(tools, ensure_ascii=False)) if tools else 0) > self.limits.max_total_chars:
+            raise APIError(400, f"the messages and tools exceed {self.limits.max_total_chars} characters in total",
+                           param="messages")
+        try:
+            prompt = build_prompt(loaded.tokenizer, messages, loaded.mode, **({"tools": tools} if tools else {}))
+        except TemplateError as error:  # some chat templates refuse e.g. roles out of order
+            message = f"the model's chat template refused these messages: {error}"
+            raise APIError(400, message, param="messages") from None
+        job = self.job(loaded, prompt, request, request.max_completion_tokens or request.max_tokens,
+                       self.limits.default_max_tokens, "messages")
+        return PreparedRequest(loaded, [job], stops, request.seed,
+                               top_logprobs=(request.top_logprobs or 0) if request.logprobs else None,
+                               tools=bool(tools), max_tool_calls=1 if request.parallel_tool_calls is False else None)
+
+    def chat_messages(self, request: ChatCompletionRequest) -> list[dict]:
+        """The messages as the chat template (and SFT data) has them: developer is system, tool calls carry only
+        their function, null content is ""."""
+        limits = self.limits
+        if len(request.messages) > limits.max_messages:
+            raise APIError(400, f"too many messages: {len(request.messages)} > {limits.max_messages}",
+                           param="messages")
+        messages = []
+        for i, m in enumerate(request.messages):
+            if m.content is None and not (m.role == "assistant" and m.tool_calls):
+                raise APIError(400, f"messages[{i}] ({m.role}) needs content: only an assistant message with "
+                                    "tool_calls may have none", param=f"messages[{i}].content")
+            if m.tool_calls and m.role != "assistant":
+                raise APIError(400, f"messages[{i}]: only assistant messages carry tool_calls",
+                               param=f"messages[{i}].tool_calls")
+            message = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            if len(message["content"]) > limits.max_message_chars:
+                raise APIError(400, f"messages[{i}] has {len(message['content'])} characters; the limit is "
+                                    f"{limits.max_message_chars}", param=f"messages[{i}].content")
+            check_unicode(message["content"], f"messages[{i}].content")
+            if m.tool_calls:
+                for j, call in enumerate(m.tool_calls):
+                    check_unicode(call.function.name + call.function.arguments, f"messages[{i}].tool_calls[{j}]")
+                message["tool_calls"] = [{"type": "function", "function": {"name": call.function.name,
+                                                                            "arguments": call.function.arguments}}
+                                         for call in m.tool_calls]
+            messages.append(message)
+        return messages
+
+    def tool_schemas(self, request: ChatCompletionRequest, loaded: LoadedModel) -> list[dict] | None:
+        """The request's tools, checked, in the form the template renders (OpenAI's, which is also the form of
+        MiniMind's `functions`), or None when the answer must not call any."""
+        choice = request.tool_choice
+        if isinstance(choice, dict) or choice not in (None, "auto", "none"):
+            shown = "a named function" if isinstance(choice, dict) else repr(choice)
+            raise APIError(400, f"tool_choice {shown} is not supported: only 'auto' and 'none' (the model decides "
+                                "whether to call a tool; it cannot be forced)", param="tool_choice")
+        if not request.tools:
+            return None
+        for i, tool in enumerate(request.tools):
+            function = tool.get("function")
+            if tool.get("type") != "function":
+                raise APIError(400, f"tools[{i}].type must be 'function'", param=f"tools[{i}].type")
+            if not isinstance(function, dict):
+                raise APIError(400, f"tools[{i}].function must be an object", param=f"tools[{i}].function")
+            if not isinstance(function.get("name"), str) or not function["name"]:
+                raise APIError(400, f"tools[{i}].function.name must be a non-empty string",
+                               param=f"tools[{i}].function.name")
+            for key, kind, name in (("description", str, "a string"), ("parameters", dict, "an object")):
+                if function.get(key) is not None and not isinstance(function[key], kind):
+                    raise APIError(400, f"tools[{i}].function.{key} must be {name}",
+                                   param=f"tools[{i}].function.{key}")
+            if nesting_depth(tool) > MAX_TOOL_DEPTH:  # the template renders schemas recursively
+                raise APIError(400, f"tools[{i}] is nested more than {MAX_TOOL_DEPTH} levels deep", param=f"tools[{i}]")
+        check_unicode(json.dumps(request.tools, ensure_ascii=False), "tools")
+        if loaded.mode != "chat":
+            raise APIError(400, f"{loaded.name} is a pretrained base model: it continues text and was never taught "
+                                "to call tools; serve a chat checkpoint (full_sft, ...) for tools", param="tools")
+        # "none": the tools are left out of the prompt too. A model trained on MiniMind's data calls a tool whenever
+        # the prompt lists some, and its <tool_call> text would then end up in the answer.
+        return None if choice == "none" else request.tools
+
+    def prepare_completion(self, request: CompletionRequest) -> PreparedRequest:
+        loaded, stops = self.common_checks(request)
+        limits = self.limits
+        if request.echo:
+            raise APIError(400, "echo is not supported: the answer holds only the completion", param="echo")
+        if request.suffix:
+            raise APIError(400, "suffix (fill-in-the-middle) is not supported", param="suffix")
+        if request.best_of not in (None, 1):
+            raise APIError(400, "only best_of=1 is supported", param="best_of")
+        prompts = [request.prompt] if isinstance(request.prompt, str) else request.prompt
+        if not prompts or len(prompts) > limits.max_messages:
+            raise APIError(400, f"prompt: a string or a list of 1 to {limits.max_messages} strings", param="prompt")
+        for i, prompt in enumerate(prompts):
+            param = "prompt" if isinstance(request.prompt, str) else f"prompt[{i}]"
+            if len(prompt) > limits.max_message_chars:
+                raise APIError(400, f"{param} has {len(prompt)} characters; the limit is {limits.max_message_chars}",
+                               param=param)
+            check_unicode(prompt, param)
+        if sum(map(len, prompts)) > limits.max_total_chars:
+            raise APIError(400, f"the prompts exceed {limits.max_total_chars} characters in total", param="prompt")
+        # The prompt is text to continue, as a pretraining document is; those start with BOS (<|im_start|>), so
+        # that comes first unless the prompt brings it (a prompt already in the chat template's form).
+        bos = loaded.tokenizer.bos_token or ""
+        jobs = [self.job(loaded, prompt if prompt.startswith(bos) else bos + prompt, request, request.max_tokens,
+                         COMPLETION_DEFAULT_MAX_TOKENS, "prompt") for prompt in prompts]
+        return PreparedRequest(loaded, jobs, stops, request.seed, top_logprobs=request.logprobs)
 
     def admit(self) -> "Ticket":
         """A place in line, or a 503. Checking and taking the place are one step under a lock, and the place is
@@ -261,11 +670,12 @@ class Server:
             self.active += 1
         return Ticket(self)
 
-    def start(self, prepared: PreparedRequest) -> GenerationStream:
-        """Call with the lock held: the seed and the generation then belong to this request alone."""
+    def start(self, prepared: PreparedRequest, job: Job) -> ServedGeneration:
+        """Call with the lock held: the seed and the generation then belong to this request alone. The seed is set
+        before every prompt, so a prompt's text does not depend on its place in a list of prompts."""
         if prepared.seed is not None:
             torch.manual_seed(prepared.seed)
-        return GenerationStream(prepared.loaded, prepared.prompt, prepared.generation_config)
+        return ServedGeneration(prepared.loaded, job.prompt, job.generation_config, prepared.top_logprobs)
 
 
 class Ticket:
@@ -281,6 +691,18 @@ class Ticket:
                 self.server.active -= 1
 
 
+def nesting_depth(value) -> int:
+    """How deeply lists and objects nest in a JSON value, counted without recursion (which a hostile value could
+    exhaust)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            deepest = max(deepest, depth)
+            stack.extend((item, depth + 1) for item in (value.values() if isinstance(value, dict) else value))
+    return deepest
+
+
 def check_unicode(text: str, param: str):
     """JSON can spell a lone UTF-16 surrogate (\\ud800) that no UTF-8 tokenizer can encode."""
     try:
@@ -289,9 +711,9 @@ def check_unicode(text: str, param: str):
         raise APIError(400, f"{param} is not valid Unicode (it holds a lone surrogate)", param=param) from None
 
 
-async def next_piece(iterator) -> str | None:
-    """The next piece of text, None at the end. A cancelled request (its client left) stops waiting at once; the
-    worker thread it abandons returns as soon as finish() has stopped the generation."""
+async def next_piece(iterator) -> tuple[str, list] | None:
+    """The next (text, logprob entries), None at the end. A cancelled request (its client left) stops waiting at
+    once; the worker thread it abandons returns as soon as finish() has stopped the generation."""
     return await anyio.to_thread.run_sync(next, iterator, None, abandon_on_cancel=True)
 
 
@@ -313,29 +735,102 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-async def complete(server: Server, prepared: PreparedRequest, request_id: str, created: int) -> dict:
-    async with server.turn():
+class Answer:
+    """One prompt's generation as the client gets it. events() yields ("text", str, entries) and, when the request
+    has tools, ("call", tool call, entries): stop sequences cut, logprob entries with the text they spell, tool
+    calls parsed. Call with the lock held; afterwards finish_reason and completion_tokens are set."""
+
+    def __init__(self, server: Server, prepared: PreparedRequest, job: Job):
+        self.server, self.prepared, self.job = server, prepared, job
+        self.finish_reason, self.completion_tokens = None, 0
+        self.held_entries = []  # logprob entries whose text the parser still holds (e.g. inside a <tool_call>)
+
+    async def events(self):
+        prepared = self.prepared
+        stop_filter, aligner = StopFilter(prepared.stops), LogprobAligner()
+        parser = ToolCallParser(prepared.max_tool_calls) if prepared.tools else None
         stream = None
         try:
-            stream = server.start(prepared)
-            stop_filter, pieces = StopFilter(prepared.stops), []
+            stream = self.server.start(prepared, self.job)
             iterator = iter(stream)
             while not stop_filter.stopped:
-                piece = await next_piece(iterator)
-                if piece is None:
+                item = await next_piece(iterator)
+                if item is None:
                     break
-                pieces.append(stop_filter.feed(piece))
-            pieces.append("" if stop_filter.stopped else stop_filter.flush())
-        except Exception as error:  # noqa: BLE001 - a 500 for the client, the cause for the server log
-            raise generation_failed(request_id, error) from None
+                text, entries = item
+                aligner.add(entries)
+                released = stop_filter.feed(text)
+                for event in self.shape(parser, released, aligner.release(released)):
+                    yield event
+            tail = "" if stop_filter.stopped else stop_filter.flush()
+            await finish(stream)  # new_tokens is final once the worker has stopped
+            entries = aligner.release(tail) + ([] if stop_filter.stopped else aligner.rest())
+            for event in self.shape(parser, tail, entries, last=True):
+                yield event
+            self.completion_tokens = stream.new_tokens
+            if parser is not None and parser.calls:
+                self.finish_reason = "tool_calls"
+            else:
+                self.finish_reason = "stop" if stop_filter.stopped else stream.finish_reason
         finally:
             if stream is not None:
                 await finish(stream)
-    finish_reason = "stop" if stop_filter.stopped else stream.finish_reason
+
+    def shape(self, parser: ToolCallParser | None, text: str, entries: list, last: bool = False) -> list[tuple]:
+        self.held_entries += entries
+        pieces = [("text", text)] if parser is None else parser.feed(text) + (parser.finish() if last else [])
+        events = []
+        for kind, value in pieces:
+            if kind == "call" or value:
+                events.append((kind, value, self.held_entries))
+                self.held_entries = []
+        if last and self.held_entries:
+            events.append(("text", "", self.held_entries))
+            self.held_entries = []
+        return events
+
+
+async def chat_answer(server: Server, prepared: PreparedRequest, request_id: str, created: int) -> dict:
+    texts, calls, entries = [], [], []
+    async with server.turn():
+        answer = Answer(server, prepared, prepared.jobs[0])
+        try:
+            async with contextlib.aclosing(answer.events()) as events:
+                async for kind, value, got in events:
+                    (texts if kind == "text" else calls).append(value)
+                    entries += got
+        except Exception as error:  # noqa: BLE001 - a 500 for the client, the cause for the server log
+            raise generation_failed(request_id, error) from None
+    content = "".join(texts)
+    message = {"role": "assistant", "content": content if content or not calls else None}
+    if calls:
+        message["tool_calls"] = calls
+    logprobs = chat_logprobs(entries) if prepared.top_logprobs is not None else None
     return {"id": request_id, "object": "chat.completion", "created": created, "model": prepared.loaded.name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(pieces)},
-                         "logprobs": None, "finish_reason": finish_reason}],
-            "usage": usage(prepared.prompt_tokens, stream.new_tokens)}
+            "choices": [{"index": 0, "message": message, "logprobs": logprobs, "finish_reason": answer.finish_reason}],
+            "usage": usage(prepared.jobs[0].prompt_tokens, answer.completion_tokens)}
+
+
+async def completion_answer(server: Server, prepared: PreparedRequest, request_id: str, created: int) -> dict:
+    choices, completion_tokens = [], 0
+    async with server.turn():  # a list of prompts is one request: answered in one turn, in order
+        for index, job in enumerate(prepared.jobs):
+            answer, texts, entries = Answer(server, prepared, job), [], []
+            try:
+                async with contextlib.aclosing(answer.events()) as events:
+                    async for _, text, got in events:
+                        texts.append(text)
+                        entries += got
+            except Exception as error:  # noqa: BLE001 - a 500 for the client, the cause for the server log
+                raise generation_failed(request_id, error) from None
+            logprobs = None
+            if prepared.top_logprobs is not None:
+                logprobs = CompletionLogprobs(prepared.top_logprobs).shape(entries)
+            choices.append({"index": index, "text": "".join(texts), "logprobs": logprobs,
+                            "finish_reason": answer.finish_reason})
+            completion_tokens += answer.completion_tokens
+    return {"id": request_id, "object": "text_completion", "created": created, "model": prepared.loaded.name,
+            "choices": choices, "usage": usage(sum(job.prompt_tokens for job in prepared.jobs), completion_tokens)}
 
 
 async def cancel_on_disconnect(receive, work):
@@ -361,44 +856,67 @@ def sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-async def stream_events(server: Server, prepared: PreparedRequest, request_id: str, created: int,
-                        include_usage: bool):
-    """Server-sent events: a role chunk, content chunks, a chunk with finish_reason, optionally a usage chunk,
-    then [DONE]. An error after the 200 header can only be reported in the stream: an error event, then [DONE]."""
+async def chat_events(server: Server, prepared: PreparedRequest, request_id: str, created: int,
+                      include_usage: bool):
+    """Server-sent events: a role chunk, content and tool-call chunks, a chunk with finish_reason, optionally a usage
+    chunk, then [DONE]. An error after the 200 header can only be reported in the stream: an error event, then
+    [DONE]. A tool call goes out whole, in one chunk, once its </tool_call> has arrived (OpenAI's delta format
+    allows its arguments in any number of pieces)."""
 
-    def chunk(delta: dict, finish_reason=None) -> str:
+    def chunk(delta: dict, finish_reason=None, entries=None) -> str:
+        logprobs = chat_logprobs(entries or []) if prepared.top_logprobs is not None else None
         return sse({"id": request_id, "object": "chat.completion.chunk", "created": created,
                     "model": prepared.loaded.name,
-                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]})
+                    "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]})
 
     async with server.turn():
-        stream = None
+        answer, calls = Answer(server, prepared, prepared.jobs[0]), 0
         try:
-            stream = server.start(prepared)
             yield chunk({"role": "assistant", "content": ""})
-            stop_filter = StopFilter(prepared.stops)
-            iterator = iter(stream)
-            while not stop_filter.stopped:
-                piece = await next_piece(iterator)
-                if piece is None:
-                    break
-                text = stop_filter.feed(piece)
-                if text:
-                    yield chunk({"content": text})
-            tail = "" if stop_filter.stopped else stop_filter.flush()
-            if tail:
-                yield chunk({"content": tail})
-            await finish(stream)  # new_tokens is final once the worker has stopped
-            yield chunk({}, "stop" if stop_filter.stopped else stream.finish_reason)
+            async with contextlib.aclosing(answer.events()) as events:
+                async for kind, value, entries in events:
+                    if kind == "text":
+                        yield chunk({"content": value}, entries=entries)
+                    else:
+                        yield chunk({"tool_calls": [{"index": calls, **value}]}, entries=entries)
+                        calls += 1
+            yield chunk({}, answer.finish_reason)
             if include_usage:
                 yield sse({"id": request_id, "object": "chat.completion.chunk", "created": created,
                            "model": prepared.loaded.name, "choices": [],
-                           "usage": usage(prepared.prompt_tokens, stream.new_tokens)})
+                           "usage": usage(prepared.jobs[0].prompt_tokens, answer.completion_tokens)})
         except Exception as error:  # noqa: BLE001 - an error event for the client, the cause for the server log
             yield sse(generation_failed(request_id, error).body())
-        finally:
-            if stream is not None:
-                await finish(stream)
+    yield "data: [DONE]\n\n"
+
+
+async def completion_events(server: Server, prepared: PreparedRequest, request_id: str, created: int,
+                            include_usage: bool):
+    """Server-sent events as OpenAI streams completions: text chunks of each prompt's choice (index i) in turn, a
+    chunk with its finish_reason, optionally a usage chunk, then [DONE]; an error event, then [DONE], on failure."""
+
+    def chunk(index: int, text: str, finish_reason=None, logprobs=None) -> str:
+        return sse({"id": request_id, "object": "text_completion", "created": created, "model": prepared.loaded.name,
+                    "choices": [{"index": index, "text": text, "logprobs": logprobs,
+                                 "finish_reason": finish_reason}]})
+
+    async with server.turn():
+        try:
+            completion_tokens = 0
+            for index, job in enumerate(prepared.jobs):
+                answer = Answer(server, prepared, job)
+                shape = CompletionLogprobs(prepared.top_logprobs or 0).shape
+                async with contextlib.aclosing(answer.events()) as events:
+                    async for _, text, entries in events:
+                        yield chunk(index, text, logprobs=shape(entries) if prepared.top_logprobs is not None else None)
+                yield chunk(index, "", answer.finish_reason)
+                completion_tokens += answer.completion_tokens
+            if include_usage:
+                yield sse({"id": request_id, "object": "text_completion", "created": created,
+                           "model": prepared.loaded.name, "choices": [],
+                           "usage": usage(sum(job.prompt_tokens for job in prepared.jobs), completion_tokens)})
+        except Exception as error:  # noqa: BLE001 - an error event for the client, the cause for the server log
+            yield sse(generation_failed(request_id, error).body())
     yield "data: [DONE]\n\n"
 
 
@@ -536,21 +1054,30 @@ def create_app(models: list[LoadedModel], limits: Limits | None = None, api_key:
             {"id": name, "object": "model", "created": server.created, "owned_by": "tinymind",
              "context_length": loaded.context_length, "mode": loaded.mode} for name, loaded in server.models.items()]}
 
-    @app.post("/v1/chat/completions", dependencies=[authorized])
-    async def chat_completions(request: ChatCompletionRequest, http: Request):
-        prepared = server.prepare(request)
+    async def respond(request: SamplingRequest, prepared: PreparedRequest, http: Request, id_prefix: str,
+                      answer, events):
+        """The answer to a prepared request, streamed or not, holding a place in line until it is over."""
         ticket = server.admit()
-        request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        request_id, created = f"{id_prefix}-{uuid.uuid4().hex}", int(time.time())
         if request.stream:
             include_usage = bool(request.stream_options and request.stream_options.include_usage)
-            return AdmittedStream(ticket, stream_events(server, prepared, request_id, created, include_usage),
+            return AdmittedStream(ticket, events(server, prepared, request_id, created, include_usage),
                                   media_type="text/event-stream",
                                   headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
-            answer = await cancel_on_disconnect(http.receive, complete(server, prepared, request_id, created))
+            body = await cancel_on_disconnect(http.receive, answer(server, prepared, request_id, created))
         finally:
             ticket.release()
-        return Response(status_code=499) if answer is None else answer  # 499: nginx's "client closed request"
+        return Response(status_code=499) if body is None else body  # 499: nginx's "client closed request"
+
+    @app.post("/v1/chat/completions", dependencies=[authorized])
+    async def chat_completions(request: ChatCompletionRequest, http: Request):
+        return await respond(request, server.prepare(request), http, "chatcmpl", chat_answer, chat_events)
+
+    @app.post("/v1/completions", dependencies=[authorized])
+    async def completions(request: CompletionRequest, http: Request):
+        return await respond(request, server.prepare_completion(request), http, "cmpl", completion_answer,
+                             completion_events)
 
     if web_ui:
         @app.get("/", include_in_schema=False)
@@ -630,6 +1157,10 @@ def serve(args):
                     body_timeout=args.body_timeout, default_max_tokens=args.default_max_tokens,
                     max_queue=args.max_queue)
     app = create_app(models, limits, args.api_key, bool(args.web_ui))
+    for loaded in models:
+        if loaded.mode == "continue":
+            print(f"note: {loaded.name} is a pretrained base model: /v1/completions continues a prompt, and a chat "
+                  "request continues the text of its newest message (no chat template, no tools)")
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"warning: listening on {args.host} without --api_key: anyone who can reach this port can use it")
     print(f"serving {', '.join(m.name for m in models)} at http://{args.host}:{args.port}/v1"

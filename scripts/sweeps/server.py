@@ -2,14 +2,16 @@
 runs as its own process on a tiny random checkpoint, exactly as typed on a command line, and every case goes over
 real sockets.
 
-    python -m scripts.sweeps.server                   # every case; about two minutes on 2 busy cores
+    python -m scripts.sweeps.server                   # every case; about three minutes on 2 busy cores
     python -m scripts.sweeps.server --only burst,slow  # the cases whose group or name holds one of these words
     python -m scripts.sweeps.server --repo ../old      # the server of another checkout, to compare before a fix
 
-The groups: bad JSON, every request field with wrong types and out-of-range values (sent plain and streamed), bodies
-(over --max_request_bytes with Content-Length or chunked, wrong content types), routes, extreme but valid values,
-clients that disconnect (while generating or waiting in line, streamed or not, mid-body, by reset), bursts past
---max_queue, and slowloris bodies (stalled or trickled). A case is
+The groups: bad JSON, every request field with wrong types and out-of-range values (sent plain and streamed; chat's
+tools, tool_choice, logprobs and response_format too), the same for /v1/completions, bodies (over
+--max_request_bytes with Content-Length or chunked, wrong content types), routes, extreme but valid values (tool
+calls in the history, logprobs, prompt lists), clients that disconnect (while generating or waiting in line,
+streamed or not, chat or completion, mid-body, by reset), bursts past --max_queue, and slowloris bodies (stalled or
+trickled). A case is
 
     clean  answered as it should be: a 4xx (or a 503 beyond the queue) with an OpenAI-style body
            {"error": {"message", "type", "param", "code"}} naming the field where there is one, a 200 for a valid
@@ -51,6 +53,18 @@ def short(value) -> str:
 def body(**fields) -> dict:
     """A valid request, but for `fields`."""
     return {"model": MODEL, "messages": ask("hi"), "max_tokens": 2, **fields}
+
+
+def completion(**fields) -> dict:
+    """A valid /v1/completions request, but for `fields`."""
+    return {"model": MODEL, "prompt": "hi", "max_tokens": 2, **fields}
+
+
+CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+                                           "parameters": {"type": "object", "properties": {
+                                               "city": {"type": "string"}}}}}]
+CALL = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
 
 
 # ========================================================================================== the server process
@@ -224,6 +238,42 @@ BAD_FIELDS = [
     ("stream_options", "x"), ("stream_options", {"include_usage": "yes"}, "stream_options.include_usage"),
     ("presence_penalty", 1), ("presence_penalty", 5), ("presence_penalty", "x"),
     ("frequency_penalty", -1), ("frequency_penalty", -3), ("frequency_penalty", "x"),
+    ("logit_bias", {"5": 1}), ("logit_bias", "x"),
+    ("messages", [{"role": "assistant", "content": None}], "messages[0].content"),
+    ("messages", [{"role": "tool", "tool_call_id": "c"}], "messages[0].content"),
+    ("messages", [{"role": "user", "content": "hi", "tool_calls": [CALL]}], "messages[0].tool_calls"),
+    ("messages", [{"role": "assistant", "tool_calls": [{"id": "c"}]}], "messages[0].tool_calls[0].function"),
+    ("messages", [{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": {}}}]}],
+     "messages[0].tool_calls[0].function.arguments"),
+    ("messages", [{"role": "assistant", "tool_calls": "f"}], "messages[0].tool_calls"),
+    ("tools", "f"), ("tools", ["f"], "tools[0]"), ("tools", [{"type": "retrieval"}], "tools[0].type"),
+    ("tools", [{"type": "function"}], "tools[0].function"),
+    ("tools", [{"type": "function", "function": {"name": ""}}], "tools[0].function.name"),
+    ("tools", [{"type": "function", "function": {"name": 5}}], "tools[0].function.name"),
+    ("tools", [{"type": "function", "function": {"name": "f", "parameters": []}}], "tools[0].function.parameters"),
+    ("tools", [{"type": "function", "function": {"name": "f", "description": 1}}], "tools[0].function.description"),
+    ("tools", [{"type": "function", "function": {"name": "f", "parameters": json.loads('{"a": ' * 90 + "1"
+                                                                                        + "}" * 90)}}], "tools[0]"),
+    ("tools", [{"type": "function", "function": {"name": "\udc00"}}]),
+    ("tool_choice", "required"), ("tool_choice", "any"), ("tool_choice", 1),
+    ("tool_choice", {"type": "function", "function": {"name": "get_weather"}}),
+    ("parallel_tool_calls", "no"), ("functions", [{"name": "f"}]), ("function_call", "auto"),
+    ("logprobs", "yes"), ("logprobs", 1), ("top_logprobs", 2), ("top_logprobs", -1), ("top_logprobs", 21),
+    ("top_logprobs", 1.5),
+    ("response_format", {"type": "json_object"}),
+    ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
+    ("response_format", "json"), ("response_format", {}, "response_format.type"),
+]
+
+BAD_COMPLETION_FIELDS = [  # the same for /v1/completions
+    ("prompt", None), ("prompt", 5), ("prompt", [1, 2], "prompt[0]"), ("prompt", [[1, 2]], "prompt[0]"),
+    ("prompt", []), ("prompt", ["a"] * 65), ("prompt", "x" * 16_001), ("prompt", ["a", "x" * 16_001], "prompt[1]"),
+    ("prompt", ["x" * 15_000] * 5), ("prompt", "\ud800"), ("prompt", ["a", "\ud800"], "prompt[1]"),
+    ("echo", True), ("echo", "yes"), ("suffix", "x"), ("suffix", 5), ("best_of", 2), ("best_of", 0),
+    ("logprobs", -1), ("logprobs", 21), ("logprobs", True), ("logprobs", "2"),
+    ("max_tokens", 0), ("max_tokens", 10 ** 6, "prompt"), ("max_tokens", "5"), ("temperature", 3), ("top_p", 0),
+    ("stop", ""), ("stop", [1], "stop[0]"), ("seed", 2 ** 70), ("n", 2), ("presence_penalty", 1),
+    ("logit_bias", {"5": 1}), ("stream", "yes"), ("model", 5),
 ]
 
 BAD_JSON = [  # (name, raw body): refused with a 400 that names no field
@@ -243,14 +293,34 @@ EXTREME_VALID = [  # (name, fields): must be answered (200) like any request
     ("nulls everywhere", dict(temperature=None, top_p=None, n=None, stream=None, stop=None, seed=None)),
     ("developer role and parts", dict(messages=[{"role": "developer", "content": "be brief"},
                                                 {"role": "user", "content": [{"type": "text", "text": "hi"}]}])),
-    ("unknown fields", dict(user="u", metadata={"a": 1}, logit_bias={"5": 1}, tools=[])),
+    ("unknown fields", dict(user="u", metadata={"a": 1}, store=False, logit_bias={}, tools=[])),
     ("emoji and CJK", dict(messages=ask("你好 👋🏽 \u200d"))),
+    ("tools", dict(tools=TOOLS, tool_choice="auto", parallel_tool_calls=False)),
+    ("tool_choice none", dict(tools=TOOLS, tool_choice="none")),
+    ("tool call and result in the history", dict(tools=TOOLS, messages=[
+        *ask("Weather in Paris?"), {"role": "assistant", "content": None, "tool_calls": [CALL]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}])),
+    ("tool call with text and parts", dict(messages=[
+        *ask("hi"), {"role": "assistant", "content": [{"type": "text", "text": "let me see"}], "tool_calls": [CALL]},
+        {"role": "tool", "tool_call_id": "call_1", "content": [{"type": "text", "text": "sunny"}]}])),
+    ("logprobs, 20 alternatives", dict(logprobs=True, top_logprobs=20)),
+    ("logprobs, none", dict(logprobs=False)), ("response_format text", dict(response_format={"type": "text"})),
+]
+
+COMPLETION_VALID = [  # (name, fields) for /v1/completions
+    ("a prompt", {}), ("a list of prompts", dict(prompt=["a", "b", ""])), ("an empty prompt", dict(prompt="")),
+    ("the template's form", dict(prompt="<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")),
+    ("logprobs 0", dict(logprobs=0)), ("logprobs 20", dict(logprobs=20, temperature=0)),
+    ("stop and seed", dict(stop=["\n", "x" * 64], seed=7, temperature=1)),
+    ("nulls everywhere", dict(temperature=None, top_p=None, n=None, stream=None, stop=None, seed=None,
+                              logprobs=None, echo=None, suffix=None, best_of=None)),
+    ("echo false, best_of 1", dict(echo=False, best_of=1)), ("usage", dict(stream_options={"include_usage": True})),
 ]
 
 
 class Sweep:
-    def __init__(self, server: ServerProcess, only: list[str], long_body: dict):
-        self.server, self.only, self.long = server, only, long_body
+    def __init__(self, server: ServerProcess, only: list[str], long_body: dict, long_completion: dict):
+        self.server, self.only, self.long, self.long_completion = server, only, long_body, long_completion
         self.tried = self.clean = 0
         self.raw = []
 
@@ -311,11 +381,11 @@ class Sweep:
 
     # ------------------------------------------------------------------------------------------- simple cases
 
-    def post(self, payload, expected: set, param="any", content_type="application/json"):
+    def post(self, payload, expected: set, param="any", content_type="application/json", path=CHAT):
         if isinstance(payload, dict):
             payload = json.dumps(payload).encode()
         headers = {"Content-Type": content_type} if content_type else {}
-        response = httpx.post(self.server.url + "/v1/chat/completions", content=payload, headers=headers, timeout=30)
+        response = httpx.post(self.server.url + path, content=payload, headers=headers, timeout=30)
         return response_problem(response, expected, param)
 
     def run_simple_cases(self):
@@ -331,6 +401,21 @@ class Sweep:
             for stream in (False, True):
                 self.case("valid", name + (" streamed" if stream else ""),
                           lambda fields=fields, stream=stream: self.valid(dict(fields, stream=stream)))
+        for field, value, *named in BAD_COMPLETION_FIELDS:
+            param = named[0] if named else field
+            for stream in (False,) if field == "stream" else (False, True):
+                fields = {field: value, "stream": True} if stream else {field: value}
+                name = f"{field}={short(value)}" + (" streamed" if stream else "")
+                self.case("completions", name, lambda fields=fields, param=param: self.post(
+                    completion(**fields), {400}, param, path=COMPLETIONS))
+        for name, fields in COMPLETION_VALID:
+            for stream in (False, True):
+                self.case("completions", "valid: " + name + (" streamed" if stream else ""),
+                          lambda fields=fields, stream=stream: self.valid(dict(fields, stream=stream), COMPLETIONS))
+        self.case("completions", "GET /v1/completions", lambda: response_problem(
+            httpx.get(self.server.url + COMPLETIONS, timeout=10), {405}))
+        self.case("completions", "unknown model", lambda: self.post(completion(model="gpt-4"), {404}, "model",
+                                                                    path=COMPLETIONS))
         self.case("route", "GET /v1/chat/completions", lambda: response_problem(
             httpx.get(self.server.url + "/v1/chat/completions", timeout=10), {405}))
         self.case("route", "POST /v1/nothing", lambda: response_problem(
@@ -338,16 +423,21 @@ class Sweep:
         self.case("route", "unknown model", lambda: self.post(body(model="gpt-4"), {404}, "model"))
         self.case("route", "unknown model, a long name", lambda: self.post(body(model="m" * 500_000), {404}, "model"))
 
-    def valid(self, fields: dict) -> str | None:
-        response = httpx.post(self.server.url + "/v1/chat/completions", json=body(**fields), timeout=30)
+    def valid(self, fields: dict, path=CHAT) -> str | None:
+        request = body(**fields) if path == CHAT else completion(**fields)
+        response = httpx.post(self.server.url + path, json=request, timeout=30)
         if response.status_code != 200:
             return f"status {response.status_code}: {response.text[:160]}"
         if fields.get("stream"):
             events = [line for line in response.text.splitlines() if line]
             if events[-1:] != ["data: [DONE]"] or any('"error"' in line for line in events):
                 return f"the stream did not end cleanly: {events[-2:]}"
-        elif response.json()["choices"][0]["message"]["role"] != "assistant":
+        elif path == CHAT and response.json()["choices"][0]["message"]["role"] != "assistant":
             return f"no answer: {response.text[:160]}"
+        elif path == COMPLETIONS:
+            prompts = request["prompt"] if isinstance(request["prompt"], list) else [request["prompt"]]
+            if [c["index"] for c in response.json()["choices"]] != list(range(len(prompts))):
+                return f"not one choice per prompt: {response.text[:160]}"
         return None
 
     # ------------------------------------------------------------------------------------------------- bodies
@@ -433,19 +523,23 @@ class Sweep:
     # ------------------------------------------------------------------------------------------- disconnects
 
     def run_disconnect_cases(self):
-        for stream in (False, True):
-            kind = "streamed" if stream else "not streamed"
-            self.case("disconnect", f"{kind}, while generating", lambda stream=stream: self.leave(stream, "generate"))
-            self.case("disconnect", f"{kind}, right after sending", lambda stream=stream: self.leave(stream, "send"))
-            self.case("disconnect", f"{kind}, by reset while generating",
-                      lambda stream=stream: self.leave(stream, "generate", reset=True))
-            self.case("disconnect", f"{kind}, while waiting in line",
-                      lambda stream=stream: self.leave_the_line(stream))
+        for path in (CHAT, COMPLETIONS):
+            for stream in (False, True):
+                kind = ("chat, " if path == CHAT else "completion, ") + ("streamed" if stream else "not streamed")
+                self.case("disconnect", f"{kind}, while generating",
+                          lambda stream=stream, path=path: self.leave(stream, "generate", path=path))
+                self.case("disconnect", f"{kind}, right after sending",
+                          lambda stream=stream, path=path: self.leave(stream, "send", path=path))
+                self.case("disconnect", f"{kind}, by reset while generating",
+                          lambda stream=stream, path=path: self.leave(stream, "generate", reset=True, path=path))
+                self.case("disconnect", f"{kind}, while waiting in line",
+                          lambda stream=stream, path=path: self.leave_the_line(stream, path))
         self.case("disconnect", "mid-body", lambda: self.leave_mid_body())
 
-    def leave(self, stream: bool, when: str, reset=False) -> str | None:
+    def leave(self, stream: bool, when: str, reset=False, path=CHAT) -> str | None:
         connection = connect(self.server)
-        connection.sendall(post_bytes(json.dumps(dict(self.long, stream=stream)).encode()))
+        request = self.long if path == CHAT else self.long_completion
+        connection.sendall(post_bytes(json.dumps(dict(request, stream=stream)).encode(), path=path))
         if when == "generate":
             if stream:
                 read_until(connection, b"data: ")
@@ -463,11 +557,12 @@ class Sweep:
         connection.close()
         return None
 
-    def leave_the_line(self, stream: bool) -> str | None:
+    def leave_the_line(self, stream: bool, path=CHAT) -> str | None:
         holder = self.hold_the_model()
         try:
             connection = connect(self.server)
-            connection.sendall(post_bytes(json.dumps(body(stream=stream)).encode()))
+            request = body(stream=stream) if path == CHAT else completion(stream=stream)
+            connection.sendall(post_bytes(json.dumps(request).encode(), path=path))
             if not self.wait_for(lambda: self.server.health()["waiting"] == 1, 5):
                 return f"the second request is not waiting: {self.server.health()}"
             connection.close()
@@ -509,7 +604,11 @@ class Sweep:
         try:
             connections = [connect(self.server, timeout=60) for _ in range(count)]
             for i, connection in enumerate(connections):  # back to back: the server reads them all at once
-                connection.sendall(post_bytes(json.dumps(body(stream=i % every != 0)).encode()))
+                stream = i % every != 0
+                if i % 4 == 3:  # completions share the line
+                    connection.sendall(post_bytes(json.dumps(completion(stream=stream)).encode(), path=COMPLETIONS))
+                else:
+                    connection.sendall(post_bytes(json.dumps(body(stream=stream)).encode()))
 
             def read(i):
                 replies[i] = read_all(connections[i])
@@ -552,6 +651,17 @@ def long_request(server: ServerProcess) -> dict:
     raise SystemExit("no prompt found whose greedy answer runs to its length")
 
 
+def long_completion(server: ServerProcess) -> dict:
+    """long_request's counterpart for /v1/completions."""
+    for prompt in ("The king", "long", "1 2 3", "你好", "abc"):
+        trial = completion(prompt=prompt, max_tokens=300, temperature=0)
+        response = httpx.post(server.url + COMPLETIONS, json=trial, timeout=120)
+        if response.status_code == 200 and response.json()["choices"][0]["finish_reason"] == "length":
+            return dict(trial, max_tokens=20_000)
+    # A server without /v1/completions (--repo of an older checkout) gets its completion cases reported raw.
+    return completion(prompt="The king", max_tokens=20_000, temperature=0)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default="", help="comma-separated words: run the cases whose group/name has one")
@@ -565,7 +675,8 @@ def main(argv=None):
             print(f"server up on port {server.port} ({time.time() - started:.0f} s); max_queue {MAX_QUEUE}, "
                   f"max_request_bytes {MAX_BYTES}, body timeout "
                   f"{f'{BODY_TIMEOUT:g} s' if server.has_body_timeout else 'none'}", flush=True)
-            sweep = Sweep(server, [word for word in args.only.split(",") if word], long_request(server))
+            sweep = Sweep(server, [word for word in args.only.split(",") if word], long_request(server),
+                          long_completion(server))
             sweep.run_simple_cases()
             sweep.run_body_cases()
             sweep.run_slow_cases()
