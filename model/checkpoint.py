@@ -9,6 +9,7 @@ A file that cannot be used (truncated by a kill, zero bytes from a full disk, no
 that is not one) raises BadCheckpoint, whose message names the file and says what is wrong: the stages turn it into
 one `error: ...` line. Saves go through a temp file that is removed on any failure; the temps of killed saves are
 swept (sweep_stale_temp_files)."""
+import copy
 import glob
 import hashlib
 import json
@@ -20,7 +21,7 @@ import torch
 
 from .config import TinyMindConfig
 from .data.jsonl import BadInput
-from .files import TEMP_SUFFIX, atomic_torch_save, atomic_write, atomic_write_text, remove_stale_temps  # noqa: F401
+from .files import TEMP_SUFFIX, atomic_torch_save, atomic_write_text, remove_stale_temps
 
 
 class BadCheckpoint(BadInput):
@@ -121,13 +122,32 @@ def unwrap(model):
             return model
 
 
-def save_weights(model, path: str):
-    """fp32 state dict (MiniMind-style plain .pth) with the model config as JSON beside it."""
+# Config field naming the stage that trained the weights ("pretrain", "full_sft", ...): chat and serving choose
+# chat or plain-continuation mode from it, since a file name can be changed and then says nothing.
+STAGE_KEY = "tinymind_stage"
+
+
+def recorded_stage(config) -> str | None:
+    """The stage save_weights recorded in `config` (ours or an exported transformers one), None if unrecorded."""
+    stage = getattr(config, STAGE_KEY, None) if config is not None else None
+    return stage if isinstance(stage, str) and stage else None
+
+
+def save_weights(model, path: str, stage: str | None = None):
+    """fp32 state dict (MiniMind-style plain .pth) with the model config as JSON beside it. `stage`: the stage
+    that produced these weights, recorded as STAGE_KEY in the JSON. Without it the JSON records none, even when
+    the config came from weights that had one: a config is inherited from the stage before (SFT starts from
+    pretrain's), and passing that stage on would mislabel the new weights."""
     model = unwrap(model)
     state = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).clone()
              for k, v in model.state_dict().items() if not k.endswith("expert_load")}
+    config = copy.copy(model.config)  # the model in memory keeps its config as it was
+    if stage:
+        setattr(config, STAGE_KEY, stage)
+    elif hasattr(config, STAGE_KEY):
+        delattr(config, STAGE_KEY)
     atomic_torch_save(state, path)
-    atomic_write_text(model.config.to_json_string(), config_path_for(path))
+    atomic_write_text(config.to_json_string(), config_path_for(path))
 
 
 def read_torch_file(path: str, advice: str = "delete it or retrain"):

@@ -3,17 +3,47 @@ has one), the runtime and tokenizer, the model factory behind --preset / --from_
 of a traceback for the errors a user can fix."""
 import argparse
 import functools
+import math
 import os
 
 import torch
 
-from ..checkpoint import config_path_for, load_state_into, load_weights, record_tokenizer, resolve_weight
+from ..checkpoint import (config_path_for, load_config, load_state_into, load_weights, record_tokenizer,
+                          resolve_weight)
 from ..config import PRESETS, TinyMindConfig
 from ..data.jsonl import BadInput
 from ..device import DTYPES, default_device
 from ..model import TinyMindForCausalLM, describe
 from .engine import TrainingDiverged
-from .runtime import Runtime, init_runtime, print0
+from .runtime import DEFAULT_DDP_TIMEOUT, Runtime, init_runtime, print0
+
+
+def bounded(kind, minimum=None, maximum=None, above=None, why: str = ""):
+    """An argparse `type`: an int or float that is finite and >= minimum (or > above) and <= maximum. A value out of
+    range is an argparse error naming the flag, not an overflow or a division by zero deep in training (issue 18:
+    --learning_rate 1e39 crashed in the optimizer)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        broken = ("is not a finite number" if not math.isfinite(value) else
+                  f"must be > {above}" if above is not None and not value > above else
+                  f"must be >= {minimum}" if minimum is not None and value < minimum else
+                  f"must be <= {maximum}" if maximum is not None and value > maximum else None)
+        if broken:
+            raise argparse.ArgumentTypeError(f"{text} {broken}{why}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its own messages
+    return parse
+
+
+POSITIVE_INT = bounded(int, minimum=1)
+COUNT = bounded(int, minimum=0)
+NON_NEGATIVE = bounded(float, minimum=0.0)
+FRACTION = bounded(float, minimum=0.0, maximum=1.0)
+# AdamW moves each weight by about the learning rate per step: above 1 every step overwrites the weights.
+LEARNING_RATE = bounded(float, above=0.0, maximum=1.0, why=" (AdamW's usual range is 1e-5 to 1e-2)")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -29,59 +59,69 @@ def add_common_args(parser: argparse.ArgumentParser, stage: str, **defaults):
     g = parser.add_argument_group("model (default: the checkpoint's own config, or --preset)")
     g.add_argument("--preset", default=None, choices=sorted(PRESETS),
                    help="named size for a new model: nano (tests), tiny (CPU demo), small (26M), base (104M)")
-    g.add_argument("--hidden_size", type=int, default=None, help="model width")
-    g.add_argument("--num_hidden_layers", type=int, default=None, help="number of transformer blocks")
-    g.add_argument("--num_attention_heads", type=int, default=None, help="query heads")
-    g.add_argument("--num_key_value_heads", type=int, default=None, help="key/value heads (GQA)")
+    g.add_argument("--hidden_size", type=POSITIVE_INT, default=None, help="model width")
+    g.add_argument("--num_hidden_layers", type=POSITIVE_INT, default=None, help="number of transformer blocks")
+    g.add_argument("--num_attention_heads", type=POSITIVE_INT, default=None, help="query heads")
+    g.add_argument("--num_key_value_heads", type=POSITIVE_INT, default=None, help="key/value heads (GQA)")
+    g.add_argument("--intermediate_size", type=POSITIVE_INT, default=None,
+                   help="MLP width (default: 8/3 x hidden_size rounded up to 64, as MiniMind2; MiniMind's newer "
+                        "configs use pi x hidden_size)")
     g.add_argument("--use_moe", type=int, default=None, choices=[0, 1], help="1: DeepSeekMoE feed-forward layers")
     g.add_argument("--use_mla", type=int, default=None, choices=[0, 1], help="1: multi-head latent attention")
     g.add_argument("--moe_balance", default=None, choices=["aux_free", "aux_loss", "none"],
                    help="MoE load balancing: bias-based aux-loss-free (DeepSeek-V3), classic aux loss, or none")
-    g.add_argument("--num_experts", type=int, default=None, help="routed experts per MoE layer")
-    g.add_argument("--num_experts_per_tok", type=int, default=None, help="experts each token is routed to (top-k)")
-    g.add_argument("--bias_update_speed", type=float, default=None, help="aux-free bias step gamma per update")
-    g.add_argument("--aux_loss_alpha", type=float, default=None, help="coefficient of the classic MoE aux loss")
-    g.add_argument("--dropout", type=float, default=None, help="residual/embedding dropout")
+    g.add_argument("--num_experts", type=POSITIVE_INT, default=None, help="routed experts per MoE layer")
+    g.add_argument("--num_experts_per_tok", type=POSITIVE_INT, default=None,
+                   help="experts each token is routed to (top-k)")
+    g.add_argument("--bias_update_speed", type=NON_NEGATIVE, default=None, help="aux-free bias step gamma per update")
+    g.add_argument("--aux_loss_alpha", type=NON_NEGATIVE, default=None, help="coefficient of the classic MoE aux loss")
+    g.add_argument("--dropout", type=bounded(float, 0.0, 0.99), default=None, help="residual/embedding dropout")
     g = parser.add_argument_group("training")
-    g.add_argument("--epochs", type=int, default=defaults.get("epochs", 1), help="passes over the training data")
-    g.add_argument("--max_steps", type=int, default=defaults.get("max_steps", -1),
+    g.add_argument("--epochs", type=COUNT, default=defaults.get("epochs", 1), help="passes over the training data")
+    g.add_argument("--max_steps", type=bounded(int, minimum=-1), default=defaults.get("max_steps", -1),
                    help="stop after this many optimizer steps (-1: run all epochs)")
-    g.add_argument("--batch_size", type=int, default=defaults.get("batch_size", 16),
+    g.add_argument("--batch_size", type=POSITIVE_INT, default=defaults.get("batch_size", 16),
                    help="sequences per micro-batch per rank")
-    g.add_argument("--accumulation_steps", type=int, default=defaults.get("accumulation_steps", 1),
+    g.add_argument("--accumulation_steps", type=POSITIVE_INT, default=defaults.get("accumulation_steps", 1),
                    help="micro-batches per optimizer step")
-    g.add_argument("--learning_rate", type=float, default=defaults.get("learning_rate", 5e-4),
+    g.add_argument("--learning_rate", type=LEARNING_RATE, default=defaults.get("learning_rate", 5e-4),
                    help="peak learning rate")
-    g.add_argument("--min_lr_ratio", type=float, default=0.1, help="cosine schedule floor, as a fraction of the peak")
-    g.add_argument("--warmup_steps", type=int, default=defaults.get("warmup_steps", 0),
+    g.add_argument("--min_lr_ratio", type=FRACTION, default=0.1,
+                   help="cosine schedule floor, as a fraction of the peak")
+    g.add_argument("--warmup_steps", type=COUNT, default=defaults.get("warmup_steps", 0),
                    help="linear warmup steps (0: 1%% of the steps)")
-    g.add_argument("--weight_decay", type=float, default=defaults.get("weight_decay", 0.1),
+    g.add_argument("--weight_decay", type=FRACTION, default=defaults.get("weight_decay", 0.1),
                    help="AdamW weight decay on weight matrices (not on norms or embeddings)")
-    g.add_argument("--grad_clip", type=float, default=1.0, help="clip the global gradient norm to this (0: off)")
-    g.add_argument("--max_seq_len", type=int, default=defaults.get("max_seq_len", 512), help="tokens per sequence")
-    g.add_argument("--seed", type=int, default=42, help="seed for init, data order and dropout")
-    g.add_argument("--num_workers", type=int, default=defaults.get("num_workers", 0),
+    g.add_argument("--grad_clip", type=NON_NEGATIVE, default=1.0, help="clip the global gradient norm to this (0: off)")
+    g.add_argument("--max_seq_len", type=bounded(int, minimum=2), default=defaults.get("max_seq_len", 512),
+                   help="tokens per sequence")
+    g.add_argument("--seed", type=bounded(int, 0, 2**31 - 1), default=42, help="seed for init, data order and dropout")
+    g.add_argument("--num_workers", type=COUNT, default=defaults.get("num_workers", 0),
                    help="DataLoader worker processes")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: the best available)")
     g.add_argument("--dtype", default=None, choices=sorted(DTYPES),
                    help="autocast dtype (default: bfloat16 on GPUs and bf16-capable CPUs, float16 on old GPUs, "
                         "else float32)")
-    g.add_argument("--num_threads", type=int, default=None,
+    g.add_argument("--num_threads", type=POSITIVE_INT, default=None,
                    help="CPU threads per process (default: cores / local ranks)")
     g.add_argument("--use_compile", type=int, default=0, choices=[0, 1], help="1: torch.compile the model")
     g.add_argument("--deepspeed", default=None, help="DeepSpeed config JSON (ZeRO-1/2), e.g. ds_config.json")
+    g.add_argument("--ddp_timeout", type=bounded(float, above=0.0), default=DEFAULT_DDP_TIMEOUT,
+                   help="seconds a collective waits for the other ranks before the run stops with an error (a rank "
+                        "that died or froze); long enough for rank 0 to tokenize the data while the others wait")
     g = parser.add_argument_group("checkpoints, evaluation and logging")
     g.add_argument("--from_weight", default=defaults.get("from_weight", "none"),
                    help="start from these weights: a stage name resolved in --save_dir (e.g. pretrain) or a .pth path; "
                         "'none' starts from random init")
     g.add_argument("--from_resume", type=int, default=0, choices=[0, 1],
                    help="1: continue from <save_dir>/<save_weight>_<hidden>_resume.pth if present")
-    g.add_argument("--save_interval", type=int, default=defaults.get("save_interval", 200),
+    g.add_argument("--save_interval", type=POSITIVE_INT, default=defaults.get("save_interval", 200),
                    help="write weights + resume checkpoint every N optimizer steps")
-    g.add_argument("--log_interval", type=int, default=defaults.get("log_interval", 10), help="log every N steps")
-    g.add_argument("--eval_interval", type=int, default=defaults.get("eval_interval", 100),
+    g.add_argument("--log_interval", type=POSITIVE_INT, default=defaults.get("log_interval", 10),
+                   help="log every N steps")
+    g.add_argument("--eval_interval", type=COUNT, default=defaults.get("eval_interval", 100),
                    help="held-out evaluation every N steps (0: only at the end)")
-    g.add_argument("--eval_batches", type=int, default=defaults.get("eval_batches", 20),
+    g.add_argument("--eval_batches", type=POSITIVE_INT, default=defaults.get("eval_batches", 20),
                    help="batches per held-out evaluation")
     g.add_argument("--use_wandb", type=int, default=0, choices=[0, 1],
                    help="1: log to Weights & Biases (offline when WANDB_API_KEY is not set)")
@@ -100,7 +140,7 @@ def add_data_args(parser: argparse.ArgumentParser, data_path: str, contents: str
     g.add_argument("--val_data_path", default=None,
                    help=f"held-out data (default: <data>_val.jsonl beside the data if it exists, {held_out})")
     if val_fraction is not None:
-        g.add_argument("--val_fraction", type=float, default=val_fraction,
+        g.add_argument("--val_fraction", type=bounded(float, 0.0, 0.99), default=val_fraction,
                        help="share of the data held out when there is no validation file")
     g.add_argument("--tokenizer_path", default="model", help="directory with tokenizer.json / tokenizer_config.json")
     g.add_argument("--skip_bad_lines", type=int, default=0, choices=[0, 1],
@@ -108,12 +148,13 @@ def add_data_args(parser: argparse.ArgumentParser, data_path: str, contents: str
     return g
 
 
-MODEL_FLAGS = ["hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "use_moe", "use_mla",
-               "moe_balance", "num_experts", "num_experts_per_tok", "bias_update_speed", "aux_loss_alpha", "dropout"]
+MODEL_FLAGS = ["hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
+               "use_moe", "use_mla", "moe_balance", "num_experts", "num_experts_per_tok", "bias_update_speed",
+               "aux_loss_alpha", "dropout"]
 
 
-ARCHITECTURE_FLAGS = ["hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "use_moe",
-                      "use_mla", "num_experts", "num_experts_per_tok"]
+ARCHITECTURE_FLAGS = ["hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                      "intermediate_size", "use_moe", "use_mla", "num_experts", "num_experts_per_tok"]
 
 
 def config_from_args(args, base: TinyMindConfig | None = None, vocab_size: int | None = None,
@@ -180,7 +221,7 @@ def planned_config(args) -> TinyMindConfig:
     base = None
     if args.from_weight and args.from_weight != "none":
         path = config_path_for(resolve_weight(args.from_weight, args.save_dir, args.hidden_size))
-        base = TinyMindConfig.from_json_file(path) if os.path.exists(path) else None
+        base = load_config(path) if os.path.exists(path) else None
     return config_from_args(args, base)
 
 
@@ -193,7 +234,8 @@ def start_stage(args) -> tuple[Runtime, object]:
         config = planned_config(args)
         tokens = min(args.batch_size * args.max_seq_len, 4096)  # enough rows for the kernel's steady state
         shape = (tokens, config.hidden_size, config.intermediate_size)
-    runtime = init_runtime(args.device, args.dtype, args.seed, args.num_threads, matmul_shape=shape)
+    runtime = init_runtime(args.device, args.dtype, args.seed, args.num_threads, matmul_shape=shape,
+                           ddp_timeout=args.ddp_timeout)
     return runtime, AutoTokenizer.from_pretrained(args.tokenizer_path)
 
 

@@ -7,7 +7,8 @@ import os
 
 import torch
 
-from ..checkpoint import atomic_torch_save, load_state_into, unwrap
+from ..checkpoint import load_resume_checkpoint, load_state_into, unwrap
+from ..files import atomic_torch_save
 
 
 class TrainingDiverged(RuntimeError):
@@ -92,7 +93,7 @@ class TorchEngine:
         """The client state saved with the checkpoint (train state, RNG, ...), or None when there is none."""
         if not os.path.exists(path):
             return None
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = load_resume_checkpoint(path)
         load_state_into(unwrap(raw_model), ckpt["model"], path)
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])

@@ -1,9 +1,11 @@
 """The process a stage runs in: device and dtype, threads, seeds, and torchrun's process group (NCCL on CUDA, gloo
 on CPU). Only rank 0 prints and writes files; the collectives here are the few every stage needs."""
 import contextlib
+import datetime
 import os
 import random
 import resource
+import sys
 import time
 from dataclasses import dataclass
 
@@ -13,6 +15,14 @@ import torch.distributed as dist
 
 from ..device import DTYPES, default_device, default_dtype, measured_cpu_dtype
 
+# How long a collective waits for the other ranks before it fails (--ddp_timeout; HF Trainer's name and default).
+# Legitimate waits are long: the other ranks wait at a barrier while rank 0 alone tokenizes the data into its cache
+# (docs/gpu_recipe.md measured 17 minutes single-threaded for MiniMind's sft_mini_512.jsonl; parallel now, still
+# minutes on a small machine) or writes a checkpoint to a slow disk. A false timeout kills a healthy run, a late one
+# only costs the wait: so 30 minutes, gloo's own default, now for NCCL too (torch gives it 10 minutes); shorten it
+# with the flag where a frozen rank must be noticed sooner.
+DEFAULT_DDP_TIMEOUT = 1800
+
 
 @dataclass
 class Runtime:
@@ -21,6 +31,7 @@ class Runtime:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    ddp_timeout: float = DEFAULT_DDP_TIMEOUT  # seconds a collective waits for the other ranks
 
     @property
     def is_main(self) -> bool:
@@ -43,10 +54,12 @@ def print0(*args, **kwargs):
 
 
 def init_runtime(device: str | None = None, dtype: str | None = None, seed: int = 42,
-                 num_threads: int | None = None, matmul_shape: tuple[int, int, int] | None = None) -> Runtime:
+                 num_threads: int | None = None, matmul_shape: tuple[int, int, int] | None = None,
+                 ddp_timeout: float = DEFAULT_DDP_TIMEOUT) -> Runtime:
     """Pick device and dtype (fastest correct choice when not given), join the process group under torchrun.
     `matmul_shape`: the model's [tokens, hidden] @ [hidden, intermediate], at which a CPU measures whether bf16
-    autocast beats fp32 (rank 0 measures, every rank uses its answer)."""
+    autocast beats fp32 (rank 0 measures, every rank uses its answer). `ddp_timeout`: seconds a collective waits
+    for the other ranks before it fails (see DEFAULT_DDP_TIMEOUT)."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     device = device or default_device()
@@ -61,7 +74,13 @@ def init_runtime(device: str | None = None, dtype: str | None = None, seed: int 
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
         torch.set_num_threads(num_threads or max(1, (os.cpu_count() or 1) // local_world))
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+        timeout = datetime.timedelta(seconds=ddp_timeout)
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo", timeout=timeout)
+        # A group made later without a timeout of its own gets torch's default (30 min on gloo, 10 on NCCL), not this
+        # group's. DeepSpeed makes the group of ZeRO's gradient reductions that way (a clone of the world group),
+        # so a frozen rank hung a ZeRO run for 30 minutes whatever --ddp_timeout said: make it the default.
+        dist.distributed_c10d.default_pg_timeout = timeout
+        dist.distributed_c10d.default_pg_nccl_timeout = timeout
     if dtype is None and device_type == "cpu" and matmul_shape is not None:
         dtype_name, why = measured_cpu_dtype(matmul_shape) if rank == 0 else ("float32", "")
         if world_size > 1:
@@ -77,7 +96,7 @@ def init_runtime(device: str | None = None, dtype: str | None = None, seed: int 
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls for the fp32 parts: free speed on Ampere+
         torch.backends.cudnn.allow_tf32 = True
     seed_everything(seed + rank)
-    return Runtime(torch.device(device), DTYPES[dtype_name], rank, local_rank, world_size)
+    return Runtime(torch.device(device), DTYPES[dtype_name], rank, local_rank, world_size, ddp_timeout)
 
 
 def seed_everything(seed: int):
@@ -99,15 +118,49 @@ def barrier(runtime: Runtime):
         dist.barrier()
 
 
+def is_collective_failure(error: BaseException) -> bool:
+    """NCCL raises DistBackendError; gloo a plain RuntimeError whose message names its source file in third_party/gloo
+    ("Timed out waiting 600000ms for recv operation", "Connection reset by peer")."""
+    return isinstance(error, dist.DistError) or isinstance(error, RuntimeError) and "gloo" in str(error).lower()
+
+
+@contextlib.contextmanager
+def explain_collective_failures(runtime: Runtime, waiting_for: str = "the other ranks in a collective",
+                                timeout_hint: str = ""):
+    """A collective fails when another rank is gone: after --ddp_timeout when it froze, at once when it died (its
+    connections close). Gloo and NCCL then raise a low-level error with a traceback through DDP; say in one line what
+    most likely happened and what to do instead. Other errors pass through untouched."""
+    try:
+        yield
+    except RuntimeError as error:
+        if not runtime.distributed or not is_collective_failure(error):
+            raise
+        if "timed out" in str(error).lower() or "timeout" in str(error).lower():
+            cause = (f"waited --ddp_timeout {runtime.ddp_timeout:g}s for {waiting_for}: a rank froze (stopped, hung, "
+                     f"swapping) or died{timeout_hint}")
+        else:
+            cause = f"lost its connection while waiting for {waiting_for}: a rank died (killed, out of memory, " \
+                    f"crashed; its own output says why)"
+        # Printed here, not left to SystemExit: torchrun stops the other ranks with SIGTERM as soon as one exits, and
+        # that signal can end this process before the interpreter prints an exit message.
+        print(f"error: rank {runtime.rank} {cause}. Checkpoints already written are intact: continue with "
+              f"--from_resume 1", file=sys.stderr, flush=True)
+        raise SystemExit(1) from error
+
+
 @contextlib.contextmanager
 def main_rank_first(runtime: Runtime):
     """Rank 0 runs the block first (tokenizing data into a cache), the other ranks after it (opening that cache).
-    If rank 0 fails inside, torchrun stops the waiting ranks."""
+    If rank 0 fails inside, torchrun stops the waiting ranks. The wait counts against --ddp_timeout: a first
+    tokenization of a big file can take longer, hence the hint in the message."""
     if not runtime.is_main:
-        barrier(runtime)
+        with explain_collective_failures(runtime, "rank 0 to tokenize the data",
+                                         ", or the data is big enough to need a longer --ddp_timeout"):
+            barrier(runtime)
     yield
     if runtime.is_main:
-        barrier(runtime)
+        with explain_collective_failures(runtime, "the other ranks after tokenizing"):
+            barrier(runtime)
 
 
 def cleanup(runtime: Runtime):

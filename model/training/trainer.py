@@ -23,9 +23,10 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from ..checkpoint import save_weights, unwrap, weight_path
+from ..checkpoint import save_weights, sweep_stale_temp_files, unwrap, weight_path
 from .engine import TorchEngine
-from .runtime import Runtime, all_reduce_mean, barrier, device_peak_flops, peak_memory_gb, print0
+from .runtime import (Runtime, all_reduce_mean, barrier, device_peak_flops, explain_collective_failures, peak_memory_gb,
+                      print0)
 from .schedule import ResumableSampler, lr_at
 from .tracking import MetricsLog, format_seconds, write_summary
 
@@ -189,6 +190,10 @@ class Trainer:
         self.first_eval, self.last_moe_stats = {}, None
         self.peak_flops = device_peak_flops(runtime.device)
         self._wandb_id = None
+        if runtime.is_main:
+            swept = sweep_stale_temp_files(args.save_dir)
+            if swept:
+                print0(f"removed {len(swept)} temp file(s) that killed saves left in {args.save_dir}")
         self.resumed = self.try_resume()
         self.log = MetricsLog(runtime, args.save_dir, args.save_weight, bool(args.use_wandb), args.wandb_project,
                               config=vars(args), wandb_id=self._wandb_id, append=self.resumed)
@@ -196,7 +201,7 @@ class Trainer:
     # ---- checkpoints -----------------------------------------------------------------------------------------
     def save(self, final: bool = False):
         """Weights for the next stage and a resume checkpoint; rank 0 writes, everyone waits."""
-        client = {"train_state": vars(self.state), "rng": rng_state(), "wandb_id": self.log.wandb_id,
+        client = {"train_state": vars(self.state), "rng": self.all_rng_states(), "wandb_id": self.log.wandb_id,
                   "args": vars(self.args), "config": self.config.to_dict()}
         if self.runtime.is_main:
             if self.save_weights_fn is not None:
@@ -206,6 +211,16 @@ class Trainer:
         self.engine.save_resume(self.raw_model, self.resume_file, client)
         barrier(self.runtime)
 
+    def all_rng_states(self) -> list[dict]:
+        """Every rank's RNG states, in rank order. Ranks draw different dropout masks and GRPO samples (seeded
+        seed + rank); restoring rank 0's states on every rank would make a resumed multi-rank run differ from the
+        uninterrupted one."""
+        states = [rng_state()]
+        if self.runtime.distributed:
+            states = [None] * self.runtime.world_size
+            dist.all_gather_object(states, rng_state())
+        return states
+
     def try_resume(self) -> bool:
         if not self.args.from_resume:
             return False
@@ -214,7 +229,8 @@ class Trainer:
             print0(f"--from_resume 1: no resume checkpoint for {self.resume_file}, starting fresh")
             return False
         self.state = TrainState(**client["train_state"])
-        set_rng_state(client["rng"])
+        states = client["rng"] if isinstance(client["rng"], list) else [client["rng"]]  # older files: rank 0's only
+        set_rng_state(states[self.runtime.rank] if len(states) == self.runtime.world_size else states[0])
         self._wandb_id = client.get("wandb_id")
         print0(f"resumed from {self.resume_file} at step {self.state.step} (epoch {self.state.epoch})")
         return True
@@ -246,12 +262,14 @@ class Trainer:
         `steps.can_checkpoint()` (False mid-way through work a resumed run could not redo, e.g. between the
         updates of one GRPO rollout), optional `steps.log_fields()` and `steps.log_line(record, total)`.
         SIGTERM (preemption) meanwhile means: write a resume checkpoint at the next step that can take one and
-        exit; the old handler is back afterwards, even when training fails (processes forked later, e.g.
-        tokenizing workers, inherit handlers)."""
+        exit, on every rank even when only one was signalled (agree_on_stop); the old handler is back afterwards,
+        even when training fails (processes forked later, e.g. tokenizing workers, inherit handlers). A collective
+        that fails because another rank died or froze ends the run with one line saying so."""
         in_main_thread = threading.current_thread() is threading.main_thread()
         previous_handler = signal.signal(signal.SIGTERM, self._request_stop) if in_main_thread else None
         try:
-            return self._run(steps, evaluate)
+            with explain_collective_failures(self.runtime):
+                return self._run(steps, evaluate)
         finally:
             if previous_handler is not None:
                 signal.signal(signal.SIGTERM, previous_handler)
@@ -271,19 +289,20 @@ class Trainer:
         window_start, window_tokens = time.time(), 0
         run_start = time.time() - state.elapsed
         session_start, first_step = time.time(), state.step
-        save_due = False
+        save_due, stopping = False, 0
         while state.step < total_steps:
             self.lr = lr_at(state.step, total_steps, args.learning_rate, warmup, args.min_lr_ratio)
             result = steps.step()
             grad_norm = self.optimizer_step(result.loss_sum)
+            step_loss, stop_votes = self.agree_on_stop(result)
+            stopping = stopping or stop_votes
             state.step += 1
             state.tokens_seen += result.tokens * runtime.world_size
             window_tokens += result.tokens
             progress.update(1)
             step = state.step
             if step % args.log_interval == 0 or step == total_steps:
-                record = {"step": step, "epoch": state.epoch,
-                          "loss": all_reduce_mean(result.loss_sum / result.micro_batches, runtime).item(),
+                record = {"step": step, "epoch": state.epoch, "loss": step_loss.item(),
                           "lr": self.lr, "grad_norm": grad_norm,
                           "tokens_per_sec": window_tokens * runtime.world_size / max(time.time() - window_start, 1e-9),
                           "elapsed": time.time() - run_start}
@@ -307,13 +326,14 @@ class Trainer:
                     and step != total_steps:
                 self.evaluate(evaluate, step, progress)
             state.elapsed = time.time() - run_start
-            save_due = save_due or step % args.save_interval == 0 or self.stop_requested
+            save_due = save_due or step % args.save_interval == 0 or stopping > 0
             if save_due and steps.can_checkpoint():
                 self.save()
                 save_due = False
-                if self.stop_requested:
+                if stopping:
                     progress.close()
-                    print0(f"SIGTERM: resume checkpoint written at step {step} ({self.resume_file}); exiting")
+                    print0(f"SIGTERM: resume checkpoint written at step {step} ({self.resume_file}); exiting"
+                           + (f" (signalled: {stopping} of {runtime.world_size} ranks)" if runtime.distributed else ""))
                     self.log.finish()
                     sys.exit(143)
         progress.close()
@@ -335,6 +355,19 @@ class Trainer:
         self.log.finish()
         return final
 
+    def agree_on_stop(self, result: StepResult) -> tuple[torch.Tensor, int]:
+        """How many ranks were asked to stop, and this step's loss averaged over the ranks (what the log needs, so
+        it costs no all-reduce of its own): one all-reduce of two numbers per step. A SIGTERM often reaches a single
+        rank (a scheduler preempting one process, a user's kill); acting on it alone, that rank would save and wait
+        at a barrier while the others wait in the next step's all-reduce, forever. Counted here, every rank stops
+        after the same step."""
+        loss = result.loss_sum / result.micro_batches
+        if not self.runtime.distributed:
+            return loss, int(self.stop_requested)
+        packed = torch.stack([loss.float(), torch.tensor(float(self.stop_requested), device=loss.device)])
+        dist.all_reduce(packed)
+        return packed[0] / self.runtime.world_size, int(packed[1].item())
+
     @torch.no_grad()
     def check_ranks_in_sync(self):
         """Every rank must end with the same weights; a checksum spread of zero across ranks proves it."""
@@ -347,7 +380,7 @@ class Trainer:
     def evaluate(self, evaluate, step: int, progress=None) -> dict:
         """Run `evaluate(model)` in eval mode without gradients, log and print its metrics."""
         self.model.eval()
-        with torch.no_grad(), self.runtime.autocast():
+        with torch.no_grad(), self.runtime.autocast(), explain_collective_failures(self.runtime):
             metrics = evaluate(unwrap(self.model))
         self.model.train()
         if step == 0:
