@@ -57,9 +57,15 @@ def parse_args(argv=None):
     g.add_argument("--kd_direction", default="forward", choices=["forward", "reverse"],
                    help="forward: KL(teacher || student), mass-covering; "
                         "reverse: KL(student || teacher), mode-seeking")
+    g.add_argument("--pad_to_multiple_of", type=int, default=64,
+                   help="pad each batch to a multiple of this many tokens (padding is masked out of the loss): "
+                        "a few batch shapes instead of one per length keep CPU memory flat (docs/distillation.md); "
+                        "1 pads to the batch's longest chat")
     args = parser.parse_args(argv)
     if not 0.0 <= args.alpha <= 1.0:
         parser.error(f"--alpha must be in [0, 1], got {args.alpha}")
+    if args.pad_to_multiple_of < 1:
+        parser.error(f"--pad_to_multiple_of must be >= 1, got {args.pad_to_multiple_of}")
     return args
 
 
@@ -108,6 +114,15 @@ def check_teacher_tokenizer(directory: str, tokenizer):
                          f"{len(ours)} tokens, {differing} token/id entries differ): its logits would not line up")
 
 
+def pad_to_multiple(batch: list[dict], pad_token_id: int, multiple: int, max_len: int) -> dict:
+    """pad_collate to the batch's longest chat rounded up to `multiple` (at most max_len, the longest a chat is cut
+    to). Padding to the longest alone makes a new sequence length almost every step, so new shapes for each matmul
+    of student and teacher; oneDNN builds and caches a kernel per shape, and the process grew step after step. A few
+    shapes keep its memory flat (docs/distillation.md); padding is masked, so the loss does not change."""
+    longest = max(len(item["input_ids"]) for item in batch)
+    return pad_collate(batch, pad_token_id, pad_to=max(longest, min(-(-longest // multiple) * multiple, max_len)))
+
+
 def make_loss_fn(args, teacher):
     def loss_fn(model, batch):
         """alpha * CE(labels) + (1 - alpha) * T^2 * KL to the teacher, over the assistant tokens."""
@@ -148,7 +163,8 @@ def main(argv=None):
             print0(f"teacher held-out loss {evaluate(teacher)['val_loss']:.4f}")
         before = trainer.evaluate(evaluate, 0)
     after = trainer.fit(train_set, make_loss_fn(args, teacher), evaluate=evaluate, token_normalised=True,
-                        collate_fn=functools.partial(pad_collate, pad_token_id=tokenizer.pad_token_id))
+                        collate_fn=functools.partial(pad_to_multiple, pad_token_id=tokenizer.pad_token_id,
+                                                     multiple=args.pad_to_multiple_of, max_len=args.max_seq_len))
     if before is not None:
         print0(f"held-out loss {before['val_loss']:.4f} -> {after['val_loss']:.4f}")
         print0(f"held-out KL(teacher || student) {before['kl_to_teacher']:.4f} -> {after['kl_to_teacher']:.4f}")

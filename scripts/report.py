@@ -1,11 +1,13 @@
 """Turn a run's logs into a report card: out/report.md with loss curves (PNG), per-stage wall time and throughput,
-the held-out numbers each stage measured (before -> after), sample answers, and the environment.
+the held-out numbers each stage measured (before -> after), sample answers, and the machine and its load.
 
     python -m scripts.report                 # reads out/logs/*.jsonl and out/summaries/*.json
     python -m scripts.report --save_dir /tmp/run/out
 
 Every training script appends one JSON object per log step to <save_dir>/logs/<stage>.jsonl and writes its
 headline numbers to <save_dir>/summaries/<stage>.json; keys ending in _before/_after are paired in the table.
+scripts/run_pipeline.py adds summaries/pipeline.json (wall time per stage) and summaries/machine.json (per run: CPU,
+cores, GPUs, torch, dtype, load average at start and end); run on its own, the report names its own machine.
 """
 import argparse
 import glob
@@ -28,41 +30,118 @@ def stage_sort_key(name):
     return (STAGE_ORDER.index(name) if name in STAGE_ORDER else len(STAGE_ORDER), name)
 
 
-def curve_series(records, keep_eval) -> tuple[list, dict, list]:
-    """(train loss points, {eval/<metric>: points} for the keys keep_eval accepts, rollout reward points)."""
+# What each series measures, first match on its name wins: one axis per kind, so that a 0-60 token count or a -6 nat
+# summed log-prob margin never shares an axis with 0-1 rewards or sub-nat losses and flattens them.
+UNITS = [(("length", "tokens"), "tokens"),
+         (("logp_margin",), "log-prob margin (nats)"),
+         (("margin",), "per-token / reward margin"),
+         (("kl",), "KL (nats per token)"),
+         (("loss",), "loss"),
+         (("reward", "accuracy", "rate", "well_formed", "correct"), "fraction")]
+
+
+def unit_of(name: str) -> str:
+    """The axis label a series goes on; a series of unknown kind gets an axis of its own."""
+    for needles, label in UNITS:
+        if any(needle in name for needle in needles):
+            return label
+    return name
+
+
+ENDS_ONLY = "(start, end)"  # a held-out metric measured before and after training only: drawn dashed
+
+
+def curve_series(records, keep_eval, summary=None) -> dict:
+    """{label: [(step, value), ...]}: the training loss and rollout reward from the log, then each held-out metric.
+
+    Stages that measure their held-out numbers outside the training loop (SFT, LoRA: before training and at the end)
+    log no step-0 evaluation; their summary's <metric>_before becomes the step-0 point, and a metric only the summary
+    holds is drawn from its before (step 0) to its after (last step)."""
+    series = {}
     train = [(r["step"], r["loss"]) for r in records if "loss" in r and "step" in r]
     reward = [(r["step"], r["reward"]) for r in records if "reward" in r and "step" in r]
+    if train:
+        series["train loss"] = train
+    if reward:
+        series["rollout reward"] = reward
     evals = {}
     for r in records:
         for key, value in r.items():
             if key.startswith("eval/") and isinstance(value, (int, float)) and keep_eval(key):
-                evals.setdefault(key, []).append((r["step"], value))
-    return train, evals, reward
+                evals.setdefault(key[len("eval/"):], []).append((r["step"], value))
+    summary, ends_only = summary or {}, {}
+    last_step = summary.get("steps") or max((r["step"] for r in records if "step" in r), default=0)
+    for key in sorted(k for k in summary if k.endswith("_before")):
+        metric = key[:-len("_before")]
+        before, after = summary[key], summary.get(f"{metric}_after")
+        if not keep_eval(f"eval/{metric}") or not is_number(before):
+            continue
+        if metric in evals:
+            if evals[metric][0][0] > 0:
+                evals[metric].insert(0, (0, before))
+        elif is_number(after) and last_step:
+            ends_only[metric] = [(0, before), (last_step, after)]
+    for metric, points in evals.items():
+        series[f"held-out {metric}"] = points
+    for metric, points in ends_only.items():
+        series[f"held-out {metric} {ENDS_ONLY}"] = points
+    return series
 
 
-def plot_curves(name, records, image_dir):
-    """One PNG per stage: training loss (and any eval/* series) against optimizer steps."""
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def by_unit(series: dict) -> dict:
+    """{axis label: {series label: points}}, in the order the units first appear."""
+    groups = {}
+    for label, points in series.items():
+        groups.setdefault(unit_of(label), {})[label] = points
+    return groups
+
+
+def draw(ax, series: dict, linewidth=1.2):
+    for label, points in series.items():
+        held_out = label.startswith("held-out")
+        ax.plot(*zip(*points), label=label, linewidth=linewidth, marker="o" if held_out else None, markersize=3,
+                alpha=0.6 if label == "rollout reward" else 1.0, linestyle="--" if label.endswith(ENDS_ONLY) else "-")
+
+
+def pyplot():
     import matplotlib
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
-    train, evals, reward = curve_series(records, lambda key: "ppl" not in key)
-    if not train and not evals and not reward:
+    return plt
+
+
+def curves_figure(name, records, summary=None):
+    """A stage's figure: a panel per kind of quantity (loss, fraction, tokens, ...) against optimizer steps, or
+    None when the log has nothing to draw."""
+    plt = pyplot()
+    groups = by_unit(curve_series(records, lambda key: "ppl" not in key, summary))
+    if not groups:
         return None
-    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=110)
-    if train:
-        ax.plot(*zip(*train), label="train loss", linewidth=1.2)
-    for key, points in evals.items():
-        ax.plot(*zip(*points), marker="o", markersize=3, label=key, linewidth=1.2)
-    if reward:
-        ax.plot(*zip(*reward), label="reward", linewidth=1.2)
-    ax.set_xlabel("optimizer step")
-    ax.set_title(name)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    fig, axes = plt.subplots(len(groups), 1, figsize=(6, 1.2 + 2.0 * len(groups)), dpi=110, sharex=True,
+                             squeeze=False)
+    for ax, (unit, series) in zip(axes[:, 0], groups.items()):
+        draw(ax, series)
+        ax.set_ylabel(unit, fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0, 0].set_title(name)
+    axes[-1, 0].set_xlabel("optimizer step")  # the panels share the x axis
     fig.tight_layout()
+    return fig
+
+
+def plot_curves(name, records, image_dir, summary=None):
+    """One PNG per stage (curves_figure), or None."""
+    fig = curves_figure(name, records, summary)
+    if fig is None:
+        return None
     path = os.path.join(image_dir, f"{name}.png")
     fig.savefig(path)
-    plt.close(fig)
+    pyplot().close(fig)
     return path
 
 
@@ -96,56 +175,150 @@ def eval_pairs(records: list) -> dict:
 CARD_SERIES = ("eval/val_loss", "eval/reward", "eval/accuracy", "eval/reward_accuracy", "eval/kl_to_teacher")
 
 
-def plot_report_card(stages, logs, summaries, pipeline_seconds, path):
-    """One picture of the whole run: a panel per stage with its curves and its headline number before -> after."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot_report_card(stages, logs, summaries, pipeline_seconds, path, runs=None):
+    """The report card as a PNG (report_card_figure), or None."""
+    fig = report_card_figure(stages, logs, summaries, pipeline_seconds, runs)
+    if fig is None:
+        return None
+    fig.savefig(path, dpi=100)
+    pyplot().close(fig)
+    return path
+
+
+def report_card_figure(stages, logs, summaries, pipeline_seconds, runs=None):
+    """One picture of the whole run: a panel per stage with its curves and its headline number before -> after.
+    Losses are read on the left axis, fractions (rewards, accuracies) or the KL on the right one."""
+    plt = pyplot()
     panels = [s for s in stages if any("loss" in r or "reward" in r for r in logs.get(s, []))]
     if not panels:
         return None
     columns = 3
     rows = (len(panels) + columns - 1) // columns
-    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 2.9 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.1 * rows), squeeze=False)
     for ax, stage in zip(axes.flat, panels):
-        records = logs[stage]
-        train, evals, reward = curve_series(records, lambda key: key in CARD_SERIES)
-        if train:
-            ax.plot(*zip(*train), linewidth=1, label="train loss")
-        for key, points in evals.items():
-            ax.plot(*zip(*points), marker="o", markersize=3, linewidth=1, label=key[len("eval/"):])
-        if reward:
-            ax.plot(*zip(*reward), linewidth=1, alpha=0.6, label="rollout reward")
+        groups = by_unit(curve_series(logs[stage], lambda key: key in CARD_SERIES, summaries.get(stage)))
+        handles = []
+        # the first kind (the training loss) on the left axis; rewards or the KL to the teacher on the right one
+        # (CARD_SERIES keeps each stage to two kinds; a third would share the right axis rather than be dropped)
+        kinds = list(groups.items())
+        axis_groups = [(ax, kinds[:1])] + ([(ax.twinx(), kinds[1:])] if len(kinds) > 1 else [])
+        for axis, members in axis_groups:
+            if axis is not ax:  # go on with the left axis's colours, not from its first again
+                axis.set_prop_cycle(color=plt.rcParams["axes.prop_cycle"].by_key()["color"][len(handles):])
+            for _, series in members:
+                draw(axis, series, linewidth=1)
+            axis.set_ylabel(" / ".join(unit for unit, _ in members), fontsize=7)
+            axis.tick_params(labelsize=7)
+            handles += axis.get_legend_handles_labels()[0]
         title = stage
         numbers = headline(stage, summaries.get(stage, {}))
         if numbers:
             title += f"\n{numbers[0]} {numbers[1]:.3g} -> {numbers[2]:.3g}"
         ax.set_title(title, fontsize=9)
-        ax.tick_params(labelsize=7)
+        ax.set_xlabel("optimizer step", fontsize=7)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
+        ax.legend(handles=handles, fontsize=6)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     total = sum(pipeline_seconds.values()) / 60 if pipeline_seconds else None
-    env = environment()
-    fig.suptitle(f"TinyMind report card: {env['device']}, torch {env['torch']}, commit {env['git commit']}"
-                 + (f", pipeline {total:.1f} min" if total else ""), fontsize=10)
+    fig.suptitle("TinyMind report card: " + machine_line(runs) + (f", pipeline {total:.1f} min" if total else ""),
+                 fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return fig
 
 
-def environment():
-    import torch
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine(dtype: str | None = None) -> dict:
+    """The machine this process runs on: what makes numbers differ between two runs of the same commit. Imports no
+    torch, so the pipeline's parent process, which calls it, stays light while the stages run."""
+    from importlib import metadata
+    try:
+        torch_version = metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        torch_version = "not installed"
+    try:
+        gpus = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                              text=True, timeout=30).stdout.split("\n")
+    except (OSError, subprocess.SubprocessError):
+        gpus = []
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"git commit": git_commit(), "cpu": cpu_model(), "cores": cores, "gpus": [g for g in gpus if g.strip()],
+            "torch": torch_version, "python": platform.python_version(), "platform": platform.platform(),
+            "dtype": dtype or "auto"}
+
+
+def git_commit() -> str:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
     except OSError:
-        commit = "unknown"
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
-    return {"git commit": commit or "unknown", "torch": torch.__version__, "python": platform.python_version(),
-            "device": device, "platform": platform.platform()}
+        commit = ""
+    return commit or "unknown"
+
+
+def device_text(run: dict) -> str:
+    cpu = f"{run.get('cpu', 'CPU')} ({run.get('cores', '?')} cores)"
+    gpus = run.get("gpus") or []
+    return f"{len(gpus)} x {gpus[0]}, {cpu}" if gpus else cpu
+
+
+def dtype_text(dtype) -> str:
+    if dtype in (None, "auto"):  # each stage measures bf16 against fp32 at its own shapes (model/device.py)
+        return "auto (each stage's choice: bf16 where faster than fp32 here; printed in its first lines)"
+    return dtype
+
+
+def machine_line(runs) -> str:
+    """Machine, torch, dtype and commits of the runs, for the card's title."""
+    runs = runs or [machine()]
+    last = runs[-1]
+    commits = ", ".join(dict.fromkeys(r.get("git commit", "unknown") for r in runs))
+    dtype = last.get("dtype")
+    return (f"{device_text(last)}, torch {last.get('torch')}, " + (f"{dtype}, " if dtype not in (None, "auto") else "")
+            + f"commit {commits}")
+
+
+def load_text(run: dict) -> str:
+    """The machine's 1-minute load average before the run and at its end, and the share of its cores the stages
+    got: a busy machine makes a run slower (and its wall times incomparable), never its numbers different."""
+    start, end = run.get("load_start"), run.get("load_end")
+    text = (f"{start[0]:.2f} at start, {end[0]:.2f} at end" if start and end else
+            f"{start[0]:.2f} at start" if start else "not recorded")
+    wall, cpu, cores = run.get("wall_seconds"), run.get("cpu_seconds"), run.get("cores")
+    if wall and cpu is not None and cores:
+        text += f"; the stages used {cpu / wall:.2f} of {cores} cores ({100 * cpu / (wall * cores):.0f}%)"
+    return text
+
+
+def machine_lines(runs: list) -> list:
+    """The machine table: each pipeline run (stages, commit, CPU, torch, dtype, load), or, for logs that no pipeline
+    wrote, the machine the report is written on."""
+    if not runs:
+        env = machine()
+        return ["Machine of this report (no pipeline record in summaries/machine.json):", "", "| | |", "|---|---|",
+                f"| device | {device_text(env)} |", f"| torch | {env['torch']} |", f"| python | {env['python']} |",
+                f"| platform | {env['platform']} |", f"| git commit | {env['git commit']} |", ""]
+    lines = ["| run | stages | commit | device | torch | dtype | load average (1 min) |",
+             "|---|---|---|---|---|---|---|"]
+    for run in runs:
+        lines.append(f"| {run.get('started', '-')} | {', '.join(run.get('stages', [])) or '-'} | "
+                     f"{run.get('git commit', '-')} | {device_text(run)} | {run.get('torch', '-')} | "
+                     f"{dtype_text(run.get('dtype'))} | {load_text(run)} |")
+    last = runs[-1]
+    lines += ["", f"Python {last.get('python', '-')} on {last.get('platform', '-')}. The same machine, dtype and torch "
+              "reproduce every number bit for bit; another CPU or dtype rounds differently, so the numbers differ "
+              "while their trends hold (README).", ""]
+    return lines
 
 
 def format_value(value):
@@ -159,13 +332,15 @@ def build_report(save_dir: str) -> str:
     os.makedirs(image_dir, exist_ok=True)
     logs = {os.path.basename(p)[:-len(".jsonl")]: read_jsonl(p)
             for p in glob.glob(os.path.join(save_dir, "logs", "*.jsonl"))}
-    summaries, samples, pipeline_seconds = {}, {}, {}
+    summaries, samples, pipeline_seconds, runs = {}, {}, {}, []
     for path in glob.glob(os.path.join(save_dir, "summaries", "*.json")):
         name = os.path.basename(path)[:-len(".json")]
         with open(path, encoding="utf-8") as f:
             content = json.load(f)
         if name == "pipeline":  # wall time of each pipeline stage, written by scripts/run_pipeline.py
             pipeline_seconds = content
+        elif name == "machine":  # each pipeline run's machine and load, written by scripts/run_pipeline.py
+            runs = content.get("runs", [])
         elif name.startswith("samples_"):  # eval_model.py answers to the same prompts, one file per checkpoint
             samples[name[len("samples_"):]] = content.get("samples", {})
         else:
@@ -176,10 +351,11 @@ def build_report(save_dir: str) -> str:
         if not any(key.endswith("_after") for key in summary):
             summary.update(eval_pairs(logs.get(stage, [])))
     lines = ["# TinyMind report card", ""]
-    card = plot_report_card(stages, logs, summaries, pipeline_seconds, os.path.join(image_dir, "report_card.png"))
+    card = plot_report_card(stages, logs, summaries, pipeline_seconds, os.path.join(image_dir, "report_card.png"),
+                            runs)
     if card:
         lines += [f"![report card]({os.path.relpath(card, save_dir)})", ""]
-    lines += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in environment().items()] + [""]
+    lines += machine_lines(runs)
 
     lines += ["## Stages", "", "| stage | steps | wall time | tokens/s (mean) | final train loss |",
               "|---|---|---|---|---|"]
@@ -212,7 +388,7 @@ def build_report(save_dir: str) -> str:
 
     lines += ["## Curves", ""]
     for stage in stages:
-        image = plot_curves(stage, logs.get(stage, []), image_dir)
+        image = plot_curves(stage, logs.get(stage, []), image_dir, summaries.get(stage))
         if image:
             lines.append(f"![{stage}]({os.path.relpath(image, save_dir)})")
     lines.append("")

@@ -14,8 +14,10 @@ was killed goes on from its last resume checkpoint (--from_resume 1), so a kille
 stopped. --force reruns the chosen stages from scratch.
 """
 import argparse
+import datetime
 import json
 import os
+import resource
 import shlex
 import subprocess
 import sys
@@ -129,6 +131,36 @@ def run_stage(name: str, commands: list, env: dict) -> float:
     return time.time() - start
 
 
+def record_machine(path: str, run: dict, stage: str | None = None):
+    """Add this run's machine and load to <save_dir>/summaries/machine.json (the report card shows them): the CPU,
+    torch and dtype decide whether another run can reproduce the numbers bit for bit, and the load average before
+    and after, with the share of the cores the stages got, says whether the wall times were measured on a busy
+    machine. Rewritten after each stage, so a killed run still leaves its record."""
+    if stage is not None:
+        run["stages"].append(stage)
+    elif not run["stages"]:
+        return  # a run of the report alone trained nothing: the runs that made the numbers are already recorded
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    run.update(load_end=list(os.getloadavg()), wall_seconds=time.time() - run["start_time"],
+               cpu_seconds=children.ru_utime + children.ru_stime - run["start_cpu"])
+    runs = []
+    if os.path.exists(path):
+        with open(path) as f:
+            runs = [r for r in json.load(f).get("runs", []) if r.get("started") != run["started"]]
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"runs": runs + [{k: v for k, v in run.items() if k not in ("start_time", "start_cpu")}]}, f,
+                  indent=2)
+
+
+def new_machine_record(dtype: str | None) -> dict:
+    from scripts.report import machine
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {"started": datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S"), **machine(dtype), "stages": [],
+            "load_start": list(os.getloadavg()), "start_time": time.time(),
+            "start_cpu": children.ru_utime + children.ru_stime}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stages", default=",".join(ORDER), help=f"comma list from {ORDER} (default: all)")
@@ -162,6 +194,8 @@ def main(argv=None):
         with open(timings_file) as f:
             timings = json.load(f)
     total_start = time.time()
+    machine_file = os.path.join(ROOT, save_dir, "summaries", "machine.json")
+    machine = None if args.dry_run else new_machine_record(args.dtype)
     for name in ORDER:
         if name not in wanted or name not in recipe:
             continue
@@ -173,7 +207,11 @@ def main(argv=None):
         if os.path.exists(os.path.join(ROOT, done_file)) and not args.force and name != "report":
             print(f"=== [{name}] skipped: {done_file} exists (--force to rerun)")
             continue
+        if name == "report":  # the report shows the record, so it is complete before the report runs
+            record_machine(machine_file, machine)
         timings[name] = run_stage(name, commands, env)
+        if name != "report":
+            record_machine(machine_file, machine, name)
         os.makedirs(os.path.dirname(timings_file), exist_ok=True)
         with open(timings_file, "w") as f:
             json.dump(timings, f, indent=2)

@@ -186,3 +186,30 @@ def test_held_out_loss_has_one_definition_shared_with_sft(tmp_path, tokenizer):
         packed = assistant_token_loss(model, val, runtime, batch_size=4, max_seq_len=64)
     assert padded["val_loss"] == pytest.approx(packed, abs=1e-5)
     assert padded["kl_to_teacher"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_padding_to_a_multiple_changes_the_shapes_not_the_loss(tmp_path, tokenizer):
+    """Training batches are padded to a multiple of --pad_to_multiple_of tokens, so the run sees a few shapes rather
+    than one per length (CPU memory stays flat: docs/distillation.md). Padding is masked: the loss and its CE and KL
+    parts are those of padding to the longest chat, the old behaviour (--pad_to_multiple_of 1)."""
+    from model.data.chat import SFTDataset
+    write_chats(tmp_path / "few.jsonl", 8)
+    data = SFTDataset(str(tmp_path / "few.jsonl"), tokenizer, 64, show_progress=False)
+    items = [data[i] for i in range(len(data))]
+    longest = max(len(item["input_ids"]) for item in items)
+    torch.manual_seed(0)
+    student = TinyMindForCausalLM(TinyMindConfig(vocab_size=len(tokenizer), **PRESETS["nano"])).eval()
+    teacher = TinyMindForCausalLM(TinyMindConfig(vocab_size=len(tokenizer), **PRESETS["nano"])).eval()
+    args = distill.parse_args(base_args(tmp_path, tokenizer, extra=["--teacher_weight", "unused"]))
+    loss_fn = distill.make_loss_fn(args, teacher)
+    results = {}
+    for multiple, width in ((1, longest), (16, -(-longest // 16) * 16), (64, 48)):  # 64 is capped at max_len
+        batch = distill.pad_to_multiple(items, tokenizer.pad_token_id, multiple, max_len=48)
+        assert batch["input_ids"].shape[1] == width
+        assert batch["attention_mask"].sum() == sum(len(item["input_ids"]) for item in items)
+        with torch.no_grad():
+            loss, metrics = loss_fn(student, batch)
+        results[multiple] = (loss.item(), metrics["ce"].item(), metrics["kd"].item())
+    assert longest < 32 < 48 and results[1][2] > 0
+    for multiple in (16, 64):
+        assert results[multiple] == pytest.approx(results[1], rel=1e-5, abs=1e-6)

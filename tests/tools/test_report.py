@@ -1,0 +1,93 @@
+"""scripts/report.py's figures, checked on the matplotlib objects rather than pixels: quantities of different scale
+(losses, 0-1 rewards, token counts, summed log-prob margins) never share a y axis, every axis is labelled, held-out
+curves start at step 0 even for stages that measure their starting point outside the training loop (SFT, LoRA), and
+the report records the machine and its load that scripts/run_pipeline.py wrote."""
+import json
+
+import pytest
+
+from scripts import report, run_pipeline
+
+GRPO_LOG = [{"step": 0, "eval/reward": 0.31, "eval/accuracy": 0.01, "eval/completion_length": 61.5}] + \
+    [{"step": s, "loss": 0.1 - 0.01 * s, "reward": 0.2 + 0.03 * s, "completion_length": 40.0 - s}
+     for s in range(1, 11)] + \
+    [{"step": 10, "eval/reward": 0.52, "eval/accuracy": 0.04, "eval/completion_length": 26.5}]
+DPO_LOG = [{"step": 0, "eval/dpo_loss": 0.693, "eval/reward_accuracy": 0.0, "eval/logp_margin": -5.9,
+            "eval/reward_margin": 0.0}] + \
+    [{"step": s, "loss": 0.69 - 0.001 * s} for s in range(10, 110, 10)] + \
+    [{"step": 100, "eval/dpo_loss": 0.61, "eval/reward_accuracy": 0.61, "eval/logp_margin": -2.8,
+      "eval/reward_margin": 0.32}]
+# SFT evaluates at the end of training only; its summary holds the numbers measured before and after
+SFT_LOG = [{"step": s, "loss": 6.0 - 0.01 * s, "peak_mem_gb": 1.2} for s in range(10, 120, 10)] + \
+    [{"step": 100, "eval/val_loss": 4.25}, {"step": 110, "eval/val_loss": 4.22}]
+SFT_SUMMARY = {"steps": 110, "val_loss_before": 8.11, "val_loss_after": 4.22, "end_of_turn_rate_before": 0.0,
+               "end_of_turn_rate_after": 0.73}
+
+
+@pytest.fixture(autouse=True)
+def close_figures():
+    yield
+    report.pyplot().close("all")
+
+
+def lines_by_label(fig) -> dict:
+    return {line.get_label(): (ax, line) for ax in fig.axes for line in ax.get_lines()}
+
+
+def test_each_kind_of_quantity_has_its_own_labelled_axis():
+    grpo = lines_by_label(report.curves_figure("grpo", GRPO_LOG))
+    fraction_axes = {grpo[label][0] for label in ("rollout reward", "held-out reward", "held-out accuracy")}
+    assert len(fraction_axes) == 1  # comparable 0-1 quantities share one axis
+    assert grpo["held-out completion_length"][0] not in fraction_axes  # 0-60 tokens would flatten them
+    assert grpo["train loss"][0] not in fraction_axes
+    dpo = lines_by_label(report.curves_figure("dpo", DPO_LOG))
+    assert dpo["held-out logp_margin"][0] is not dpo["held-out reward_margin"][0]  # -6 nats vs 0-0.3
+    assert dpo["held-out logp_margin"][0] is not dpo["held-out reward_accuracy"][0]
+    assert dpo["held-out dpo_loss"][0] is dpo["train loss"][0]
+    for fig in (report.curves_figure("grpo", GRPO_LOG), report.curves_figure("dpo", DPO_LOG)):
+        assert all(ax.get_ylabel() for ax in fig.axes)
+        assert fig.axes[-1].get_xlabel() == "optimizer step"  # the panels share it
+
+
+def test_held_out_curves_start_at_step_0_from_the_summary_when_the_log_has_no_step_0():
+    series = report.curve_series(SFT_LOG, lambda key: True, SFT_SUMMARY)
+    assert series["held-out val_loss"] == [(0, 8.11), (100, 4.25), (110, 4.22)]
+    assert series[f"held-out end_of_turn_rate {report.ENDS_ONLY}"] == [(0, 0.0), (110, 0.73)]
+    # a log that evaluated at step 0 itself keeps its own point
+    assert report.curve_series(DPO_LOG, lambda key: True, {"dpo_loss_before": 0.5})["held-out dpo_loss"][0] == \
+        (0, 0.693)
+    sft = lines_by_label(report.curves_figure("full_sft", SFT_LOG, SFT_SUMMARY))
+    assert list(sft["held-out val_loss"][1].get_xdata())[0] == 0
+    assert sft[f"held-out end_of_turn_rate {report.ENDS_ONLY}"][0] is not sft["held-out val_loss"][0]
+
+
+def test_report_card_reads_losses_and_fractions_on_two_labelled_axes():
+    logs = {"grpo": GRPO_LOG, "full_sft": SFT_LOG}
+    summaries = {"full_sft": SFT_SUMMARY, "grpo": {}}
+    fig = report.report_card_figure(["full_sft", "grpo"], logs, summaries, {"sft": 60.0})
+    lines = lines_by_label(fig)
+    assert lines["train loss"][0] is not lines["rollout reward"][0]
+    assert lines["rollout reward"][0] is lines["held-out reward"][0]
+    assert all(ax.get_ylabel() for ax in fig.axes if ax.get_lines())
+    assert all(ax.get_xlabel() == "optimizer step" for ax in fig.axes if ax.get_title())
+    sft_val = [line for ax in fig.axes if ax.get_title().startswith("full_sft") for line in ax.get_lines()
+               if line.get_label() == "held-out val_loss"]
+    assert list(sft_val[0].get_xdata())[0] == 0
+
+
+def test_report_records_the_machine_and_its_load(tmp_path):
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "full_sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in SFT_LOG))
+    machine_file = tmp_path / "summaries" / "machine.json"
+    run = run_pipeline.new_machine_record("float32")
+    run_pipeline.record_machine(str(machine_file), run, "sft")
+    recorded = json.loads(machine_file.read_text())["runs"]
+    assert len(recorded) == 1 and recorded[0]["stages"] == ["sft"] and recorded[0]["dtype"] == "float32"
+    assert len(recorded[0]["load_start"]) == 3 and recorded[0]["cores"] >= 1 and recorded[0]["torch"]
+    run_pipeline.record_machine(str(machine_file), run)  # before the report: the same run, updated, not a second
+    assert len(json.loads(machine_file.read_text())["runs"]) == 1
+    text = report.build_report(str(tmp_path))
+    row = next(line for line in text.splitlines() if line.startswith(f"| {run['started']} |"))
+    for expected in (report.cpu_model(), "float32", recorded[0]["torch"], "at start", "at end", "cores ("):
+        assert expected in row
+    assert "bit for bit" in text and "sft" in row
