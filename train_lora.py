@@ -15,7 +15,9 @@ out/lora/<lora_name>_<hidden>[_moe].pth, holding the A/B tensors and r/alpha/tar
 (eval_model.py --lora_name ...) or fold it in:
 
     --merge 1            also write out/<lora_name>_merged_<hidden>.pth, the base with W + (alpha / r) B A folded in
-    --export_peft DIR    also write the adapter in Hugging Face PEFT's format (adapter_model.safetensors + config)
+    --export_peft DIR    also write the adapter in Hugging Face PEFT's format (adapter_model.safetensors + config),
+                         and the base model as a transformers directory beside it (DIR_base, or --peft_base_dir)
+                         that the adapter names, so AutoPeftModelForCausalLM.from_pretrained(DIR) needs nothing else
 
 Replay: trained on a narrow set alone, a model this small drifts towards it everywhere (on the demo, the general
 held-out loss rose by 2.37 nats per token without replay, 0.41 with it: docs/lora.md). So by default half as many
@@ -27,6 +29,7 @@ how often greedy replies to those prompts mention --keyword (for the identity se
 general SFT held-out chats, which should stay within --forgetting_margin of the base model's.
 """
 import argparse
+import copy
 import os
 
 import numpy as np
@@ -35,7 +38,7 @@ from torch.utils.data import Dataset
 from model.checkpoint import save_weights, weight_path
 from model.data.packing import training_batches
 from model.device import default_device
-from model.lora import DEFAULT_TARGETS, MLA_TARGETS, apply_lora, export_peft, remove_lora, save_lora
+from model.lora import DEFAULT_TARGETS, MLA_TARGETS, apply_lora, remove_lora, save_lora
 from model.training.chat import (add_chat_data_args, held_out_prompts, load_chat_dataset, load_chats_with_held_out,
                                  write_chat_summary)
 from model.training.cli import HelpFormatter, add_common_args, build_model, exit_on_user_error, start_stage
@@ -66,7 +69,12 @@ def parse_args(argv=None):
     g.add_argument("--use_rslora", type=int, default=0, choices=[0, 1], help="1: scale by alpha / sqrt(r) (rsLoRA)")
     g.add_argument("--merge", type=int, default=0, choices=[0, 1],
                    help="1: also save the base with the adapter folded in, <save_dir>/<lora_name>_merged_<hidden>.pth")
-    g.add_argument("--export_peft", default=None, help="also write the adapter in PEFT's format into this directory")
+    g.add_argument("--export_peft", default=None,
+                   help="also write the adapter in PEFT's format into this directory, and the base model it adapts "
+                        "as a transformers directory (see --peft_base_dir)")
+    g.add_argument("--peft_base_dir", default=None,
+                   help="where --export_peft writes the base model (default: <export_peft>_base); the adapter's "
+                        "base_model_name_or_path is this directory's absolute path")
     g = add_chat_data_args(parser, data_path="dataset/demo_lora_identity.jsonl")
     g.add_argument("--replay_data_path", default="dataset/demo_sft.jsonl",
                    help="general chats mixed into training (replay), so the adapter does not make the model forget "
@@ -139,6 +147,19 @@ def lora_metrics(model, tokenizer, own_val, general_val, prompts, runtime, args)
     return metrics
 
 
+def export_for_peft(model, tokenizer, peft_dir: str, base_dir: str | None) -> dict:
+    """The adapter in PEFT's format plus the base it adapts, exported as scripts/convert_model.py does: PEFT and
+    llama.cpp load a base from a transformers directory or a hub id, never from our .pth, so the adapter's
+    base_model_name_or_path names the exported directory."""
+    from scripts.convert_model import export, export_peft_adapter
+    base_dir = base_dir or peft_dir.rstrip(os.sep) + "_base"
+    base = remove_lora(copy.deepcopy(model), merge=False).cpu()  # the frozen base, as the adapter was trained on
+    arch = export(base, tokenizer, base_dir)
+    base_name = export_peft_adapter(model, peft_dir, base_dir, arch)
+    print0(f"PEFT adapter -> {peft_dir} (base exported to {base_name})")
+    return {"peft_dir": peft_dir, "peft_base_dir": base_dir, "peft_arch": arch}
+
+
 @exit_on_user_error
 def main(argv=None):
     args = parse_args(argv)
@@ -196,9 +217,7 @@ def main(argv=None):
         print0(f"reply | {messages[-1]['content']!r} -> {reply['text']!r} (reference {reference!r})")
 
     if runtime.is_main and args.export_peft:
-        export_peft(model, args.export_peft, base_model_name_or_path=base_file)
-        print0(f"PEFT adapter -> {args.export_peft}")
-        results["peft_dir"] = args.export_peft
+        results.update(export_for_peft(model, tokenizer, args.export_peft, args.peft_base_dir))
     if runtime.is_main and args.merge:
         merged_file = weight_path(args.save_dir, f"{args.lora_name}_merged", model.config)
         save_weights(remove_lora(model, merge=True), merged_file)  # the model in memory is plain afterwards

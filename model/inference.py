@@ -22,7 +22,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, StoppingCriteria, TextIteratorStreamer
 
 from .checkpoint import (SHIPPED_TOKENIZER, BadCheckpoint, config_from_dict, config_path_for, load_state_into,
-                         load_weights, read_json, resolve_weight, trained_tokenizer_path)
+                         load_weights, read_json, recorded_stage, resolve_weight, trained_tokenizer_path)
 from .config import TinyMindConfig
 from .device import DTYPES, cast_weights, default_device
 from .model import TinyMindForCausalLM, describe
@@ -99,12 +99,14 @@ def lora_file_for(lora_name: str, save_dir: str, config) -> str:
                      "train_lora.py or pass the adapter's path as --lora_name")
 
 
-def mode_for(name: str, tokenizer) -> str:
+def mode_for(name: str, tokenizer, stage: str | None = None) -> str:
     """Pretrained models only ever saw plain documents, so they continue text; every later stage was trained on
-    the chat template. A tokenizer without a chat template leaves continuation as the only option."""
-    if os.path.basename(name).startswith("pretrain") or not getattr(tokenizer, "chat_template", None):
+    the chat template. `stage`: the one recorded with the weights (checkpoint.recorded_stage); checkpoints saved
+    before that record are judged by their name. A tokenizer without a chat template leaves continuation as the
+    only option."""
+    if not getattr(tokenizer, "chat_template", None):
         return "continue"
-    return "chat"
+    return "continue" if (stage or os.path.basename(name)).startswith("pretrain") else "chat"
 
 
 # ================================================================================================== loading
@@ -257,7 +259,7 @@ def load_model_for_inference(load_from: str | None = None, weight: str | None = 
         remove_lora(model, merge=True)  # W + sBA folded in: a plain model again, as fast as the base one
         name += "+" + os.path.basename(lora_path).rsplit(".", 1)[0]
     if mode == "auto":
-        mode = mode_for(name, tokenizer)
+        mode = mode_for(name, tokenizer, recorded_stage(model.config))  # the base's stage, under an adapter
     elif mode not in ("chat", "continue"):
         raise SystemExit(f"mode {mode!r}: choose auto, chat or continue")
     # Only the weights take the inference dtype: RoPE frequencies and the MoE bias stay fp32, as in training.

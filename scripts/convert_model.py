@@ -31,7 +31,7 @@ import shutil
 import torch
 from safetensors.torch import load_file, save_file
 
-from model.checkpoint import BadCheckpoint, load_state_into, read_json, save_weights
+from model.checkpoint import STAGE_KEY, BadCheckpoint, load_state_into, read_json, recorded_stage, save_weights
 from model.config import TinyMindConfig
 from model.device import DTYPES
 from model.inference import (EXPORT_ADVICE, load_model_for_inference, load_transformers_dir, lora_file_for,
@@ -229,9 +229,10 @@ def update_json(path: str, update) -> None:
         f.write("\n")
 
 
-def write_config(hf_config, out_dir: str, dtype_name: str) -> None:
+def write_config(hf_config, out_dir: str, dtype_name: str, stage: str | None = None) -> None:
     """config.json readable by transformers 4.x and 5.x: both RoPE spellings, and `torch_dtype` beside `dtype`
-    (4.x before 4.56, and vLLM's "auto" dtype on them, read only the former)."""
+    (4.x before 4.56, and vLLM's "auto" dtype on them, read only the former). `stage`: the checkpoint's recorded
+    stage, kept so that serving the export picks chat or continuation mode as for the checkpoint."""
     hf_config.dtype = dtype_name
     hf_config.save_pretrained(out_dir)
 
@@ -239,6 +240,9 @@ def write_config(hf_config, out_dir: str, dtype_name: str) -> None:
         if "rope_parameters" in data:
             data.update(legacy_rope_fields(data["rope_parameters"]))
         data["torch_dtype"] = dtype_name
+        data.pop(STAGE_KEY, None)
+        if stage:
+            data[STAGE_KEY] = stage
     update_json(os.path.join(out_dir, "config.json"), add_legacy_fields)
 
 
@@ -310,7 +314,7 @@ def export(model: TinyMindForCausalLM, tokenizer, out_dir: str, dtype: torch.dty
                               "AutoModelForCausalLM": "model.TinyMindForCausalLM"}
         for name in model_code_files():
             shutil.copyfile(os.path.join(MODEL_CODE_DIR, name), os.path.join(out_dir, name))
-    write_config(hf_config, out_dir, str(dtype).replace("torch.", ""))
+    write_config(hf_config, out_dir, str(dtype).replace("torch.", ""), recorded_stage(config))
     save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
     neutral_generation_config(tokenizer, config).save_pretrained(out_dir)
     write_tokenizer(tokenizer, out_dir)
@@ -457,7 +461,7 @@ def import_directory(directory: str, out_path: str) -> TinyMindForCausalLM:
     else:
         raise SystemExit(f"{directory}: model_type {model_type!r} cannot be imported "
                          "(llama, qwen3, deepseek_v3 or tinymind)")
-    save_weights(model, out_path)
+    save_weights(model, out_path, stage=raw.get(STAGE_KEY))  # a round trip keeps the stage
     return model
 
 

@@ -50,29 +50,38 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
     """--help keeps the script docstring's layout and shows every flag's default."""
 
 
-def add_common_args(parser: argparse.ArgumentParser, stage: str, **defaults):
-    """Flags every stage takes (MiniMind's names where it has one). `defaults` sets stage-specific defaults."""
+def add_common_args(parser: argparse.ArgumentParser, stage: str, new_student: bool = False, **defaults):
+    """Flags every stage takes (MiniMind's names where it has one). `defaults` sets stage-specific defaults;
+    `new_student`: the stage may build a new model although it names a default checkpoint (distillation)."""
+    parser.set_defaults(tinymind_stage=stage)  # recorded in the saved config JSON, whatever --save_weight says
     g = parser.add_argument_group("output")
     g.add_argument("--save_dir", default="out", help="directory for weights, resume checkpoints and logs")
     g.add_argument("--save_weight", default=stage,
                    help="name prefix of the saved weights: <save_dir>/<name>_<hidden>.pth")
-    g = parser.add_argument_group("model (default: the checkpoint's own config, or --preset)")
-    g.add_argument("--preset", default=None, choices=sorted(PRESETS),
-                   help="named size for a new model: nano (tests), tiny (CPU demo), small (26M), base (104M)")
+    # A stage that continues a checkpoint takes its architecture from the checkpoint's config JSON: the flags that
+    # only shape a new model stay accepted (restating the checkpoint is allowed) but are left out of its --help.
+    continues = defaults.get("from_weight", "none") != "none" and not new_student
+    new_only = argparse.SUPPRESS if continues else None
+    g = parser.add_argument_group(
+        "model (from the --from_weight checkpoint's config; --hidden_size, --use_moe, --use_mla pick its file name)"
+        if continues else "model (default: the checkpoint's own config, or --preset)")
+    g.add_argument("--preset", default=None, choices=sorted(PRESETS), help=new_only or
+                   "named size for a new model: nano (tests), tiny (CPU demo), small (26M), base (104M)")
     g.add_argument("--hidden_size", type=POSITIVE_INT, default=None, help="model width")
-    g.add_argument("--num_hidden_layers", type=POSITIVE_INT, default=None, help="number of transformer blocks")
-    g.add_argument("--num_attention_heads", type=POSITIVE_INT, default=None, help="query heads")
-    g.add_argument("--num_key_value_heads", type=POSITIVE_INT, default=None, help="key/value heads (GQA)")
-    g.add_argument("--intermediate_size", type=POSITIVE_INT, default=None,
-                   help="MLP width (default: 8/3 x hidden_size rounded up to 64, as MiniMind2; MiniMind's newer "
-                        "configs use pi x hidden_size)")
+    g.add_argument("--num_hidden_layers", type=POSITIVE_INT, default=None,
+                   help=new_only or "number of transformer blocks")
+    g.add_argument("--num_attention_heads", type=POSITIVE_INT, default=None, help=new_only or "query heads")
+    g.add_argument("--num_key_value_heads", type=POSITIVE_INT, default=None, help=new_only or "key/value heads (GQA)")
+    g.add_argument("--intermediate_size", type=POSITIVE_INT, default=None, help=new_only or
+                   "MLP width (default: 8/3 x hidden_size rounded up to 64, as MiniMind2; MiniMind's newer configs "
+                   "use pi x hidden_size)")
     g.add_argument("--use_moe", type=int, default=None, choices=[0, 1], help="1: DeepSeekMoE feed-forward layers")
     g.add_argument("--use_mla", type=int, default=None, choices=[0, 1], help="1: multi-head latent attention")
-    g.add_argument("--moe_balance", default=None, choices=["aux_free", "aux_loss", "none"],
-                   help="MoE load balancing: bias-based aux-loss-free (DeepSeek-V3), classic aux loss, or none")
-    g.add_argument("--num_experts", type=POSITIVE_INT, default=None, help="routed experts per MoE layer")
+    g.add_argument("--moe_balance", default=None, choices=["aux_free", "aux_loss", "none"], help=new_only or
+                   "MoE load balancing: bias-based aux-loss-free (DeepSeek-V3), classic aux loss, or none")
+    g.add_argument("--num_experts", type=POSITIVE_INT, default=None, help=new_only or "routed experts per MoE layer")
     g.add_argument("--num_experts_per_tok", type=POSITIVE_INT, default=None,
-                   help="experts each token is routed to (top-k)")
+                   help=new_only or "experts each token is routed to (top-k)")
     g.add_argument("--bias_update_speed", type=NON_NEGATIVE, default=None, help="aux-free bias step gamma per update")
     g.add_argument("--aux_loss_alpha", type=NON_NEGATIVE, default=None, help="coefficient of the classic MoE aux loss")
     g.add_argument("--dropout", type=bounded(float, 0.0, 0.99), default=None, help="residual/embedding dropout")

@@ -1,6 +1,9 @@
 """Held-out measurements the stages report as "before -> after": language-model loss, loss per assistant token, and
 greedy replies to held-out prompts. Every one is sharded across ranks and reduced, so all ranks agree."""
 import functools
+import math
+import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -13,13 +16,39 @@ from .runtime import Runtime, all_reduce_mean, print0
 from .schedule import ResumableSampler
 
 
+# Fewer batches than this finish before a bar would tell the reader anything.
+MIN_BATCHES_FOR_BAR = 10
+
+
+def eval_progress(batches, total: int, runtime: Runtime, dataset, label: str | None = None):
+    """`batches` with a progress bar on rank 0, only on a terminal (as the Trainer's bar: in a redirected stdout
+    the carriage returns would pile up into the log) and only for long evaluations. `label` says what is being
+    evaluated; by default the held-out file's name. leave=False: the finished bar makes way for the training bar
+    and the log lines."""
+    from tqdm import tqdm
+    show = runtime.is_main and total >= MIN_BATCHES_FOR_BAR and sys.stdout.isatty()
+    if label is None:
+        path = getattr(dataset, "path", None) or getattr(getattr(dataset, "dataset", None), "path", None)
+        label = f"eval {os.path.basename(str(path))}" if path else "eval held-out"
+    return tqdm(batches, total=total, desc=label, disable=not show, leave=False, dynamic_ncols=True,
+                file=sys.stdout, mininterval=0.5)
+
+
+def batch_count(samples: int, batch_size: int, max_batches: int = 0) -> int:
+    """Batches an evaluation runs: all of this rank's samples, or the first max_batches (0: no limit)."""
+    count = math.ceil(samples / batch_size)
+    return min(count, max_batches) if max_batches else count
+
+
 @torch.no_grad()
-def evaluate_lm_loss(model, dataset, runtime: Runtime, batch_size: int, max_batches: int, collate_fn=None) -> float:
+def evaluate_lm_loss(model, dataset, runtime: Runtime, batch_size: int, max_batches: int, collate_fn=None,
+                     label: str | None = None) -> float:
     """Mean next-token loss over the first max_batches batches of a held-out dataset (all ranks, then averaged)."""
     sampler = ResumableSampler(len(dataset), 0, 0, runtime.rank, runtime.world_size, shuffle=False)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn)
     total, count = torch.zeros((), device=runtime.device), 0
-    for i, batch in enumerate(loader):
+    batches = eval_progress(loader, batch_count(len(sampler), batch_size, max_batches), runtime, dataset, label)
+    for i, batch in enumerate(batches):
         if i >= max_batches:
             break
         batch = {k: v.to(runtime.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
@@ -38,7 +67,8 @@ def chat_token_losses(model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.T
 
 
 @torch.no_grad()
-def assistant_token_loss(model, dataset, runtime, batch_size: int, max_seq_len: int, max_batches: int = 0) -> float:
+def assistant_token_loss(model, dataset, runtime, batch_size: int, max_seq_len: int, max_batches: int = 0,
+                         label: str | None = None) -> float:
     """Held-out loss per assistant token: summed over all of them, divided by their number (not a mean of batch
     means, which would weight short batches more). Packed, sharded across ranks, summed across ranks."""
     was_training = model.training
@@ -47,7 +77,8 @@ def assistant_token_loss(model, dataset, runtime, batch_size: int, max_seq_len: 
     sampler = ResumableSampler(len(packed), 0, 0, runtime.rank, runtime.world_size, shuffle=False)
     loader = DataLoader(packed, batch_size=batch_size, sampler=sampler, collate_fn=packed_collate)
     totals = torch.zeros(2, dtype=torch.float64, device=runtime.device)
-    for i, batch in enumerate(loader):
+    batches = eval_progress(loader, batch_count(len(sampler), batch_size, max_batches), runtime, dataset, label)
+    for i, batch in enumerate(batches):
         if max_batches and i >= max_batches:
             break
         batch = {k: v.to(runtime.device) for k, v in batch.items()}
@@ -60,11 +91,12 @@ def assistant_token_loss(model, dataset, runtime, batch_size: int, max_seq_len: 
     return (totals[0] / totals[1].clamp(min=1)).item()
 
 
-def held_out_batches(dataset, batch_size: int, max_batches: int, runtime, collate_fn):
+def held_out_batches(dataset, batch_size: int, max_batches: int, runtime, collate_fn, label: str | None = None):
     """This rank's share of the first max_batches held-out batches, on the device; the same ones every time."""
     sampler = list(range(runtime.rank, len(dataset) - len(dataset) % runtime.world_size, runtime.world_size))
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn)
-    for i, batch in enumerate(loader):
+    for i, batch in enumerate(eval_progress(loader, batch_count(len(sampler), batch_size, max_batches), runtime,
+                                            dataset, label)):
         if i >= max_batches:
             break
         yield {k: v.to(runtime.device) for k, v in batch.items()}

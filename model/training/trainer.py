@@ -207,7 +207,8 @@ class Trainer:
             if self.save_weights_fn is not None:
                 self.save_weights_fn(unwrap(self.raw_model))
             else:
-                save_weights(self.raw_model, self.weights_file)
+                # the stage that made the weights (not the --save_weight name): it decides chat vs continuation mode
+                save_weights(self.raw_model, self.weights_file, stage=getattr(self.args, "tinymind_stage", self.stage))
         self.engine.save_resume(self.raw_model, self.resume_file, client)
         barrier(self.runtime)
 

@@ -2,9 +2,11 @@
 base file stays bitwise unchanged, the adapter file holds only adapter tensors, and base + adapter (or the merged
 checkpoint) reproduces the trained model; on a MoE model too, whose router biases LoRA must leave alone."""
 import hashlib
+import io
 import json
 import os
 import random
+import sys
 
 import pytest
 import torch
@@ -113,6 +115,29 @@ def test_base_plus_adapter_reproduces_the_trained_model(trained):
     assert sorted(os.listdir(trained["root"] / "peft")) == ["adapter_config.json", "adapter_model.safetensors"]
 
 
+def test_peft_export_loads_with_its_base_from_the_adapter_directory_alone(trained, monkeypatch):
+    """--export_peft writes the base as a transformers directory beside the adapter and names it in
+    adapter_config.json, so AutoPeftModelForCausalLM needs only the adapter's path, from any working directory,
+    and computes what our merged checkpoint computes."""
+    from peft import AutoPeftModelForCausalLM
+    root, results = trained["root"], trained["results"]
+    assert results["peft_base_dir"] == str(root / "peft") + "_base"
+    adapter_config = json.loads((root / "peft" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == os.path.abspath(results["peft_base_dir"])
+    monkeypatch.chdir(root / "out")
+    theirs = AutoPeftModelForCausalLM.from_pretrained(str(root / "peft"), dtype=torch.float32).eval()
+    merged_state, merged_config = load_weights(results["merged"])
+    merged = TinyMindForCausalLM(merged_config)
+    merged.load_state_dict(merged_state, strict=False)
+    ids = torch.randint(3, VOCAB, (2, 20), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :6] = 0  # left padding, as batched generation uses
+    with torch.no_grad():
+        expected = merged.eval()(ids, attention_mask=mask).logits[mask.bool()]
+        torch.testing.assert_close(theirs(ids, attention_mask=mask).logits[mask.bool()], expected,
+                                   rtol=1e-5, atol=1e-5)
+
+
 def test_adapter_learns_the_identity_chats_without_hurting_the_general_ones_much(trained, capsys):
     results = trained["results"]
     before, after = results["before"], results["after"]
@@ -209,3 +234,34 @@ def test_replay_mixes_a_sample_of_general_chats_into_training(tmp_path):
     replayed = [i for dataset, i in mixed.items if dataset is general]
     assert len(set(replayed)) == 5  # drawn without repeats
     assert [len(mixed[i]["input_ids"]) for i in range(15)] == mixed.lengths().tolist()
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("tty", [True, False])
+def test_long_held_out_evaluation_shows_a_bar_only_on_a_terminal(tmp_path, monkeypatch, tty):
+    """The bar (labelled with the held-out file) is for a person watching a terminal; redirected into a log, its
+    carriage returns would pile up into one endless line, so a non-tty stdout gets no bar text at all."""
+    from transformers import AutoTokenizer
+
+    from model.data.chat import SFTDataset
+    from model.training.evaluation import MIN_BATCHES_FOR_BAR, assistant_token_loss
+    from model.training.runtime import Runtime
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
+    write_identity(tmp_path / "held_out.jsonl", 2 * MIN_BATCHES_FOR_BAR, seed=0)
+    chats = SFTDataset(str(tmp_path / "held_out.jsonl"), tokenizer, 32, show_progress=False)
+    torch.manual_seed(0)
+    model = TinyMindForCausalLM(TinyMindConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1,
+                                               num_attention_heads=2, num_key_value_heads=1))
+    stdout = Terminal() if tty else io.StringIO()
+    monkeypatch.setattr(sys, "stdout", stdout)
+    # max_seq_len 32 fits one chat per packed row (a few are dropped as too long): 16 batches of one row
+    loss = assistant_token_loss(model, chats, Runtime(torch.device("cpu"), torch.float32), 1, 32)
+    monkeypatch.undo()
+    assert loss > 0
+    assert ("eval held_out.jsonl" in stdout.getvalue()) == tty
+    if not tty:
+        assert stdout.getvalue() == ""

@@ -52,6 +52,15 @@ def test_pretraining_lowers_held_out_loss(tmp_path):
     assert (tmp_path / "out" / "pretrain_64.pth").exists() and (tmp_path / "out" / "pretrain_64.json").exists()
 
 
+def test_saved_weights_record_the_stage_not_the_run_name(tmp_path):
+    """A teacher pretrained under another --save_weight is still a base model: served as continuation, not chat."""
+    from model.inference import load_model_for_inference
+    train_pretrain.main(base_args(tmp_path, steps=2, extra=["--save_weight", "teacher_base"]))
+    with open(tmp_path / "out" / "teacher_base_64.json") as f:
+        assert json.load(f)["tinymind_stage"] == "pretrain"
+    assert load_model_for_inference(str(tmp_path / "out" / "teacher_base_64.pth"), device="cpu").mode != "chat"
+
+
 def test_bad_line_is_reported_with_path_and_line(tmp_path):
     data = tmp_path / "bad.jsonl"
     data.write_text('{"text": "fine"}\n{"text": "also fine"}\n{"txt": "wrong field"}\n', encoding="utf-8")

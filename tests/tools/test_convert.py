@@ -125,6 +125,21 @@ def test_dense_export_is_native_transformers_with_identical_logits(tmp_path, voc
         assert getattr(imported, field) == getattr(ours.config, field), field
 
 
+@pytest.mark.parametrize("settings", [dict(), MLA, {**MLA, **MOE}], ids=["llama", "deepseek_v3", "tinymind"])
+def test_export_keeps_the_recorded_stage(tmp_path, vocab_size, settings):
+    """A pretrain checkpoint exported under any name is still served in continuation mode; importing it back keeps
+    the record."""
+    model, _ = checkpoint(tmp_path, vocab_size, **settings)
+    path = tmp_path / "tinymind-base.pth"
+    save_weights(model, str(path), stage="pretrain")
+    out_dir = tmp_path / "tinymind-base"
+    export(path, out_dir, "--verify", "0")
+    assert json.loads((out_dir / "config.json").read_text())["tinymind_stage"] == "pretrain"
+    assert load_model_for_inference(load_from=str(out_dir), device="cpu", verbose=False).mode == "continue"
+    convert_model.main(["--load_from", str(out_dir), "--to_pth", str(tmp_path / "back_64.pth")])
+    assert json.loads((tmp_path / "back_64.json").read_text())["tinymind_stage"] == "pretrain"
+
+
 def test_yarn_export_writes_rope_scaling(tmp_path, vocab_size):
     ours, path = checkpoint(tmp_path, vocab_size, rope_parameters=dict(YARN), max_position_embeddings=256)
     export(path, tmp_path / "export")

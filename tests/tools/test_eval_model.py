@@ -79,6 +79,25 @@ def test_pretrain_checkpoint_continues_text(out_dir, tmp_path, tokenizer):
         assert result["answer"] == answer and result["prompt_tokens"] == prompt_tokens
 
 
+def test_recorded_stage_decides_the_mode_whatever_the_file_is_called(tmp_path, tokenizer):
+    """A pretrain checkpoint renamed (say, to what it is trained on) still continues text, and a chat stage's
+    checkpoint named like a pretrain one still chats: the stage is recorded in the config JSON. A LoRA adapter on
+    top keeps its base's mode."""
+    model = make_checkpoint(tmp_path, "base_64", len(tokenizer))
+    save_weights(model, str(tmp_path / "wiki_base_64.pth"), stage="pretrain")
+    save_weights(model, str(tmp_path / "pretrain_then_sft_64.pth"), stage="full_sft")
+    modes = {name: load_model_for_inference(load_from=str(tmp_path / f"{name}.pth"), tokenizer_path=TOKENIZER,
+                                            device="cpu", verbose=False).mode
+             for name in ("wiki_base_64", "pretrain_then_sft_64", "base_64")}
+    assert modes == {"wiki_base_64": "continue", "pretrain_then_sft_64": "chat", "base_64": "chat"}
+
+    from model.lora import apply_lora, save_lora
+    save_lora(apply_lora(model, r=2, alpha=4, verbose=False), str(tmp_path / "lora" / "lora_x_64.pth"))
+    loaded = load_model_for_inference(load_from=str(tmp_path / "wiki_base_64.pth"), lora_name="lora_x",
+                                      save_dir=str(tmp_path), tokenizer_path=TOKENIZER, device="cpu", verbose=False)
+    assert loaded.mode == "continue"
+
+
 def test_history_turns_sends_earlier_exchanges(out_dir, tmp_path, tokenizer):
     alone = run(out_dir, tmp_path, "--weight", "full_sft", "--temperature", "0")
     with_history = run(out_dir, tmp_path, "--weight", "full_sft", "--temperature", "0", "--history_turns", "1")

@@ -37,6 +37,22 @@ def nano(vocab_size=100, seed=0, **overrides):
     return TinyMindForCausalLM(TinyMindConfig(vocab_size=vocab_size, **{**NANO, **overrides}))
 
 
+def test_save_weights_records_the_stage_and_never_passes_an_inherited_one_on(tmp_path):
+    """The stage goes into the config JSON (chat and serving pick their mode from it); a config loaded from the
+    previous stage's weights (SFT starts from pretrain's) must not label the new weights with that stage."""
+    model = nano()
+    save_weights(model, str(tmp_path / "a_64.pth"), stage="pretrain")
+    _, config = load_weights(str(tmp_path / "a_64.pth"))
+    assert config.tinymind_stage == "pretrain" and checkpoint.recorded_stage(config) == "pretrain"
+    assert checkpoint.recorded_stage(model.config) is None  # the model in memory is left as it was
+    inherited = TinyMindForCausalLM(config)
+    save_weights(inherited, str(tmp_path / "b_64.pth"))
+    assert checkpoint.STAGE_KEY not in (tmp_path / "b_64.json").read_text()
+    assert checkpoint.recorded_stage(inherited.config) == "pretrain"
+    save_weights(inherited, str(tmp_path / "c_64.pth"), stage="full_sft")
+    assert checkpoint.recorded_stage(load_weights(str(tmp_path / "c_64.pth"))[1]) == "full_sft"
+
+
 @pytest.fixture
 def weights(tmp_path):
     path = str(tmp_path / "full_sft_64.pth")
