@@ -3,12 +3,13 @@
     python eval_model.py                                   # chat with out/full_sft_<hidden>.pth, streamed
     python eval_model.py --weight pretrain                 # pretrained model: continues your text
     python eval_model.py --weight dpo --history_turns 3    # keep the last 3 exchanges as context
-    python eval_model.py --weight full_sft --lora_name lora_medical          # + out/lora/lora_medical_<hidden>.pth
-    python eval_model.py --load_from out/reason_512_moe.pth --show_speed     # any .pth with its config JSON beside
-    python eval_model.py --load_from export/tinymind --prompts builtin       # a transformers directory
-    python eval_model.py --prompts questions.txt --temperature 0 --output answers.jsonl   # scripted, greedy
+    python eval_model.py --weight full_sft --lora_name lora_identity   # + out/lora/lora_identity_<hidden>.pth
+    python eval_model.py --load_from out/reason_256.pth --show_speed   # any .pth with its config JSON beside
+    python eval_model.py --load_from export/tinymind --prompts builtin # a transformers directory (convert_model)
+    python eval_model.py --prompts out/questions.txt --temperature 0 --output out/answers.jsonl   # one per line
 
-The model's architecture (Dense, MoE, MLA, size) comes from the config JSON beside the weights, so no model flags
+The demo pipeline writes out/<stage>_256.pth (the GPU recipe _512; --use_moe/--use_mla add _moe/_mla). The
+model's architecture (Dense, MoE, MLA, size) comes from the config JSON beside the weights, so no model flags
 are needed. Pretrain checkpoints continue text; every later stage uses the chat template (--mode overrides).
 In the interactive chat, /clear forgets the history and /exit (or Ctrl-D) quits.
 """

@@ -39,8 +39,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     on_gpu = default_device() == "cuda"
     # Supervised training on chats: SFT's learning rates (measured on the demo, docs/sft.md).
-    add_common_args(parser, "distill", from_weight="full_sft", batch_size=16, learning_rate=2e-4 if on_gpu else 1e-3,
-                    max_seq_len=1024 if on_gpu else 512, eval_interval=100, save_interval=200)
+    add_common_args(parser, "distill", new_student=True, from_weight="full_sft", batch_size=16,
+                    learning_rate=2e-4 if on_gpu else 1e-3, max_seq_len=1024 if on_gpu else 512, eval_interval=100,
+                    save_interval=200)
     add_data_args(parser, "dataset/demo_sft.jsonl", "conversations jsonl (SFT format)", 0.05)
     g = parser.add_argument_group("knowledge distillation")
     g.add_argument("--teacher_weight", default="full_sft",

@@ -1,5 +1,5 @@
-"""What every stage's command line promises a newcomer: --help shows each flag's default, and a missing checkpoint's
-error names the flag of the script that was run."""
+"""What every stage's command line promises a newcomer: --help shows each flag's default and only the model flags
+that stage can use, and a missing checkpoint's error names the flag of the script that was run."""
 import importlib
 
 import pytest
@@ -20,6 +20,23 @@ def test_help_shows_every_default(stage, capsys):
     assert "(default: 1.0)" in text.split("--grad_clip")[-1].split("--")[0]  # a shared flag
     assert text.count("(default: ") > 30
     assert "--warmup_ratio" not in text  # a flag that does not exist
+
+
+SHAPING_FLAGS = ["--preset", "--num_attention_heads", "--num_key_value_heads", "--intermediate_size",
+                 "--moe_balance", "--num_experts", "--num_experts_per_tok"]
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_help_lists_shaping_flags_only_where_a_new_model_is_built(stage, capsys):
+    module = importlib.import_module(stage)
+    with pytest.raises(SystemExit):
+        module.parse_args(["--help"])
+    text = capsys.readouterr().out
+    shown = [flag for flag in SHAPING_FLAGS if f"{flag} " in text]
+    builds_new_models = stage in ("train_pretrain", "train_distillation")  # a distillation student may be new
+    assert shown == (SHAPING_FLAGS if builds_new_models else [])
+    assert "--hidden_size" in text and "--use_moe" in text  # they pick the checkpoint's file name everywhere
+    assert module.parse_args(["--num_experts", "4", "--preset", "tiny"]).num_experts == 4  # still accepted
 
 
 def test_missing_weights_name_the_callers_own_flag(tmp_path):
