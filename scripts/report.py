@@ -228,6 +228,7 @@ def report_card_figure(stages, logs, summaries, pipeline_seconds, runs=None):
 
 
 def cpu_model() -> str:
+    # model/device.py's cpu_model_name does the same; importing it would load torch into a script that draws plots
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
