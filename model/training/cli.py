@@ -109,11 +109,14 @@ def add_common_args(parser: argparse.ArgumentParser, stage: str, new_student: bo
                    help="DataLoader worker processes")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: the best available)")
     g.add_argument("--dtype", default=None, choices=sorted(DTYPES),
-                   help="autocast dtype (default: bfloat16 on GPUs and bf16-capable CPUs, float16 on old GPUs, "
-                        "else float32)")
+                   help="autocast dtype (default: bfloat16 on GPUs, float16 on old GPUs; on a CPU whichever of "
+                        "bfloat16 and float32 a short matmul probe at the model's shape measures faster, cached)")
     g.add_argument("--num_threads", type=POSITIVE_INT, default=None,
                    help="CPU threads per process (default: cores / local ranks)")
     g.add_argument("--use_compile", type=int, default=0, choices=[0, 1], help="1: torch.compile the model")
+    g.add_argument("--peak_tflops", type=bounded(float, above=0.0), default=None,
+                   help="the device's peak TFLOP/s in the training dtype, for the logged MFU (default: a table of "
+                        "common GPUs; none on a CPU or an unlisted GPU)")
     g.add_argument("--deepspeed", default=None, help="DeepSpeed config JSON (ZeRO-1/2), e.g. ds_config.json")
     g.add_argument("--ddp_timeout", type=bounded(float, above=0.0), default=DEFAULT_DDP_TIMEOUT,
                    help="seconds a collective waits for the other ranks before the run stops with an error (a rank "

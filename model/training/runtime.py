@@ -185,7 +185,11 @@ GPU_PEAK_FLOPS = {  # dense bf16 tensor-core peaks, for MFU
 }
 
 
-def device_peak_flops(device: torch.device) -> float | None:
+def device_peak_flops(device: torch.device, peak_tflops: float | None = None) -> float | None:
+    """Peak FLOP/s for MFU: `peak_tflops` when given (any device, e.g. a GPU not in the table or a CPU's measured
+    matmul rate), else the table's bf16 figure for a known GPU, else None (MFU is then not logged)."""
+    if peak_tflops:
+        return peak_tflops * 1e12
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)

@@ -188,7 +188,10 @@ class Trainer:
         self.stop_requested = False
         self.lr = args.learning_rate
         self.first_eval, self.last_moe_stats = {}, None
-        self.peak_flops = device_peak_flops(runtime.device)
+        self.peak_flops = device_peak_flops(runtime.device, getattr(args, "peak_tflops", None))
+        if self.peak_flops is None and runtime.device.type == "cuda":
+            print0(f"MFU not logged: {torch.cuda.get_device_name(runtime.device)} is not in the table; "
+                   "pass --peak_tflops")
         self._wandb_id = None
         if runtime.is_main:
             swept = sweep_stale_temp_files(args.save_dir)

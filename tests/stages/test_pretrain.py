@@ -11,6 +11,8 @@ import pytest
 import torch
 
 import train_pretrain
+from model import TinyMindForCausalLM
+from model.checkpoint import load_weights
 from model.training.runtime import init_runtime
 from model.training.engine import TrainingDiverged
 from model.training.trainer import Trainer
@@ -59,6 +61,17 @@ def test_saved_weights_record_the_stage_not_the_run_name(tmp_path):
     with open(tmp_path / "out" / "teacher_base_64.json") as f:
         assert json.load(f)["tinymind_stage"] == "pretrain"
     assert load_model_for_inference(str(tmp_path / "out" / "teacher_base_64.pth"), device="cpu").mode != "chat"
+
+
+def test_peak_tflops_gives_mfu_on_any_device(tmp_path):
+    """MFU is logged against --peak_tflops where no table knows the device (here a CPU); without it, not at all."""
+    train_pretrain.main(base_args(tmp_path, steps=4, extra=["--peak_tflops", "0.05"]))
+    logged = [r for r in read_log(tmp_path) if "tokens_per_sec" in r]
+    _, config = load_weights(str(tmp_path / "out" / "pretrain_64.pth"))
+    per_token = TinyMindForCausalLM(config).flops_per_token(32)
+    assert all(r["mfu"] == pytest.approx(per_token * r["tokens_per_sec"] / 0.05e12, rel=1e-6) for r in logged)
+    train_pretrain.main(base_args(tmp_path, steps=2))
+    assert not any("mfu" in r for r in read_log(tmp_path))
 
 
 def test_bad_line_is_reported_with_path_and_line(tmp_path):
