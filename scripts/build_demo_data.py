@@ -11,7 +11,8 @@ formats:
                               poem / Shakespeare / arithmetic tasks made from the sources' real metadata
     demo_lora_identity.jsonl  conversations: "who are you?" answered as TinyMind
     demo_lora_domain.jsonl    conversations: author, dynasty and form of poems from 唐诗三百首 and 千家诗
-    demo_dpo.jsonl            {"chosen": [...], "rejected": [...]}: one prompt, a right and a plausible wrong answer
+    demo_dpo.jsonl            {"chosen": [...], "rejected": [...], "type": ...}: one prompt, a right and a plausible
+                              wrong answer; "type" names how the wrong one was made (six kinds)
     demo_reason.jsonl         conversations whose answers read "<think>\\n...\\n</think>\\n<answer>\\n...\\n</answer>"
     demo_grpo.jsonl           {"conversations": [user], "answer": "..."}: small-number sums with checkable answers
     demo_grpo_champ.jsonl     the same format, competition maths from CHAMP (much harder; for GPU users)
@@ -537,10 +538,11 @@ def chat(*turns: str, system: str | None = None) -> dict:
     return {"conversations": messages}
 
 
-def preference(prompt: list[str], chosen: str, rejected: str, system: str | None = None) -> dict:
-    """A DPO pair: the same prompt turns, then a chosen and a rejected final assistant turn."""
+def preference(kind: str, prompt: list[str], chosen: str, rejected: str, system: str | None = None) -> dict:
+    """A DPO pair: the same prompt turns, then a chosen and a rejected final assistant turn. `kind` names how the
+    rejected answer was made (the "type" key: MiniMind's loader and TRL ignore it; the report scores each kind)."""
     return {"chosen": chat(*prompt, chosen, system=system)["conversations"],
-            "rejected": chat(*prompt, rejected, system=system)["conversations"]}
+            "rejected": chat(*prompt, rejected, system=system)["conversations"], "type": kind}
 
 
 def think_answer(reasoning: str, answer: str) -> str:
@@ -1263,7 +1265,7 @@ def build_dpo(index: PoemIndex, shakespeare: ShakespeareIndex, corpus: dict, rng
         for poem in take(rng, next_pool, quota(held_out, 600)):
             clause, following = rng.choice(index.next_clause_pairs(poem))
             wrong = index.wrong_clause(rng, poem, following)
-            split.add(preference([rng.choice(NEXT_CLAUSE_QUESTIONS).format(clause=clause)],
+            split.add(preference("wrong_next_clause", [rng.choice(NEXT_CLAUSE_QUESTIONS).format(clause=clause)],
                                  answer_next_clause(index, poem, clause, following),
                                  answer_next_clause(index, poem, clause, wrong), system=maybe_system(rng, "poem")),
                       held_out)
@@ -1271,19 +1273,19 @@ def build_dpo(index: PoemIndex, shakespeare: ShakespeareIndex, corpus: dict, rng
                        and len(index.authors_by_dynasty[p.dynasty]) > 1]
         for poem in take(rng, author_pool, quota(held_out, 400)):
             impostor = dataclasses.replace(poem, author=index.wrong_author(rng, poem))
-            split.add(preference([rng.choice(POEM_AUTHOR_QUESTIONS).format(title=poem.title)],
+            split.add(preference("wrong_poet", [rng.choice(POEM_AUTHOR_QUESTIONS).format(title=poem.title)],
                                  answer_author(poem), answer_author(impostor)), held_out)
         line_pool = [p for p in shakespeare.pairs if p[3] == held_out]
         for work, line, following, _ in take(rng, line_pool, quota(held_out, 300)):
             question = rng.choice(NEXT_LINE_REQUESTS).format(title=work.title, line=line)
-            split.add(preference([question], f"The next line is:\n{following}",
+            split.add(preference("wrong_shakespeare_line", [question], f"The next line is:\n{following}",
                                  f"The next line is:\n{shakespeare.wrong_line(rng, work, following)}"), held_out)
         sum_pool = [s for s in all_sums() if s.held_out() == held_out]
         for problem in take(rng, sum_pool, quota(held_out, 450)):
             question, _ = random_sum_problem(rng, problem)
             wrong = max(0, problem.result + rng.choice([-3, -2, -1, 1, 2, 3]))
             wrong = wrong if wrong != problem.result else problem.result + 1
-            split.add(preference([question.question], f"{problem.expression} = {problem.result}",
+            split.add(preference("wrong_sum", [question.question], f"{problem.expression} = {problem.result}",
                                  f"{problem.expression} = {wrong}", system=maybe_system(rng, "math", 0.1)), held_out)
 
     # Chit-chat: an on-topic reply against a fluent reply to some other question. Multi-turn chats keep their
@@ -1297,7 +1299,7 @@ def build_dpo(index: PoemIndex, shakespeare: ShakespeareIndex, corpus: dict, rng
             if other_category == category or other[-1] == conversation[-1]:
                 continue
             held_out = is_held_out(f"chat:{conversation[0].lower()}", CHAT_VAL_FRACTION)
-            split.add(preference(conversation[:-1], conversation[-1], other[-1]), held_out)
+            split.add(preference("off_topic_reply", conversation[:-1], conversation[-1], other[-1]), held_out)
 
     # Degeneration: a right reply against a loop of its own first words, the failure small models show most (and
     # to which a language model gives a high probability). Unlike the facts above, it carries over to new prompts.
@@ -1307,7 +1309,8 @@ def build_dpo(index: PoemIndex, shakespeare: ShakespeareIndex, corpus: dict, rng
                 and looping_reply(pair["chosen"][-1]["content"]) != pair["chosen"][-1]["content"]]  # too short
         for pair in take(rng, pool, quota(held_out, 300)):
             looped = dict(pair["chosen"][-1], content=looping_reply(pair["chosen"][-1]["content"]))
-            split.add({"chosen": pair["chosen"], "rejected": pair["chosen"][:-1] + [looped]}, held_out)
+            split.add({"chosen": pair["chosen"], "rejected": pair["chosen"][:-1] + [looped], "type": "looping_reply"},
+                      held_out)
     return split.shuffled(rng)
 
 

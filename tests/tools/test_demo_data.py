@@ -21,6 +21,8 @@ DATASETS = {
     "demo_grpo": "prompt",
     "demo_grpo_champ": "prompt",
 }
+DPO_TYPES = {"wrong_next_clause", "wrong_poet", "wrong_shakespeare_line", "wrong_sum", "off_topic_reply",
+             "looping_reply"}
 SPLITS = [(name, suffix) for name in DATASETS for suffix in ("", "_val")]
 THINK_ANSWER = re.compile(r"^<think>\n(?P<reasoning>.+)\n</think>\n<answer>\n(?P<answer>.+)\n</answer>$", re.DOTALL)
 EQUATION_LINE = re.compile(r"^(?P<left>[\d +\-]+?) = (?P<right>[\d +\-]+)[.。]$")
@@ -72,7 +74,8 @@ def test_files_parse_and_have_the_fields_their_stage_reads(name, suffix):
             assert set(sample) == {"conversations"}
             check_chat(sample["conversations"])
         elif kind == "preference":
-            assert set(sample) == {"chosen", "rejected"}
+            assert set(sample) == {"chosen", "rejected", "type"}
+            assert sample["type"] in DPO_TYPES
             check_chat(sample["chosen"])
             check_chat(sample["rejected"])
         else:
