@@ -3,10 +3,8 @@ logits and greedy output, in transformers 5 and (slow set) 4.57; other MoE/MLA o
 with our copied code; a LoRA adapter exports for PEFT beside its base; directories import back to the same .pth."""
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 
 import pytest
 import torch
@@ -20,6 +18,7 @@ from model.generation import greedy_generate, left_pad
 from model.inference import load_model_for_inference
 from scripts import convert_model
 from tests import TOKENIZER
+from tests.tool_cache import pip_target
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
 
@@ -400,34 +399,12 @@ def test_bad_arguments_are_clear_errors(tmp_path, vocab_size):
 
 # What llama.cpp's converter pins, and with it the tokenizers / huggingface_hub releases that transformers accepts.
 TRANSFORMERS_4 = ("transformers==4.57.6", "tokenizers==0.22.2", "huggingface_hub==0.36.2")
-TRANSFORMERS_4_DIR = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "tinymind",
-                                  "transformers-4.57.6")
 
 
 def transformers_4() -> str:
     """A folder holding transformers 4.57 (and its tokenizers / huggingface_hub) to put first on a subprocess's
-    sys.path; everything else (torch, safetensors, ...) comes from this environment. Installed once with pip into
-    the cache, whole or not at all: pip writes a temporary folder that is renamed into place when complete."""
-    marker = os.path.join(TRANSFORMERS_4_DIR, "transformers-4.57.6.dist-info")
-    if os.path.isdir(marker):
-        return TRANSFORMERS_4_DIR
-    os.makedirs(os.path.dirname(TRANSFORMERS_4_DIR), exist_ok=True)
-    partial = tempfile.mkdtemp(prefix=".transformers-4-", dir=os.path.dirname(TRANSFORMERS_4_DIR))
-    os.chmod(partial, 0o755)  # mkdtemp's 0700 would hide the cache from other users
-    result = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                             "--no-deps", "--target", partial, *TRANSFORMERS_4],
-                            capture_output=True, text=True, timeout=900)
-    if result.returncode:
-        shutil.rmtree(partial, ignore_errors=True)
-        message = f"pip could not install {' '.join(TRANSFORMERS_4)}:\n{result.stderr[-2000:]}"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)  # offline developer machine
-    try:
-        os.rename(partial, TRANSFORMERS_4_DIR)
-    except OSError:  # another process finished first
-        shutil.rmtree(partial, ignore_errors=True)
-    return TRANSFORMERS_4_DIR
+    sys.path; everything else (torch, safetensors, ...) comes from this environment."""
+    return pip_target("transformers-4.57.6", *TRANSFORMERS_4)
 
 
 TRANSFORMERS_4_CHECK = """
