@@ -67,6 +67,7 @@ SONG_CI_PER_POET = 30  # 全宋词 sample: poets of 宋词三百首 only
 SHAKESPEARE_CHARS = 1_500_000  # play chunks are sampled down to about this many characters
 
 OPERAND_LIMIT = 20  # arithmetic operands are 0..19: a tiny model can learn these sums in minutes
+REASON_SUM_COPIES = 2  # demo_reason phrases every training sum this many times (column arithmetic, docs/grpo.md)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -800,6 +801,21 @@ class Sum:
         full_stop = "。" if lang == "zh" else "."
         return [equation + full_stop for equation in equations]
 
+    def digit_steps(self) -> list[str]:
+        """Column arithmetic, one digit at a time, the same in both languages: 'ones: 7 + 8 = 15' (a one-digit fact;
+        its tens digit is the carry), 'tens: 1 + 0 + 1 = 2' (tens digits plus the carry); the answer is the tens
+        result followed by the last digit of the ones. Subtraction borrows: 'ones: 13 - 5 = 8', 'tens: 1 - 0 - 1 = 0'.
+        Every line is a fact a 4.6M model can learn from the training sums and reuse on held-out ones."""
+        (a_tens, a_ones), (b_tens, b_ones) = divmod(self.a, 10), divmod(self.b, 10)
+        if self.op == "+":
+            ones = a_ones + b_ones
+            return [f"ones: {a_ones} + {b_ones} = {ones}", f"tens: {a_tens} + {b_tens} + {ones // 10} = "
+                    f"{a_tens + b_tens + ones // 10}"]
+        borrow = int(a_ones < b_ones)
+        top = a_ones + 10 * borrow
+        return [f"ones: {top} - {b_ones} = {top - b_ones}",
+                f"tens: {a_tens} - {b_tens} - {borrow} = {a_tens - b_tens - borrow}"]
+
 
 def all_sums() -> list[Sum]:
     sums = [Sum(a, "+", b) for a in range(OPERAND_LIMIT) for b in range(OPERAND_LIMIT)]
@@ -1331,34 +1347,37 @@ def looping_reply(reply: str) -> str:
 
 
 def three_operand_problem(rng: random.Random, lang: str) -> tuple[str, str, str, str]:
-    """'a + b - c' with every intermediate result in 0..38; returns (key, question, reasoning, answer)."""
+    """'a + b - c' with every intermediate result in 0..38; returns (key, question, reasoning, answer). Neither
+    step is a held-out two-operand sum: the reply works each step out, and a held-out sum must stay unseen."""
     while True:
         first = Sum(rng.randrange(1, OPERAND_LIMIT), rng.choice("+-"), rng.randrange(1, OPERAND_LIMIT))
-        if first.result < 0:
+        if first.result < 0 or first.held_out():
             continue
         second = Sum(first.result, rng.choice("+-"), rng.randrange(1, OPERAND_LIMIT))
-        if second.result >= 0:
+        if second.result >= 0 and not second.held_out():
             break
     expression = f"{first.expression} {second.op} {second.b}"
     if lang == "en":
         question = rng.choice([f"What is {expression}?", f"Compute {expression}."])
-        steps = [f"First, {first.expression}."] + first.steps(lang) + [f"Then, {second.expression}."]
-        steps += second.steps(lang)
-        steps.append(f"So the answer is {second.result}.")
     else:
         question = rng.choice([f"{expression} 等于多少？", f"计算：{expression}"])
-        steps = [f"先算{first.expression}。"] + first.steps(lang) + [f"再算{second.expression}。"] + second.steps(lang)
-        steps.append(f"所以答案是{second.result}。")
+    steps = [expression, first.expression] + first.digit_steps() + [second.expression] + second.digit_steps()
     return f"sum3:{expression}", question, "\n".join(steps), str(second.result)
+
+
+def digit_sum_problem(rng: random.Random, problem: Sum) -> tuple[str, str]:
+    """A GRPO-style prompt (random language and phrasing, with the format hint) and its column-arithmetic reply:
+    the sum written out (a word problem's numbers and operation), then its digit steps."""
+    question, lang = random_sum_problem(rng, problem)
+    reasoning = "\n".join([problem.expression] + problem.digit_steps())
+    return with_format_hint(question.question, lang), think_answer(reasoning, question.answer)
 
 
 def build_reason(index: PoemIndex, shakespeare: ShakespeareIndex, rng: random.Random) -> Split:
     split = Split()
-    for problem in all_sums():
-        if rng.random() < 0.6:
-            question, lang = random_sum_problem(rng, problem)
-            split.add(chat(with_format_hint(question.question, lang),
-                           think_answer("\n".join(question.reasoning), question.answer)), problem.held_out())
+    for problem in all_sums():  # every training sum, REASON_SUM_COPIES phrasings; a held-out sum once, for val
+        for _ in range(1 if problem.held_out() else REASON_SUM_COPIES):
+            split.add(chat(*digit_sum_problem(rng, problem)), problem.held_out())
     seen = set()
     for _ in range(500):
         lang = rng.choice(["en", "zh"])

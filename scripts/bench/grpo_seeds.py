@@ -2,6 +2,7 @@
 
     python -m scripts.bench.grpo_seeds                                   # 3 seeds from out/reason_256.pth, CPU demo
     python -m scripts.bench.grpo_seeds --seeds 1 2 3 4 5 --extra "--max_steps 100 --num_generations 16"
+    python -m scripts.bench.grpo_seeds --eval_interval 25 --extra "--max_steps 100 --max_gen_len 64"  # the pipeline's
 
 Each seed is an ordinary `train_grpo.py` run (same starting checkpoint, different sampling/data-order seed) in
 --save_dir with --save_weight grpo_seed<N>, so its log lands in <save_dir>/logs/. The script prints the held-out
@@ -105,6 +106,9 @@ def main():
         print(f"{metric}: {first[metric][0]:.3f} -> {last[metric][0]:.3f}; gain per seed "
               f"{', '.join(f'{g:+.3f}' for g in gains)} (smallest gain {min(gains):+.3f}, "
               f"spread of the final value across seeds {last[metric][1]:.3f})")
+    if first["accuracy"][0] > 0:  # issue 20's bar: the mean final accuracy at least twice a base of >= 15%
+        print(f"accuracy after / base: {last['accuracy'][0] / first['accuracy'][0]:.2f}x "
+              f"(base {first['accuracy'][0]:.3f}, final {last['accuracy'][0]:.3f} ± {last['accuracy'][1]:.3f})")
     image = os.path.join(ROOT, args.save_dir, "grpo_seeds.png")
     plot(rows, curves, image, f"GRPO, {len(curves)} seeds, from {os.path.basename(args.from_weight)} "
                               f"{args.extra}".strip())

@@ -26,6 +26,7 @@ DPO_TYPES = {"wrong_next_clause", "wrong_poet", "wrong_shakespeare_line", "wrong
 SPLITS = [(name, suffix) for name in DATASETS for suffix in ("", "_val")]
 THINK_ANSWER = re.compile(r"^<think>\n(?P<reasoning>.+)\n</think>\n<answer>\n(?P<answer>.+)\n</answer>$", re.DOTALL)
 EQUATION_LINE = re.compile(r"^(?P<left>[\d +\-]+?) = (?P<right>[\d +\-]+)[.。]$")
+DIGIT_LINE = re.compile(r"^(?:ones|tens): (?P<left>[\d +\-]+?) = (?P<right>-?\d+)$")  # demo_reason's column steps
 
 
 @lru_cache(maxsize=None)
@@ -139,7 +140,7 @@ def test_every_equation_in_worked_solutions_is_true(name, suffix):
         if not match:
             continue
         for line in match["reasoning"].splitlines():
-            if equation := EQUATION_LINE.match(line):
+            if equation := EQUATION_LINE.match(line) or DIGIT_LINE.match(line):
                 assert simple_sum(equation["left"]) == simple_sum(equation["right"]), line
                 checked += 1
     assert checked > 50
@@ -156,6 +157,33 @@ def test_worked_answers_match_the_question(name, suffix):
             assert match["answer"] == str(simple_sum(expression.group())), question
             checked += 1
     assert checked > 10
+
+
+@pytest.mark.parametrize("suffix", ["", "_val"])
+def test_reasoning_sums_are_worked_digit_by_digit(suffix):
+    """demo_reason's sums: the sum, then 'ones: a0 + b0 = s' and 'tens: a1 + b1 + carry = t' (or the borrowing
+    'ones: 13 - 5 = 8', 'tens: 1 - 0 - 1 = 0'); the answer is t followed by the last digit of s."""
+    checked = 0
+    for sample in load("demo_reason", suffix):
+        match = THINK_ANSWER.match(sample["conversations"][-1]["content"])
+        lines = match["reasoning"].splitlines() if match else []
+        for at, line in enumerate(lines):
+            if not re.fullmatch(r"\d+ [+-] \d+", line):
+                continue
+            (a_tens, a_ones), (b_tens, b_ones) = (divmod(int(n), 10) for n in line.split()[::2])
+            ones, tens = (int(step.split(" = ")[1]) for step in lines[at + 1:at + 3])
+            if "+" in line:
+                assert lines[at + 1:at + 3] == [f"ones: {a_ones} + {b_ones} = {ones}",
+                                                f"tens: {a_tens} + {b_tens} + {ones // 10} = {tens}"], lines
+            else:
+                borrow = int(a_ones < b_ones)
+                assert lines[at + 1:at + 3] == [f"ones: {a_ones + 10 * borrow} - {b_ones} = {ones}",
+                                                f"tens: {a_tens} - {b_tens} - {borrow} = {tens}"], lines
+            assert 10 * tens + ones % 10 == simple_sum(line), lines
+            checked += 1
+        if lines and re.fullmatch(r"\d+ [+-] \d+", lines[0]):
+            assert match["answer"] == str(simple_sum(lines[0])), lines
+    assert checked > (500 if suffix == "" else 30)
 
 
 @pytest.mark.parametrize("suffix", ["", "_val"])
