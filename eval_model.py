@@ -7,11 +7,20 @@
     python eval_model.py --load_from out/reason_256.pth --show_speed   # any .pth with its config JSON beside
     python eval_model.py --load_from export/tinymind --prompts builtin # a transformers directory (convert_model)
     python eval_model.py --prompts out/questions.txt --temperature 0 --output out/answers.jsonl   # one per line
+    python eval_model.py --prompts heldout:dataset/demo_sft_val.jsonl --out_of_domain 2   # beside the references
 
 The demo pipeline writes out/<stage>_256.pth (the GPU recipe _512; --use_moe/--use_mla add _moe/_mla). The
 model's architecture (Dense, MoE, MLA, size) comes from the config JSON beside the weights, so no model flags
 are needed. Pretrain checkpoints continue text; every later stage uses the chat template (--mode overrides).
 In the interactive chat, /clear forgets the history and /exit (or Ctrl-D) quits.
+
+--prompts heldout:<file> answers the first --num_prompts records of a held-out data file and keeps each one's
+reference answer beside the model's (the report card shows both): a chat ({"conversations"}: the turns before the
+last assistant reply are the prompt, that reply the reference; a prompt without an assistant reply takes its
+"answer" field, as the GRPO files hold), a preference pair ({"chosen", "rejected"}: the chosen reply is the
+reference), {"prompt", "answer"} or a pretraining text ({"text"}: its first two lines are the prompt, the third the
+reference: a held-out poem's next line). --out_of_domain N adds N open prompts that no demo data teaches, marked
+"out of domain", to tell what a stage learned from what it cannot know.
 """
 import argparse
 import json
@@ -38,6 +47,10 @@ BUILTIN_CONTINUE_PROMPTS = [
     "《静夜思》 李白\n",
     "The capital of France is",
 ]
+# Open questions outside everything the demo data teaches (poems, Shakespeare, small sums, TinyMind's identity).
+OUT_OF_DOMAIN_CHAT_PROMPTS = ["为什么天空是蓝色的？", "What is machine learning?"]
+OUT_OF_DOMAIN_CONTINUE_PROMPTS = ["人类大脑的主要功能是", "The capital of France is"]
+IN_DOMAIN, OUT_OF_DOMAIN = "in domain", "out of domain"
 
 
 def parse_args(argv=None):
@@ -81,33 +94,113 @@ def parse_args(argv=None):
     g.add_argument("--system_prompt", default=None, help="a system message put before the conversation")
     g.add_argument("--prompts", default=None,
                    help="answer these prompts and exit instead of chatting: 'builtin', a .txt file (one prompt per "
-                        "line) or a .jsonl file with a 'prompt' (or 'text') field per line")
+                        "line), a .jsonl file with a 'prompt' (or 'text') field per line (and optionally a "
+                        "'reference' or 'answer'), or 'heldout:<file>': records of a held-out data file, each with "
+                        "its reference answer (see above)")
+    g.add_argument("--num_prompts", type=int, default=None,
+                   help="answer only the first N prompts (default: 4 of a heldout: file, all of the others)")
+    g.add_argument("--out_of_domain", type=int, default=0,
+                   help=f"with --prompts: also answer the first N of {len(OUT_OF_DOMAIN_CHAT_PROMPTS)} open prompts "
+                        "no demo data teaches (chat: "
+                        + ", ".join(OUT_OF_DOMAIN_CHAT_PROMPTS) + "), marked 'out of domain'")
     g.add_argument("--output", default=None,
                    help="with --prompts: also write the answers here (.jsonl: one per line; .json: one summary object)")
     g.add_argument("--show_speed", action="store_true", help="print prefill time and decode tokens/s per answer")
     return parser.parse_args(argv)
 
 
-def read_prompts(spec: str, mode: str) -> list[str]:
+def prompt_item(prompt: str, context: list | None = None, reference: str | None = None,
+                domain: str | None = None) -> dict:
+    """One prompt to answer: the user's text, the turns before it (system message, earlier exchanges), the
+    reference answer if known, and whether it comes from the stage's own held-out data."""
+    return {"prompt": prompt, "context": context or [], "reference": reference, "domain": domain}
+
+
+def read_prompts(spec: str, mode: str, count: int | None = None) -> list[dict]:
+    """The prompts of --prompts (see its help), the first `count` of them if given."""
     if spec == "builtin":
-        return BUILTIN_CONTINUE_PROMPTS if mode == "continue" else BUILTIN_CHAT_PROMPTS
-    if not os.path.exists(spec):
-        raise SystemExit(f"--prompts file not found: {spec}")
-    with open(spec, encoding="utf-8") as f:
-        lines = [line.rstrip("\n") for line in f if line.strip()]
+        items = [prompt_item(p) for p in (BUILTIN_CONTINUE_PROMPTS if mode == "continue" else BUILTIN_CHAT_PROMPTS)]
+        return items[:count] if count is not None else items
+    if spec.startswith("heldout:"):
+        return read_held_out(spec[len("heldout:"):], 4 if count is None else count)
+    lines = read_lines(spec)
     if not spec.endswith(".jsonl"):
-        return lines
+        return [prompt_item(line) for line in lines][:count]
     prompts = []
-    for number, line in enumerate(lines, start=1):
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise SystemExit(f"{spec}:{number}: not valid JSON ({error})") from None
+    for number, obj in json_records(spec, lines):
         text = obj.get("prompt", obj.get("text")) if isinstance(obj, dict) else None
         if not isinstance(text, str):
             raise SystemExit(f'{spec}:{number}: expected an object with a "prompt" (or "text") string')
-        prompts.append(text)
-    return prompts
+        reference = obj.get("reference", obj.get("answer"))
+        prompts.append(prompt_item(text, reference=reference if isinstance(reference, str) else None))
+    return prompts[:count]
+
+
+def read_lines(path: str) -> list[str]:
+    if not os.path.exists(path):
+        raise SystemExit(f"--prompts file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        return [line.rstrip("\n") for line in f if line.strip()]
+
+
+def json_records(path: str, lines: list[str]):
+    for number, line in enumerate(lines, start=1):
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as error:
+            raise SystemExit(f"{path}:{number}: not valid JSON ({error})") from None
+
+
+def held_out_item(obj) -> dict | None:
+    """A held-out record as a prompt with its reference (see the module help), or None for one that has no prompt
+    to ask (a chat that opens with its only assistant reply)."""
+    if not isinstance(obj, dict):
+        return None
+    messages = obj.get("conversations") or obj.get("chosen")
+    if isinstance(messages, list) and messages and all(isinstance(m, dict) for m in messages):
+        assistant = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
+        if assistant and assistant[-1] > 0:
+            before, reference = messages[:assistant[-1]], messages[assistant[-1]].get("content")
+        elif not assistant:
+            before, reference = messages, obj.get("answer")
+        else:
+            return None
+        if before[-1].get("role") != "user" or not isinstance(before[-1].get("content"), str):
+            return None
+        context = [{"role": m["role"], "content": m.get("content") or ""} for m in before[:-1]]
+        return prompt_item(before[-1]["content"], context, str(reference) if reference is not None else None,
+                           IN_DOMAIN)
+    if isinstance(obj.get("prompt"), str):
+        reference = obj.get("answer", obj.get("reference"))
+        return prompt_item(obj["prompt"], reference=str(reference) if reference is not None else None,
+                           domain=IN_DOMAIN)
+    if isinstance(obj.get("text"), str):
+        lines = [line for line in obj["text"].split("\n") if line.strip()]
+        if len(lines) >= 3:  # a title (and author) line, a first line: what comes next?
+            return prompt_item("\n".join(lines[:2]) + "\n", reference=lines[2], domain=IN_DOMAIN)
+        half = len(obj["text"]) // 2
+        return prompt_item(obj["text"][:half], reference=obj["text"][half:half + 200], domain=IN_DOMAIN)
+    return None
+
+
+def read_held_out(path: str, count: int) -> list[dict]:
+    """The first `count` usable records of a held-out data file, as prompts with their reference answers."""
+    items = []
+    for _, obj in json_records(path, read_lines(path)):
+        item = held_out_item(obj)
+        if item is not None:
+            items.append(item)
+        if len(items) >= count:
+            break
+    if not items:
+        raise SystemExit(f"--prompts heldout:{path}: no record with a prompt (expected chats, preference pairs, "
+                         '{"prompt", "answer"} or {"text"} records)')
+    return items
+
+
+def out_of_domain_prompts(mode: str, count: int) -> list[dict]:
+    pool = OUT_OF_DOMAIN_CONTINUE_PROMPTS if mode == "continue" else OUT_OF_DOMAIN_CHAT_PROMPTS
+    return [prompt_item(p, domain=OUT_OF_DOMAIN) for p in pool[:count]]
 
 
 class Chat:
@@ -124,11 +217,14 @@ class Chat:
     def clear(self):
         self.history = []
 
-    def answer(self, prompt: str, out=None) -> dict:
-        """Stream the answer to `out` (stdout) as it is generated; remember the exchange; return it with timings."""
+    def answer(self, prompt: str, out=None, context: list | None = None) -> dict:
+        """Stream the answer to `out` (stdout) as it is generated; remember the exchange; return it with timings.
+        `context`: the turns before the prompt (a held-out record's system message and earlier exchanges), used
+        instead of this chat's own history."""
         out = out or sys.stdout  # looked up now, not at import: tests and callers may have redirected it
-        messages = trim_history(self.system + self.history + [{"role": "user", "content": prompt}],
-                                self.args.history_turns)
+        before = context if context else self.system + self.history
+        messages = trim_history(before + [{"role": "user", "content": prompt}],
+                                len(before) if context else self.args.history_turns)
         text = build_prompt(self.loaded.tokenizer, messages, self.loaded.mode)
         torch.manual_seed(self.args.seed)  # the same prompt gets the same answer, whatever came before it
         stream = generate_stream(self.loaded, text, self.generation_config)
@@ -156,12 +252,22 @@ class Chat:
         return result
 
 
-def run_prompts(chat: Chat, prompts: list[str], output: str | None):
+def run_prompts(chat: Chat, prompts: list, output: str | None):
+    """Answer each prompt (a string or a prompt_item) and print it, beside its reference and marked in or out of
+    domain where those are known."""
     results = []
-    for prompt in prompts:
-        print(f"👶: {prompt}")
+    for item in prompts:
+        item = prompt_item(item) if isinstance(item, str) else item
+        tag = f" [{item['domain']}]" if item["domain"] else ""
+        for turn in item["context"]:
+            print(f"   {turn['role']}: {turn['content']}")
+        print(f"👶{tag}: {item['prompt']}")
         print("🤖: ", end="", flush=True)
-        results.append(chat.answer(prompt))
+        result = chat.answer(item["prompt"], context=item["context"])
+        if item["reference"] is not None:
+            print(f"📖 reference: {item['reference']}")
+        extra = {k: item[k] for k in ("context", "reference", "domain") if item[k]}
+        results.append({**result, **extra})
         print()
     if output:
         write_results(results, output, chat.loaded.name)
@@ -169,8 +275,9 @@ def run_prompts(chat: Chat, prompts: list[str], output: str | None):
 
 
 def write_results(results: list[dict], path: str, model_name: str):
-    """.jsonl: one {prompt, answer, timings} object per line. .json: one object, {"model", "samples": {prompt:
-    answer}, "results": [...]}, the shape scripts/report.py reads from out/summaries/."""
+    """.jsonl: one {prompt, answer, timings} object per line (+ context, reference and domain where known). .json:
+    one object, {"model", "samples": {prompt: answer}, "results": [...]}, the shape scripts/report.py reads from
+    out/summaries/."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         if path.endswith(".jsonl"):
@@ -212,13 +319,18 @@ def main(argv=None):
         torch.set_num_threads(args.num_threads)
     if args.history_turns < 0 or args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
         raise SystemExit("need --history_turns >= 0, --max_new_tokens >= 1, --temperature >= 0, 0 < --top_p <= 1")
+    if (args.num_prompts is not None and args.num_prompts < 1) or args.out_of_domain < 0:
+        raise SystemExit("need --num_prompts >= 1 and --out_of_domain >= 0")
+    if (args.num_prompts is not None or args.out_of_domain) and not args.prompts:
+        raise SystemExit("--num_prompts and --out_of_domain go with --prompts")
     loaded = load_model_for_inference(load_from=args.load_from, weight=args.weight, save_dir=args.save_dir,
                                       hidden_size=args.hidden_size, use_moe=args.use_moe, use_mla=args.use_mla,
                                       lora_name=args.lora_name, tokenizer_path=args.tokenizer_path,
                                       device=args.device, dtype=args.dtype, mode=args.mode)
     chat = Chat(loaded, args)
     if args.prompts:
-        return run_prompts(chat, read_prompts(args.prompts, loaded.mode), args.output)
+        prompts = read_prompts(args.prompts, loaded.mode, args.num_prompts)
+        return run_prompts(chat, prompts + out_of_domain_prompts(loaded.mode, args.out_of_domain), args.output)
     run_interactive(chat)
 
 

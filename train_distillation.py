@@ -3,6 +3,7 @@
     python train_distillation.py --teacher_weight teacher_sft --teacher_hidden_size 384   # the pipeline's teacher
     python train_distillation.py --teacher_weight path/to/teacher.pth --from_weight none --preset nano
     python train_distillation.py --teacher_weight path/to/qwen_dir      # a transformers model with our vocabulary
+    python train_distillation.py --teacher_weight teacher_sft --teacher_hidden_size 384 --alpha 1 --save_weight ce
 
 White-box knowledge distillation (Hinton et al. 2015, arXiv 1503.02531). SFT trains on one token per position,
 the reference answer; the teacher's softmax says much more: which other tokens were plausible and how much.
@@ -14,6 +15,11 @@ The student minimises, averaged over the assistant tokens of SFT conversations,
 the tokenizer (their logits are compared token id by token id); their sizes may differ. The teacher runs in
 eval mode without gradients, optionally in a lower dtype (--teacher_dtype). Writes out/distill_<hidden>.pth and
 out/logs/distill.jsonl. (MiniMind's "distill_reason", SFT on a reasoning model's replies, is train_reason.py.)
+
+--alpha 1 (the last command) is the baseline KD has to beat: plain SFT (cross-entropy on the labels) of the same
+student on the same batches, in the same order, for the same steps. The teacher then never runs in training; it is
+still loaded to measure the held-out KL to it, so the two runs can be compared on both numbers (--teacher_weight
+none: no teacher at all, no KL). The pipeline runs both: distill and distill_ce (docs/distillation.md).
 """
 import argparse
 import functools
@@ -32,6 +38,7 @@ from model.training.evaluation import make_padded_chat_evaluate
 from model.training.frozen import freeze, is_transformers_dir, load_frozen_checkpoint
 from model.training.losses import distillation_loss, target_positions, weighted_ce, with_aux_loss
 from model.training.runtime import cleanup, print0
+from model.training.tracking import write_summary
 from model.training.trainer import Trainer
 
 
@@ -46,13 +53,15 @@ def parse_args(argv=None):
     g = parser.add_argument_group("knowledge distillation")
     g.add_argument("--teacher_weight", default="full_sft",
                    help="teacher: a stage name resolved in --save_dir, a .pth with its config JSON beside it, or a "
-                        "transformers model directory (local files only) with the same vocabulary")
+                        "transformers model directory (local files only) with the same vocabulary; 'none' (with "
+                        "--alpha 1): no teacher, plain SFT without the held-out KL")
     g.add_argument("--teacher_hidden_size", type=int, default=None,
                    help="picks the teacher among several <stage>_<hidden>.pth files in --save_dir")
     g.add_argument("--teacher_dtype", default=None, choices=sorted(DTYPES),
                    help="cast the teacher's weights to this dtype (default: keep fp32; autocast still applies)")
     g.add_argument("--alpha", type=float, default=0.5,
-                   help="weight of the hard-label cross-entropy; 1 - alpha goes to the KL to the teacher")
+                   help="weight of the hard-label cross-entropy; 1 - alpha goes to the KL to the teacher. 1: CE "
+                        "only, the baseline (the teacher, if any, is only evaluated against, never run in training)")
     g.add_argument("--temperature", type=float, default=1.0,
                    help="softens both distributions before the KL (the KL term is scaled by T^2)")
     g.add_argument("--kd_direction", default="forward", choices=["forward", "reverse"],
@@ -67,6 +76,8 @@ def parse_args(argv=None):
         parser.error(f"--alpha must be in [0, 1], got {args.alpha}")
     if args.pad_to_multiple_of < 1:
         parser.error(f"--pad_to_multiple_of must be >= 1, got {args.pad_to_multiple_of}")
+    if args.teacher_weight == "none" and args.alpha < 1.0:
+        parser.error(f"--teacher_weight none needs --alpha 1 (CE only); got --alpha {args.alpha}")
     return args
 
 
@@ -131,7 +142,7 @@ def make_loss_fn(args, teacher):
         logits, labels, valid = target_positions(out.logits, batch["labels"])
         metrics = {"tokens": batch["attention_mask"].sum()}
         normaliser = batch.get("loss_normaliser")  # the step's target tokens: each weighs the same
-        if args.alpha >= 1.0:  # plain SFT: no teacher forward needed
+        if args.alpha >= 1.0:  # plain SFT, the baseline: the teacher never runs
             loss = weighted_ce(logits, labels) if normaliser is None else \
                 F.cross_entropy(logits.float(), labels, reduction="sum") / normaliser
             metrics["ce"] = loss.detach()
@@ -154,23 +165,33 @@ def main(argv=None):
     train_set, val_set, _, _ = load_chats_with_held_out(args, tokenizer, runtime)
     model, source = build_model(args, vocab_size=len(tokenizer))
     model.to(runtime.device)
-    teacher = load_teacher(args, tokenizer, model, source, runtime)
+    teacher = None if args.teacher_weight == "none" else load_teacher(args, tokenizer, model, source, runtime)
+    if args.alpha >= 1.0:
+        print0("--alpha 1: CE only (the baseline); " + ("the teacher is only evaluated against, never run in "
+                                                         "training" if teacher is not None else "no teacher"))
     evaluate = make_padded_chat_evaluate(args, val_set, runtime, tokenizer.pad_token_id, teacher=teacher)
 
     trainer = Trainer(args, model, runtime, args.save_weight)
-    before = None
-    if not trainer.resumed:
+    before, teacher_loss = None, None
+    if teacher is not None:  # the bar: a student that beats this needs nothing from the teacher
         with torch.no_grad(), runtime.autocast():
-            print0(f"teacher held-out loss {evaluate(teacher)['val_loss']:.4f}")
+            teacher_loss = evaluate(teacher)["val_loss"]
+        print0(f"teacher held-out loss {teacher_loss:.4f}")
+    if not trainer.resumed:
         before = trainer.evaluate(evaluate, 0)
     after = trainer.fit(train_set, make_loss_fn(args, teacher), evaluate=evaluate, token_normalised=True,
                         collate_fn=functools.partial(pad_to_multiple, pad_token_id=tokenizer.pad_token_id,
                                                      multiple=args.pad_to_multiple_of, max_len=args.max_seq_len))
+    # what the report card's "KD vs CE only" table names each run by
+    settings = {"alpha": args.alpha, "temperature": args.temperature, "kd_direction": args.kd_direction,
+                "teacher": args.teacher_weight, **({"teacher_val_loss": teacher_loss} if teacher is not None else {})}
+    write_summary(args.save_dir, args.save_weight, settings, runtime, merge=True)
     if before is not None:
         print0(f"held-out loss {before['val_loss']:.4f} -> {after['val_loss']:.4f}")
-        print0(f"held-out KL(teacher || student) {before['kl_to_teacher']:.4f} -> {after['kl_to_teacher']:.4f}")
+        if teacher is not None:
+            print0(f"held-out KL(teacher || student) {before['kl_to_teacher']:.4f} -> {after['kl_to_teacher']:.4f}")
     cleanup(runtime)
-    return {"before": before, "after": after, "weights": trainer.weights_file}
+    return {"before": before, "after": after, "weights": trainer.weights_file, "teacher_val_loss": teacher_loss}
 
 
 if __name__ == "__main__":

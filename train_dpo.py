@@ -19,6 +19,9 @@ Data: MiniMind's format, {"chosen": [messages], "rejected": [messages]} per line
 turn before the final assistant answer (the prompt) and differ in that answer. Only the final answer's tokens are
 scored. Writes out/dpo_<hidden>.pth (+ config JSON), a resume checkpoint and out/logs/dpo.jsonl with the loss,
 the implicit rewards beta * (log pi - log pi_ref) of both answers, their margin and how often chosen wins.
+Pairs may carry a "type" string (the demo's say how the rejected answer was made: wrong_sum, looping_reply, ...):
+the held-out accuracies are then also reported per type (by_type/<type>/... in the log and out/summaries/dpo.json,
+a table at the end and on the report card).
 """
 import argparse
 import functools
@@ -27,7 +30,7 @@ import torch
 from torch.utils.data import Subset
 
 from model.data.jsonl import BadInput, default_val_path
-from model.data.preference import DPODataset, IndexedPairs, collate_pairs
+from model.data.preference import DPODataset, IndexedPairs, collate_pairs, pair_types
 from model.device import default_device
 from model.training.cli import (HelpFormatter, add_common_args, add_data_args, build_model, exit_on_user_error,
                                 start_stage)
@@ -121,15 +124,40 @@ def make_loss_fn(args, reference, table: torch.Tensor | None):
     return loss_fn
 
 
+TYPE_METRICS = ("pairs", "pref_accuracy", "reward_accuracy")
+
+
+def type_codes(pairs: IndexedPairs) -> tuple[list[str], torch.Tensor]:
+    """(the pair types in sorted order, each pair's index into them or -1 for a pair without a type)."""
+    types = pair_types(pairs)
+    names = sorted({t for t in types if t is not None})
+    return names, torch.tensor([names.index(t) if t is not None else -1 for t in types], dtype=torch.long)
+
+
+def by_type_metrics(names: list[str], totals: torch.Tensor) -> dict:
+    """{"by_type/<type>/pairs", ".../pref_accuracy", ".../reward_accuracy"} from per-type rows of (pairs, pairs the
+    model prefers the chosen answer of, pairs whose chosen implicit reward is higher)."""
+    metrics = {}
+    for name, (count, pref, reward) in zip(names, totals.tolist()):
+        if count > 0:
+            metrics.update({f"by_type/{name}/pairs": round(count), f"by_type/{name}/pref_accuracy": pref / count,
+                            f"by_type/{name}/reward_accuracy": reward / count})
+    return metrics
+
+
 def make_evaluate(args, val_set: IndexedPairs, reference, table: torch.Tensor | None, runtime, pad_token_id: int):
     """Held-out metrics. Two views of "does the model prefer the chosen answer":
     preference accuracy / log-prob margin: log pi(chosen) vs log pi(rejected) under the model alone (meaningful
     before training too: the prompt is shared, so this compares the two answers' probabilities directly);
-    reward accuracy / margin: DPO's implicit rewards, relative to the reference (all zero at step 0)."""
+    reward accuracy / margin: DPO's implicit rewards, relative to the reference (all zero at step 0).
+    When the pairs carry a "type", both accuracies also per type (by_type/<type>/...), over the same pairs."""
     collate = functools.partial(collate_pairs, pad_token_id=pad_token_id)
+    names, codes = type_codes(val_set)
+    codes = codes.to(runtime.device)
 
     def evaluate(model):
         sums, count = torch.zeros(6, device=runtime.device), 0
+        per_type = torch.zeros(len(names) + 1, 3, dtype=torch.float64, device=runtime.device)  # last row: no type
         for batch in held_out_batches(val_set, args.batch_size, args.eval_batches, runtime, collate):
             chosen, rejected, chosen_n, rejected_n, _ = pair_logps(model, batch)
             ref_chosen, ref_rejected = reference_logps(reference, table, batch)
@@ -141,11 +169,35 @@ def make_evaluate(args, val_set: IndexedPairs, reference, table: torch.Tensor | 
                                  (chosen_rewards - rejected_rewards).sum(),
                                  (chosen / chosen_n.clamp(min=1) - rejected / rejected_n.clamp(min=1)).sum()]).float()
             count += len(chosen)
+            if names:
+                rows = codes[batch["index"]]
+                rows = torch.where(rows < 0, len(names), rows)
+                per_type.index_add_(0, rows, torch.stack([torch.ones_like(chosen), (chosen > rejected).float(),
+                                                          (chosen_rewards > rejected_rewards).float()], 1).double())
         means = all_reduce_mean(sums / max(count, 1), runtime).tolist()
-        names = ["dpo_loss", "pref_accuracy", "logp_margin", "reward_accuracy", "reward_margin",
-                 "logp_per_token_margin"]
-        return dict(zip(names, means))
+        metric_names = ["dpo_loss", "pref_accuracy", "logp_margin", "reward_accuracy", "reward_margin",
+                        "logp_per_token_margin"]
+        metrics = dict(zip(metric_names, means))
+        if names:  # sums over every rank's pairs: the mean of the ranks' sums, times the ranks, is their sum
+            per_type = all_reduce_mean(per_type, runtime) * runtime.world_size
+            metrics.update(by_type_metrics(names, per_type[:len(names)]))
+        return metrics
     return evaluate
+
+
+def by_type_table(before: dict, after: dict) -> list[str]:
+    """Lines of the held-out per-type accuracies, before -> after (empty when the pairs carry no type)."""
+    names = sorted({k.split("/")[1] for k in after if k.startswith("by_type/")})
+    if not names:
+        return []
+    lines = [f"{'held-out by type':<24} {'pairs':>5}  {'preference accuracy':>20}  {'implicit reward accuracy':>24}"]
+    for name in names:
+        key = f"by_type/{name}/"
+        pref, reward = (before.get(key + "pref_accuracy", float("nan")), after[key + "pref_accuracy"]), \
+            (before.get(key + "reward_accuracy", float("nan")), after[key + "reward_accuracy"])
+        lines.append(f"{name:<24} {after[key + 'pairs']:>5}  {pref[0]:>11.3f} -> {pref[1]:.3f}  "
+                     f"{reward[0]:>15.3f} -> {reward[1]:.3f}")
+    return lines
 
 
 # ================================================================================================ main
@@ -200,6 +252,8 @@ def main(argv=None):
         print0(f"held-out implicit reward accuracy {before['reward_accuracy']:.3f} -> {after['reward_accuracy']:.3f}, "
                f"reward margin {before['reward_margin']:.3f} -> {after['reward_margin']:.3f}, "
                f"DPO loss {before['dpo_loss']:.4f} -> {after['dpo_loss']:.4f}")
+        for line in by_type_table(before, after):
+            print0(line)
     cleanup(runtime)
     return {"before": before, "after": after, "train_before": train_before, "train_after": train_after,
             "weights": trainer.weights_file}

@@ -18,7 +18,8 @@ import subprocess
 import sys
 
 STAGE_ORDER = ["pretrain", "full_sft", "lora_identity", "dpo", "teacher_pretrain", "teacher_sft", "distill",
-               "reason", "grpo"]
+               "distill_ce", "reason", "grpo"]
+BY_TYPE = "by_type/"  # DPO's held-out metrics per rejection type (by_type/<type>/<metric>): a table of their own
 
 
 def read_jsonl(path):
@@ -118,7 +119,7 @@ def curves_figure(name, records, summary=None):
     """A stage's figure: a panel per kind of quantity (loss, fraction, tokens, ...) against optimizer steps, or
     None when the log has nothing to draw."""
     plt = pyplot()
-    groups = by_unit(curve_series(records, lambda key: "ppl" not in key, summary))
+    groups = by_unit(curve_series(records, lambda key: "ppl" not in key and BY_TYPE not in key, summary))
     if not groups:
         return None
     fig, axes = plt.subplots(len(groups), 1, figsize=(6, 1.2 + 2.0 * len(groups)), dpi=110, sharex=True,
@@ -149,6 +150,7 @@ def plot_curves(name, records, image_dir, summary=None):
 HEADLINE = {"pretrain": ["val_loss"], "teacher_pretrain": ["val_loss"], "full_sft": ["end_of_turn_rate", "val_loss"],
             "teacher_sft": ["end_of_turn_rate", "val_loss"], "lora_identity": ["keyword_rate", "val_loss"],
             "dpo": ["reward_accuracy", "reward_margin"], "distill": ["kl_to_teacher", "val_loss"],
+            "distill_ce": ["val_loss", "kl_to_teacher"],
             "reason": ["well_formed", "val_loss"], "grpo": ["accuracy", "reward"]}
 
 
@@ -342,8 +344,8 @@ def build_report(save_dir: str) -> str:
             pipeline_seconds = content
         elif name == "machine":  # each pipeline run's machine and load, written by scripts/run_pipeline.py
             runs = content.get("runs", [])
-        elif name.startswith("samples_"):  # eval_model.py answers to the same prompts, one file per checkpoint
-            samples[name[len("samples_"):]] = content.get("samples", {})
+        elif name.startswith("samples_"):  # eval_model.py's answers (and references), one file per checkpoint
+            samples[name[len("samples_"):]] = sample_rows(content)
         else:
             summaries[name] = content
     stages = sorted(set(logs) | set(summaries), key=stage_sort_key)
@@ -380,7 +382,7 @@ def build_report(save_dir: str) -> str:
     for stage in stages:
         summary = summaries.get(stage, {})
         for key in sorted(summary):
-            if key.endswith("_after"):
+            if key.endswith("_after") and not key.startswith(BY_TYPE):
                 metric = key[:-len("_after")]
                 before = summary.get(f"{metric}_before")
                 lines.append(f"| {stage} | {metric} | {format_value(before) if before is not None else '-'} | "
@@ -394,15 +396,93 @@ def build_report(save_dir: str) -> str:
             lines.append(f"![{stage}]({os.path.relpath(image, save_dir)})")
     lines.append("")
 
-    sample_lines = []
+    lines += dpo_by_type_lines(summaries.get("dpo", {}))
+    lines += distillation_lines(summaries.get("distill"), summaries.get("distill_ce"))
     for stage in stages:
-        samples.setdefault(stage, summaries.get(stage, {}).get("samples") or {})
-    for stage in sorted(samples, key=stage_sort_key):
-        for prompt, answer in samples[stage].items():
-            sample_lines.append(f"| {stage} | {prompt.strip()[:80]} | {str(answer).strip()[:160]} |".replace("\n", " "))
-    if sample_lines:
-        lines += ["## Samples", "", "| stage | prompt | answer |", "|---|---|---|"] + sample_lines + [""]
+        samples.setdefault(stage, sample_rows({"samples": summaries.get(stage, {}).get("samples") or {}}))
+    lines += samples_lines(samples)
     return "\n".join(lines)
+
+
+def cell(text, limit: int) -> str:
+    """A markdown table cell: one line, at most `limit` characters, with | and <tags> (<think>, <answer>) shown
+    rather than taken for table syntax or HTML."""
+    text = " ".join(str(text).split("\n")).strip()
+    text = text if len(text) <= limit else text[:limit - 1] + "…"
+    return text.replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def sample_rows(content: dict) -> list[dict]:
+    """The rows of a samples file (eval_model.py's .json: "results" with reference and domain where known) or of
+    a training summary's {prompt: reply} samples."""
+    results = content.get("results")
+    if isinstance(results, list) and results:
+        return [{"prompt": r.get("prompt", ""), "answer": r.get("answer", ""), "reference": r.get("reference"),
+                 "domain": r.get("domain")} for r in results if isinstance(r, dict)]
+    return [{"prompt": p, "answer": a, "reference": None, "domain": None}
+            for p, a in (content.get("samples") or {}).items()]
+
+
+def samples_lines(samples: dict) -> list[str]:
+    """One table of every stage's sample answers: the prompt, the reference answer from the held-out data, the
+    model's answer, and whether the prompt is in the stage's domain (held-out data of its own) or out of it."""
+    rows = []
+    for stage in sorted(samples, key=stage_sort_key):
+        for row in samples[stage]:
+            reference = cell(row["reference"], 100) if row.get("reference") is not None else "-"
+            rows.append(f"| {stage} | {cell(row['prompt'], 80)} | {reference} | {cell(row['answer'], 160)} | "
+                        f"{row.get('domain') or '-'} |")
+    if not rows:
+        return []
+    return ["## Samples", "", "In domain: a held-out prompt from the stage's own data, beside its reference answer. "
+            "Out of domain: an open prompt no demo data teaches; a model of a few million parameters trained on "
+            "poems, Shakespeare and small sums is not expected to answer it.", "",
+            "| stage | prompt | reference | answer | domain |", "|---|---|---|---|---|"] + rows + [""]
+
+
+def dpo_by_type_lines(summary: dict) -> list[str]:
+    """DPO's held-out accuracies per rejection type, before -> after (empty when the pairs carried no type)."""
+    names = sorted({key[len(BY_TYPE):].split("/")[0] for key in summary if key.startswith(BY_TYPE)})
+    if not names:
+        return []
+
+    def pair(name, metric):
+        before, after = summary.get(f"{BY_TYPE}{name}/{metric}_before"), summary.get(f"{BY_TYPE}{name}/{metric}_after")
+        return f"{before:.2f} -> {after:.2f}" if is_number(before) and is_number(after) else \
+            (f"- -> {after:.2f}" if is_number(after) else "-")
+
+    lines = ["## DPO by type", "", "Held-out pairs by how their rejected answer was made. Preference accuracy: the "
+             "model gives the chosen answer the higher log-probability; implicit reward accuracy: DPO's reward "
+             "beta * (log pi - log pi_ref) is higher for it (0 before training, when pi = pi_ref).", "",
+             "| rejection type | pairs | preference accuracy | implicit reward accuracy |", "|---|---|---|---|"]
+    for name in names:
+        count = summary.get(f"{BY_TYPE}{name}/pairs_after", "-")
+        lines.append(f"| {name} | {count} | {pair(name, 'pref_accuracy')} | {pair(name, 'reward_accuracy')} |")
+    return lines + [""]
+
+
+def distillation_lines(kd: dict | None, ce: dict | None) -> list[str]:
+    """Distillation beside its baseline: the same student, data and steps, CE + KD (distill) vs CE only
+    (distill_ce), on the held-out loss and the KL to the teacher."""
+    if not kd or not ce:
+        return []
+    runs = [("start", kd, "before"), (f"KD (alpha {kd.get('alpha', '?')}, T {kd.get('temperature', '?')})", kd,
+                                      "after"), ("CE only (alpha 1)", ce, "after")]
+    lines = ["## Distillation vs CE only", "", "The same student (the SFT checkpoint), trained on the same chats "
+             f"for the same steps ({kd.get('steps', '?')} and {ce.get('steps', '?')}), with and without the "
+             "teacher's distributions; held-out assistant tokens of demo_sft_val.", "",
+             "| held-out, per token | " + " | ".join(name for name, _, _ in runs) + " |", "|---|---|---|---|"]
+    for metric, label in (("val_loss", "loss (CE on the reference)"), ("kl_to_teacher", "KL(teacher ‖ student)")):
+        values = [run.get(f"{metric}_{when}") for _, run, when in runs]
+        lines.append(f"| {label} | " + " | ".join(f"{v:.4f}" if is_number(v) else "-" for v in values) + " |")
+    teacher, kd_loss, ce_loss = kd.get("teacher_val_loss"), kd.get("val_loss_after"), ce.get("val_loss_after")
+    lines.append("")
+    if is_number(teacher):
+        lines.append(f"Teacher ({kd.get('teacher', 'teacher')}) held-out loss: {teacher:.4f}.")
+    if is_number(kd_loss) and is_number(ce_loss):
+        verdict = "KD wins" if kd_loss < ce_loss else "KD does not win"
+        lines.append(f"{verdict} on held-out loss: {kd_loss:.4f} vs {ce_loss:.4f} ({kd_loss - ce_loss:+.4f}).")
+    return lines + [""]
 
 
 def main(argv=None):

@@ -213,3 +213,57 @@ def test_padding_to_a_multiple_changes_the_shapes_not_the_loss(tmp_path, tokeniz
     assert longest < 32 < 48 and results[1][2] > 0
     for multiple in (16, 64):
         assert results[multiple] == pytest.approx(results[1], rel=1e-5, abs=1e-6)
+
+
+class Untouchable(torch.nn.Module):
+    """A teacher that fails the test the moment it is run."""
+
+    def forward(self, *args, **kwargs):
+        raise AssertionError("the teacher ran in CE-only training")
+
+
+def test_ce_only_loss_is_the_sft_loss_and_never_runs_the_teacher(tmp_path, tokenizer):
+    """--alpha 1, the baseline KD is compared with: on a batch, its loss is train_full_sft's loss (mean CE over the
+    assistant tokens, or summed over a step's tokens divided by their number), and the teacher is never run."""
+    import train_full_sft
+    from model.data.chat import SFTDataset
+    write_chats(tmp_path / "few.jsonl", 6)
+    data = SFTDataset(str(tmp_path / "few.jsonl"), tokenizer, 64, show_progress=False)
+    batch = distill.pad_to_multiple([data[i] for i in range(len(data))], tokenizer.pad_token_id, 64, max_len=64)
+    torch.manual_seed(0)
+    student = TinyMindForCausalLM(TinyMindConfig(vocab_size=len(tokenizer), **PRESETS["nano"])).eval()
+    args = distill.parse_args(base_args(tmp_path, tokenizer, extra=["--alpha", "1", "--teacher_weight", "none"]))
+    loss_fn = distill.make_loss_fn(args, Untouchable())
+    with torch.no_grad():
+        for normaliser in (None, torch.tensor(50.0)):
+            step_batch = batch if normaliser is None else {**batch, "loss_normaliser": normaliser}
+            loss, metrics = loss_fn(student, step_batch)
+            sft_loss, _ = train_full_sft.loss_fn(student, step_batch)
+            assert loss.item() == pytest.approx(sft_loss.item(), rel=1e-6) and "kd" not in metrics
+    assert loss.item() > 1
+
+
+def test_ce_only_run_never_builds_a_teacher_and_trains_like_one_that_only_measures(tmp_path, tokenizer, monkeypatch):
+    """--teacher_weight none --alpha 1 loads no teacher at all; with a teacher and --alpha 1 the teacher only
+    measures the held-out KL: both runs train the same weights through the same losses."""
+    teacher = make_checkpoint(tmp_path / "teacher" / "teacher_96.pth", len(tokenizer), seed=7, logit_scale=4.0,
+                              hidden_size=96, num_hidden_layers=3)
+    common = base_args(tmp_path, tokenizer, steps=3, extra=["--alpha", "1", "--learning_rate", "3e-3"])
+    measured = distill.main(common + ["--teacher_weight", teacher, "--save_weight", "distill_ce"])
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("load_teacher called with --teacher_weight none")
+    monkeypatch.setattr(distill, "load_teacher", no_teacher)
+    alone = distill.main(common + ["--teacher_weight", "none", "--save_weight", "alone"])
+    assert [r["loss"] for r in read_log(tmp_path, "alone")] == [r["loss"] for r in read_log(tmp_path, "distill_ce")]
+    assert alone["after"]["val_loss"] == pytest.approx(measured["after"]["val_loss"], abs=1e-6)
+    assert "kl_to_teacher" not in alone["after"] and measured["after"]["kl_to_teacher"] > 0
+    out = tmp_path / "out"
+    assert all(torch.equal(a, b) for a, b in zip(torch.load(out / "alone_64.pth").values(),
+                                                  torch.load(out / "distill_ce_64.pth").values()))
+    summary = json.loads((out / "summaries" / "distill_ce.json").read_text())
+    assert summary["alpha"] == 1.0 and summary["teacher_val_loss"] == measured["teacher_val_loss"] > 0
+    assert "kl_to_teacher_after" in summary and "teacher_val_loss" not in \
+        json.loads((out / "summaries" / "alone.json").read_text())
+    with pytest.raises(SystemExit):
+        distill.parse_args(common[:-4] + ["--teacher_weight", "none", "--alpha", "0.5"])

@@ -240,3 +240,96 @@ def test_two_process_gloo_run_with_precomputed_reference(tmp_path, tokenizer):
     assert "ranks in sync: yes" in result.stdout and "x 2 ranks" in result.stdout
     first = read_log(tmp_path)[0]
     assert abs(first["loss"] - math.log(2)) < 1e-6
+
+
+TYPES = ["wrong_sum", "looping_reply", None]  # None: a line without "type" (MiniMind's data)
+
+
+def write_typed_pairs(path, count, offset=0):
+    """Pairs of three kinds: two named by a "type", one without (counted overall, not per type)."""
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(offset, offset + count):
+            kind = TYPES[i % 3]
+            subject = SUBJECTS[i % len(SUBJECTS)]
+            rejected = f"no. {subject}" if kind != "looping_reply" else f"{subject} {subject} {subject}"
+            row = pair(f"Do you like {subject}? ({i})", f"yes, {subject}.", rejected)
+            f.write(json.dumps(row if kind is None else {**row, "type": kind}, ensure_ascii=False) + "\n")
+
+
+def test_pair_types_are_carried_and_cached_complete_or_absent(tmp_path, tokenizer):
+    from model.data.jsonl import token_cache_path
+    from model.data.preference import TYPES_FORMAT_VERSION, pair_types
+    path = tmp_path / "typed.jsonl"
+    write_typed_pairs(path, 9)
+    cache_dir = str(tmp_path / "cache")
+    pairs = DPODataset(str(path), tokenizer, 64, show_progress=False, cache_dir=cache_dir)
+    assert pairs.types == TYPES * 3 and [pairs[i]["type"] for i in range(3)] == TYPES
+    assert pair_types(train_dpo.IndexedPairs(torch.utils.data.Subset(pairs, [1, 2]))) == TYPES[1:]
+    side = token_cache_path(str(path), tokenizer, cache_dir, suffix="dpo") + ".types.json"
+    stored = json.loads(open(side).read())
+    assert stored["version"] == TYPES_FORMAT_VERSION and stored["names"] == ["looping_reply", "wrong_sum"]
+    assert stored["codes"][:3] == [1, 0, -1]
+    # a damaged or other-version file counts as absent and is rebuilt; a valid one is read, not rebuilt
+    for damaged in ("{not json", json.dumps({**stored, "version": TYPES_FORMAT_VERSION + 1, "codes": [0] * 9})):
+        open(side, "w").write(damaged)
+        assert DPODataset(str(path), tokenizer, 64, show_progress=False, cache_dir=cache_dir).types == TYPES * 3
+        assert json.loads(open(side).read()) == stored
+    open(side, "w").write(json.dumps({**stored, "codes": [0] * 9}))  # trusted when it matches: read back as is
+    assert DPODataset(str(path), tokenizer, 64, show_progress=False, cache_dir=cache_dir).types == ["looping_reply"] * 9
+    untyped = tmp_path / "untyped.jsonl"
+    write_pairs(untyped, 4)
+    assert DPODataset(str(untyped), tokenizer, 64, show_progress=False, cache_dir=cache_dir).types == [None] * 4
+
+
+def test_held_out_accuracy_per_type_equals_a_direct_count(tmp_path, tokenizer):
+    """by_type/<type>/pref_accuracy and reward_accuracy, before and after, are the share of that type's held-out
+    pairs where log pi(chosen) > log pi(rejected), and where the implicit reward of chosen is higher: recounted
+    pair by pair here with the starting and the trained weights."""
+    from model.checkpoint import load_weights
+    data, val = tmp_path / "typed.jsonl", tmp_path / "typed_val.jsonl"
+    write_typed_pairs(data, 48)
+    write_typed_pairs(val, 14, offset=500)
+    args = base_args(tmp_path, tokenizer, steps=6, extra=["--learning_rate", "1e-3", "--eval_batches", "10"])
+    args[args.index("--data_path") + 1] = str(data)
+    result = train_dpo.main(args)
+
+    def model_from(path):
+        state, config = load_weights(str(path))
+        model = TinyMindForCausalLM(config).eval()
+        model.load_state_dict(state, strict=False)
+        return model
+
+    start, trained = model_from(tmp_path / "out" / "full_sft_64.pth"), model_from(tmp_path / "out" / "dpo_64.pth")
+    pairs = train_dpo.IndexedPairs(DPODataset(str(val), tokenizer, 64, show_progress=False))
+    counts = {}
+    with torch.no_grad():
+        for i in range(len(pairs)):
+            batch = train_dpo.collate_pairs([pairs[i]])
+            ref_c, ref_r, *_ = train_dpo.pair_logps(start, batch)
+            pol_c, pol_r, *_ = train_dpo.pair_logps(trained, batch)
+            kind = pairs[i]["type"]
+            row = counts.setdefault(kind, [0, 0, 0, 0])
+            row[0] += 1
+            row[1] += int(ref_c.item() > ref_r.item())  # before: pi = pi_ref, the rewards are all zero
+            row[2] += int(pol_c.item() > pol_r.item())
+            row[3] += int((pol_c - ref_c).item() > (pol_r - ref_r).item())
+    before, after = result["before"], result["after"]
+    assert set(counts) == set(TYPES)
+    for kind in ("wrong_sum", "looping_reply"):
+        n, pref_before, pref_after, reward_after = counts[kind]
+        key = f"by_type/{kind}/"
+        assert after[key + "pairs"] == before[key + "pairs"] == n
+        assert before[key + "pref_accuracy"] == pytest.approx(pref_before / n)
+        assert before[key + "reward_accuracy"] == 0.0
+        assert after[key + "pref_accuracy"] == pytest.approx(pref_after / n)
+        assert after[key + "reward_accuracy"] == pytest.approx(reward_after / n)
+    assert not any(k.startswith("by_type/None") for k in after)
+    assert after["pref_accuracy"] == pytest.approx(sum(r[2] for r in counts.values()) / len(pairs), abs=1e-6)
+    summary = json.loads((tmp_path / "out" / "summaries" / "dpo.json").read_text())
+    assert summary["by_type/wrong_sum/reward_accuracy_after"] == after["by_type/wrong_sum/reward_accuracy"]
+    assert summary["by_type/looping_reply/pref_accuracy_before"] == before["by_type/looping_reply/pref_accuracy"]
+
+
+def test_untyped_pairs_report_no_types(tmp_path, tokenizer):
+    result = train_dpo.main(base_args(tmp_path, tokenizer, steps=1))
+    assert not any(k.startswith("by_type/") for k in result["after"])

@@ -278,3 +278,66 @@ def test_bfloat16_inference_keeps_the_moe_bias_in_fp32(tmp_path, tokenizer):
         loaded = load_model_for_inference(load_from=str(path), tokenizer_path=TOKENIZER, device="cpu",
                                           dtype="bfloat16", verbose=False).model
         assert_weights_cast_buffers_kept(loaded, torch.bfloat16, model)
+
+
+HELD_OUT = [  # one record of each kind a heldout: file may hold, and one with no prompt to ask (skipped)
+    {"conversations": [{"role": "assistant", "content": "opening line only"}]},
+    {"conversations": [{"role": "system", "content": "你是一个熟悉中国古典诗词的助手。"},
+                       {"role": "user", "content": "《静夜思》的下一句是什么？床前明月光，"},
+                       {"role": "assistant", "content": "疑是地上霜。"}]},
+    {"conversations": [{"role": "user", "content": "嗨"}, {"role": "assistant", "content": "嗨！"},
+                       {"role": "user", "content": "你叫什么"}, {"role": "assistant", "content": "我叫TinyMind。"}]},
+    {"conversations": [{"role": "user", "content": "6 + 10 = ?"}], "answer": "16"},
+    {"chosen": [{"role": "user", "content": "3 + 4 = ?"}, {"role": "assistant", "content": "3 + 4 = 7"}],
+     "rejected": [{"role": "user", "content": "3 + 4 = ?"}, {"role": "assistant", "content": "8"}],
+     "type": "wrong_sum"},
+    {"text": "《静夜思》 唐·李白\n床前明月光，\n疑是地上霜。\n举头望明月，"},
+]
+
+
+def test_held_out_prompts_are_answered_beside_their_references(out_dir, tmp_path, tokenizer, capsys):
+    """heldout:<file>: each record's turns before its last assistant reply are the prompt (system message and
+    earlier exchanges included, exactly as the chat template renders them), that reply (or "answer") the reference;
+    --out_of_domain adds open prompts marked as such; the .json summary keeps all of it for the report."""
+    data = tmp_path / "val.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in HELD_OUT), encoding="utf-8")
+    summary_file = tmp_path / "summaries" / "samples_full_sft.json"
+    eval_model.main(["--save_dir", str(out_dir), "--tokenizer_path", TOKENIZER, "--weight", "full_sft", "--prompts",
+                     f"heldout:{data}", "--num_prompts", "4", "--out_of_domain", "1", "--temperature", "0",
+                     "--repetition_penalty", "1.0", "--max_new_tokens", "6", "--device", "cpu",
+                     "--output", str(summary_file)])
+    results = json.loads(summary_file.read_text(encoding="utf-8"))["results"]
+    assert [r["prompt"] for r in results] == ["《静夜思》的下一句是什么？床前明月光，", "你叫什么", "6 + 10 = ?",
+                                              "3 + 4 = ?", eval_model.OUT_OF_DOMAIN_CHAT_PROMPTS[0]]
+    assert [r.get("reference") for r in results] == ["疑是地上霜。", "我叫TinyMind。", "16", "3 + 4 = 7", None]
+    assert [r["domain"] for r in results] == ["in domain"] * 4 + ["out of domain"]
+    model = load(out_dir, "full_sft_64")
+    for record, result in zip(HELD_OUT[1:5], results):
+        messages = record.get("conversations") or record["chosen"]
+        if messages[-1]["role"] == "assistant":
+            messages = messages[:-1]
+        chat = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        answer, prompt_tokens = greedy_reference(model, tokenizer, chat, max_new_tokens=6)
+        assert result["answer"] == answer and result["prompt_tokens"] == prompt_tokens
+    assert results[1]["context"] == HELD_OUT[2]["conversations"][:2]
+    printed = capsys.readouterr().out
+    assert "📖 reference: 疑是地上霜。" in printed and "[out of domain]" in printed
+
+
+def test_held_out_pretraining_text_asks_for_the_next_line(tmp_path):
+    items = eval_model.read_prompts(f"heldout:{write_jsonl(tmp_path, HELD_OUT)}", "continue", 10)
+    assert items[-1]["prompt"] == "《静夜思》 唐·李白\n床前明月光，\n" and items[-1]["reference"] == "疑是地上霜。"
+    assert len(items) == 5 and all(item["domain"] == "in domain" for item in items)
+    assert [p["prompt"] for p in eval_model.out_of_domain_prompts("continue", 2)] == \
+        eval_model.OUT_OF_DOMAIN_CONTINUE_PROMPTS
+
+
+def test_held_out_file_without_prompts_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="no record with a prompt"):
+        eval_model.read_prompts(f"heldout:{write_jsonl(tmp_path, [{'other': 1}])}", "chat")
+
+
+def write_jsonl(tmp_path, rows):
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path

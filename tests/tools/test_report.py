@@ -91,3 +91,76 @@ def test_report_records_the_machine_and_its_load(tmp_path):
     for expected in (report.cpu_model(), "float32", recorded[0]["torch"], "at start", "at end", "cores ("):
         assert expected in row
     assert "bit for bit" in text and "sft" in row
+
+
+DPO_SUMMARY = {"steps": 298, "reward_accuracy_before": 0.0, "reward_accuracy_after": 0.6,
+               "by_type/looping_reply/pairs_before": 15, "by_type/looping_reply/pairs_after": 15,
+               "by_type/looping_reply/pref_accuracy_before": 0.4, "by_type/looping_reply/pref_accuracy_after": 1.0,
+               "by_type/looping_reply/reward_accuracy_before": 0.0, "by_type/looping_reply/reward_accuracy_after": 0.93,
+               "by_type/wrong_poet/pairs_before": 20, "by_type/wrong_poet/pairs_after": 20,
+               "by_type/wrong_poet/pref_accuracy_before": 0.5, "by_type/wrong_poet/pref_accuracy_after": 0.55,
+               "by_type/wrong_poet/reward_accuracy_before": 0.0, "by_type/wrong_poet/reward_accuracy_after": 0.45}
+DISTILL = {"steps": 227, "alpha": 0.5, "temperature": 2.0, "teacher": "teacher_sft", "teacher_val_loss": 3.70,
+           "val_loss_before": 4.157, "val_loss_after": 3.85, "kl_to_teacher_before": 0.398, "kl_to_teacher_after": 0.2}
+DISTILL_CE = {"steps": 227, "alpha": 1.0, "temperature": 1.0, "teacher": "teacher_sft", "teacher_val_loss": 3.70,
+              "val_loss_before": 4.157, "val_loss_after": 3.869, "kl_to_teacher_before": 0.398,
+              "kl_to_teacher_after": 0.611}
+SAMPLES = {"model": "full_sft_256", "samples": {}, "results": [
+    {"prompt": "谁写了《江上遇疾风》？", "answer": "张九龄。", "reference": "《江上遇疾风》的作者是唐代诗人张九龄。",
+     "domain": "in domain"},
+    {"prompt": "6 + 10 = ?\nThink inside <think></think>", "answer": "<think>\n6 + 10 = 16\n</think> a|b",
+     "reference": "16", "domain": "in domain"},
+    {"prompt": "What is machine learning?", "answer": "The king.", "domain": "out of domain"}]}
+
+
+def write_run(tmp_path, summaries: dict, logs: dict):
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "summaries").mkdir()
+    for name, records in logs.items():
+        (tmp_path / "logs" / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    for name, content in summaries.items():
+        (tmp_path / "summaries" / f"{name}.json").write_text(json.dumps(content, ensure_ascii=False))
+
+
+def table_after(text: str, heading: str) -> list[str]:
+    lines = text.splitlines()
+    start = lines.index(heading)
+    rows = []
+    for line in lines[start + 1:]:
+        if line.startswith("## "):
+            break
+        if line.startswith("|"):
+            rows.append(line)
+    return rows
+
+
+def test_report_renders_dpo_by_type_distillation_vs_ce_and_samples_with_references(tmp_path):
+    write_run(tmp_path, {"dpo": DPO_SUMMARY, "distill": DISTILL, "distill_ce": DISTILL_CE,
+                         "samples_full_sft": SAMPLES}, {"dpo": DPO_LOG})
+    text = report.build_report(str(tmp_path))
+    by_type = table_after(text, "## DPO by type")
+    assert by_type[2:] == ["| looping_reply | 15 | 0.40 -> 1.00 | 0.00 -> 0.93 |",
+                           "| wrong_poet | 20 | 0.50 -> 0.55 | 0.00 -> 0.45 |"]
+    held_out = table_after(text, "## Held-out results (before -> after)")
+    assert not any("by_type" in row for row in held_out) and any("| dpo | reward_accuracy |" in r for r in held_out)
+    kd = table_after(text, "## Distillation vs CE only")
+    assert kd[0] == "| held-out, per token | start | KD (alpha 0.5, T 2.0) | CE only (alpha 1) |"
+    assert kd[2] == "| loss (CE on the reference) | 4.1570 | 3.8500 | 3.8690 |"
+    assert kd[3] == "| KL(teacher ‖ student) | 0.3980 | 0.2000 | 0.6110 |"
+    assert "KD wins on held-out loss: 3.8500 vs 3.8690 (-0.0190)." in text and "held-out loss: 3.7000" in text
+    samples = table_after(text, "## Samples")
+    assert samples[0] == "| stage | prompt | reference | answer | domain |"
+    assert samples[2] == ("| full_sft | 谁写了《江上遇疾风》？ | 《江上遇疾风》的作者是唐代诗人张九龄。 | 张九龄。 | "
+                          "in domain |")
+    assert samples[3] == ("| full_sft | 6 + 10 = ? Think inside &lt;think&gt;&lt;/think&gt; | 16 | "
+                          "&lt;think&gt; 6 + 10 = 16 &lt;/think&gt; a\\|b | in domain |")
+    assert samples[4] == "| full_sft | What is machine learning? | - | The king. | out of domain |"
+    # the per-type curves stay out of the stage's figure (a table holds them)
+    fig = report.curves_figure("dpo", DPO_LOG + [{"step": 100, "eval/by_type/wrong_poet/pref_accuracy": 0.5}])
+    assert not any("by_type" in label for label in lines_by_label(fig))
+
+
+def test_distillation_table_needs_both_runs_and_says_when_kd_loses(tmp_path):
+    assert report.distillation_lines(DISTILL, None) == []
+    lines = report.distillation_lines({**DISTILL, "val_loss_after": 3.929}, DISTILL_CE)
+    assert "KD does not win on held-out loss: 3.9290 vs 3.8690 (+0.0600)." in lines
