@@ -96,7 +96,7 @@ def test_killed_training_stages_resume_unless_forced(recipe):
         stages = run_pipeline.build_recipe("out", quick=False, recipe=recipe, resume=resume)
         commands = [c for commands, _ in stages.values() for c in commands]
         training = [c for c in commands if any(part.startswith("train_") for part in c)]
-        assert len(training) == 9
+        assert len(training) == 10
         assert all(("--from_resume" in c) == resume for c in training)
         assert not any("--from_resume" in c for c in commands if c not in training)
 
