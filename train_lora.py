@@ -20,9 +20,9 @@ out/lora/<lora_name>_<hidden>[_moe].pth, holding the A/B tensors and r/alpha/tar
                          that the adapter names, so AutoPeftModelForCausalLM.from_pretrained(DIR) needs nothing else
 
 Replay: trained on a narrow set alone, a model this small drifts towards it everywhere (on the demo, the general
-held-out loss rose by 2.37 nats per token without replay, 0.41 with it: docs/lora.md). So by default half as many
-general SFT chats as there are adapter chats are mixed into training (--replay_data_path, --replay_ratio);
-`--replay_data_path none` trains on --data_path alone, as MiniMind does.
+held-out loss rose by 2.37 nats per token without replay: docs/lora.md). So by default --replay_ratio 0.5 of every
+batch's tokens are general SFT chats (--replay_data_path), fresh ones each epoch; `--replay_data_path none` trains
+on --data_path alone, as MiniMind does.
 
 At the end it prints held-out metrics as "metric before -> after": the loss on the adapter's own held-out chats,
 how often greedy replies to those prompts mention --keyword (for the identity set: "TinyMind"), and the loss on the
@@ -33,10 +33,11 @@ import copy
 import os
 
 import numpy as np
+import torch
 from torch.utils.data import Dataset
 
 from model.checkpoint import save_weights, weight_path
-from model.data.packing import training_batches
+from model.data.packing import ChatCollate, PackedDataset, training_batches
 from model.device import default_device
 from model.lora import DEFAULT_TARGETS, MLA_TARGETS, apply_lora, remove_lora, save_lora
 from model.training.chat import (add_chat_data_args, held_out_prompts, load_chat_dataset, load_chats_with_held_out,
@@ -46,14 +47,14 @@ from model.training.evaluation import (assistant_token_loss, chat_token_losses, 
                                        generate_replies, print_changes)
 from model.training.losses import with_aux_loss
 from model.training.runtime import cleanup, print0
-from model.training.trainer import Trainer
+from model.training.trainer import SupervisedSteps, Trainer
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     on_gpu = default_device() == "cuda"
     # No weight decay: it would pull the adapters towards zero, i.e. towards "no change", which is not a prior we want.
-    add_common_args(parser, "lora", from_weight="full_sft", epochs=8, batch_size=16 if on_gpu else 4,
+    add_common_args(parser, "lora", from_weight="full_sft", epochs=5, batch_size=16 if on_gpu else 4,
                     learning_rate=1e-3 if on_gpu else 5e-3, max_seq_len=512, weight_decay=0.0, eval_interval=50,
                     save_interval=200, log_interval=5)
     parser.set_defaults(save_weight=None)
@@ -80,16 +81,21 @@ def parse_args(argv=None):
                    help="general chats mixed into training (replay), so the adapter does not make the model forget "
                         "them ('none': train on --data_path alone, as MiniMind does)")
     g.add_argument("--replay_ratio", type=float, default=0.5,
-                   help="replayed conversations per conversation of --data_path (drawn at random, without repeats)")
+                   help="share of each batch drawn from --replay_data_path, in [0, 1): with --packing 1, of every "
+                        "row's tokens (the rest are --data_path's chats); with --packing 0, of the conversations "
+                        "(on average). Each epoch replays fresh chats. 0: no replay")
     g = parser.add_argument_group("evaluation")
     g.add_argument("--keyword", default="TinyMind",
                    help="the word the adapter should teach: share of held-out replies that contain it (case-"
                         "insensitive), over the prompts whose reference reply contains it ('' to skip)")
     g.add_argument("--general_val_path", default="dataset/demo_sft_val.jsonl",
                    help="general held-out chats: the adapter should not make the model worse at these")
-    g.add_argument("--forgetting_margin", type=float, default=0.5,
-                   help="allowed rise of the general held-out loss (nats per token) before a warning is printed")
+    g.add_argument("--forgetting_margin", type=float, default=0.02,
+                   help="allowed rise of the general held-out loss, as a fraction of the base model's (0.02: 2%%), "
+                        "before a warning is printed")
     args = parser.parse_args(argv)
+    if not 0 <= args.replay_ratio < 1:
+        parser.error(f"--replay_ratio must be in [0, 1), got {args.replay_ratio}")
     args.save_weight = args.save_weight or args.lora_name  # names the log and the resume checkpoint
     return args
 
@@ -103,24 +109,136 @@ def lora_targets(spec: str, config) -> str | tuple:
     return tuple(name.strip() for name in spec.split(",") if name.strip())
 
 
-class MixedChats(Dataset):
-    """The adapter's conversations plus a seeded random sample of general ones. Trained on a narrow set alone, a
-    small model drifts towards it everywhere; replaying some old data is the simplest guard against forgetting."""
+class ReplayMix(Dataset):
+    """The adapter's conversations with general ones replayed beside them, so that `ratio` of what each batch
+    trains on is general chat. Trained on a narrow set alone, a small model drifts towards it everywhere;
+    replaying some of the old data is the simplest guard against forgetting.
 
-    def __init__(self, own, replay, count: int, seed: int):
-        chosen = np.random.default_rng(seed).choice(len(replay), size=min(count, len(replay)), replace=False)
-        self.items = [(own, i) for i in range(len(own))] + [(replay, int(i)) for i in chosen]
-        self._lengths = np.concatenate([own.lengths(), replay.lengths()[chosen]])
+    Packed (--packing 1): the adapter's chats are packed into rows of (1 - ratio) * max_seq_len tokens (first fit
+    over a seeded shuffle, as PackedDataset does), and each row is topped up with general chats until they make
+    about `ratio` of its tokens. So every row, hence every batch, holds the asked share, not just the run on
+    average. Unpacked (--packing 0): one conversation per row, ratio / (1 - ratio) general chats per adapter chat,
+    so a batch holds the share on average (the sampler shuffles the rows).
+
+    Each epoch draws fresh general chats, continuing through seeded permutations of the whole replay file, so a run
+    replays as many different chats as it can rather than the same few every epoch. The rows of epoch e depend
+    only on (seed, e): call set_epoch(e) before iterating (ReplaySteps does), and a resumed run sees the rows an
+    uninterrupted one would have."""
+
+    WINDOW = 32  # general chats considered for each row's free room (the first that fits is taken)
+
+    def __init__(self, own, replay, ratio: float, max_seq_len: int, packed: bool, seed: int):
+        if not 0 < ratio < 1:
+            raise ValueError(f"replay ratio must be in (0, 1), got {ratio}")
+        self.own, self.replay, self.ratio, self.packed, self.seed = own, replay, ratio, packed, seed
+        self.max_seq_len = max_seq_len
+        self.own_lengths, self.replay_lengths = own.lengths(), replay.lengths()
+        if packed:
+            own_room = max(1, round((1 - ratio) * max_seq_len))
+            self.own_rows = PackedDataset(own, own_room, seed).bins  # a chat longer than own_room gets a row alone
+            fits = self.replay_lengths <= max_seq_len - own_room
+        else:
+            self.own_rows = [[i] for i in range(len(own))]
+            self.replay_per_epoch = round(len(own) * ratio / (1 - ratio))
+            fits = np.ones(len(replay), dtype=bool)
+        self.pool = np.flatnonzero(fits)  # general chats short enough to share a row with the adapter's
+        if not len(self.pool):
+            raise ValueError(f"no replayed conversation is short enough: each must fit in {ratio:.0%} of a "
+                             f"{max_seq_len}-token row")
+        self.epoch, self.rows = None, []
+        self.set_epoch(0)
+
+    # the stream of general chats: seeded permutations of the pool, one after another
+    def _restart(self):
+        self.cycle, self.position, self.pending = 0, 0, []
+        self.permutation = self._permute(0)
+
+    def _permute(self, cycle: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, cycle]).permutation(self.pool)
+
+    def _refill(self):
+        while len(self.pending) < self.WINDOW:
+            if self.position == len(self.permutation):
+                self.cycle, self.position = self.cycle + 1, 0
+                self.permutation = self._permute(self.cycle)
+            self.pending.append(int(self.permutation[self.position]))
+            self.position += 1
+
+    def _replay_for(self, own_tokens: int) -> list[int]:
+        """General chats for a row whose adapter part has own_tokens: as close to the target share as chats allow
+        (a chat is taken only if it brings the row's replayed tokens nearer the target), within max_seq_len."""
+        target = own_tokens * self.ratio / (1 - self.ratio)
+        room, got, chosen = self.max_seq_len - own_tokens, 0, []
+        while True:
+            self._refill()
+            pick = next((j for j, c in enumerate(self.pending)
+                         if got + self.replay_lengths[c] <= room
+                         and abs(target - got - self.replay_lengths[c]) < target - got), None)
+            if pick is None:
+                return chosen
+            chosen.append(self.pending.pop(pick))
+            got += int(self.replay_lengths[chosen[-1]])
+
+    def _fill_epoch(self) -> list[tuple[list[int], list[int]]]:
+        if not self.packed:
+            self._refill()
+            drawn = []
+            for _ in range(self.replay_per_epoch):
+                drawn.append(self.pending.pop(0))
+                self._refill()
+            return [(row, []) for row in self.own_rows] + [([], [c]) for c in drawn]
+        return [(row, self._replay_for(int(self.own_lengths[row].sum()))) for row in self.own_rows]
+
+    def set_epoch(self, epoch: int):
+        """The rows of `epoch` (the general chats drawn continue from the previous epoch's)."""
+        if epoch == self.epoch:
+            return
+        if self.epoch is None or epoch < self.epoch:
+            self._restart()
+            self.epoch = -1
+        while self.epoch < epoch:
+            self.rows = self._fill_epoch()
+            self.epoch += 1
+
+    def token_counts(self) -> tuple[int, int]:
+        """(the adapter's tokens, replayed tokens) in the current epoch's rows."""
+        own = sum(int(self.own_lengths[o].sum()) for o, _ in self.rows)
+        return own, sum(int(self.replay_lengths[r].sum()) for _, r in self.rows)
 
     def __len__(self):
-        return len(self.items)
+        return len(self.rows)
 
     def __getitem__(self, index):
-        dataset, i = self.items[index]
-        return dataset[i]
+        own, replayed = self.rows[index]
+        items = [self.own[i] for i in own] + [self.replay[i] for i in replayed]
+        if not self.packed:
+            return items[0]
+        return {"input_ids": torch.cat([it["input_ids"] for it in items]),
+                "labels": torch.cat([it["labels"] for it in items]),
+                "position_ids": torch.cat([torch.arange(len(it["input_ids"])) for it in items]),
+                "segment_ids": torch.cat([torch.full((len(it["input_ids"]),), k) for k, it in enumerate(items)])}
 
-    def lengths(self):
-        return self._lengths
+
+class ReplaySteps(SupervisedSteps):
+    """The Trainer's supervised steps, telling a ReplayMix which epoch it is before each epoch's batches."""
+
+    def epoch_batches(self):
+        self.dataset.set_epoch(self.trainer.state.epoch)
+        return super().epoch_batches()
+
+
+def replay_mix(own, replay, args) -> ReplayMix:
+    try:
+        mix = ReplayMix(own, replay, args.replay_ratio, args.max_seq_len, bool(args.packing), args.seed)
+    except ValueError as error:
+        raise SystemExit(f"error: --replay_data_path {args.replay_data_path}: {error}")
+    own_tokens, replay_tokens = mix.token_counts()
+    unit = "tokens" if args.packing else "conversations"
+    share = replay_tokens / (own_tokens + replay_tokens) if args.packing else 1 - len(own) / len(mix)
+    print0(f"replay: {args.replay_ratio:.0%} of the training {unit} from {args.replay_data_path}, drawn afresh each "
+           f"epoch; epoch 0: {len(mix):,} rows, {own_tokens:,} adapter + {replay_tokens:,} replayed tokens "
+           f"({share:.1%} replayed {unit}); {len(replay) - len(mix.pool):,} replay chats too long to share a row")
+    return mix
 
 
 def loss_fn(model, batch):
@@ -168,10 +286,10 @@ def main(argv=None):
     general_val = load_chat_dataset(args.general_val_path, tokenizer, args, runtime, "general held-out")
     if args.replay_data_path not in (None, "", "none") and args.replay_ratio > 0:
         replay = load_chat_dataset(args.replay_data_path, tokenizer, args, runtime, "replay")
-        own_count = len(train_chats)
-        train_chats = MixedChats(train_chats, replay, round(args.replay_ratio * own_count), args.seed)
-        print0(f"training on {own_count:,} conversations + {len(train_chats) - own_count:,} replayed ones")
-    train_set, collate_fn = training_batches(train_chats, args, tokenizer.pad_token_id)
+        train_set = replay_mix(train_chats, replay, args)
+        collate_fn = ChatCollate(bool(args.packing), tokenizer.pad_token_id)
+    else:
+        train_set, collate_fn = training_batches(train_chats, args, tokenizer.pad_token_id)
     prompts = []
     if args.keyword and args.eval_prompts > 0:
         prompts = [(messages, reference) for messages, reference in held_out_prompts(val_path, 10 ** 9, val_lines)
@@ -197,7 +315,9 @@ def main(argv=None):
     before = None if trainer.resumed else lora_metrics(model, tokenizer, own_val, general_val, prompts, runtime, args)
     if before is not None:
         print0(describe_metrics("held-out before training", before))
-    trainer.fit(train_set, loss_fn, collate_fn=collate_fn, evaluate=evaluate, token_normalised=True)
+    steps = (ReplaySteps if isinstance(train_set, ReplayMix) else SupervisedSteps)(
+        trainer, train_set, loss_fn, collate_fn, shuffle=True, token_normalised=True)
+    trainer.run(steps, evaluate)  # what trainer.fit does, with the replay drawn afresh each epoch
     after = lora_metrics(model, tokenizer, own_val, general_val, prompts, runtime, args)
     size_kb = os.path.getsize(adapter_file) / 1024 if runtime.is_main else 0.0
     print0(f"adapter: {adapter_file} ({size_kb:,.0f} KB, {sum(p.numel() for p in adapters):,} parameters); "
@@ -209,10 +329,11 @@ def main(argv=None):
         print_changes(before, after, ["val_loss", "keyword_rate", "end_of_turn_rate", "general_val_loss"])
         write_chat_summary(args, before, after, prompts, runtime)
         rise = after["general_val_loss"] - before["general_val_loss"]
-        results["general_loss_rise"], results["within_margin"] = rise, rise <= args.forgetting_margin
-        print0(f"general held-out loss rose by {rise:+.4f} nats/token: "
-               + ("within" if rise <= args.forgetting_margin else "WARNING, beyond")
-               + f" the --forgetting_margin of {args.forgetting_margin}")
+        relative = rise / before["general_val_loss"]
+        within = relative <= args.forgetting_margin
+        results.update(general_loss_rise=rise, general_loss_rise_fraction=relative, within_margin=within)
+        print0(f"general held-out loss rose by {rise:+.4f} nats/token ({relative:+.2%}): "
+               + ("within" if within else "WARNING, beyond") + f" --forgetting_margin {args.forgetting_margin:.0%}")
     for (messages, reference), reply in list(zip(prompts, after.get("replies", [])))[:args.show_replies]:
         print0(f"reply | {messages[-1]['content']!r} -> {reply['text']!r} (reference {reference!r})")
 

@@ -218,22 +218,117 @@ def test_lora_targets_flag():
     assert train_lora.lora_targets(r".*layers\.0\..*_proj", config) == r".*layers\.0\..*_proj"
 
 
-def test_replay_mixes_a_sample_of_general_chats_into_training(tmp_path):
+def segments(batch) -> list[tuple[int, list[int]]]:
+    """(row, token ids) of each conversation packed into a collated batch: position ids restart at 0 for each
+    (and are 0 on padding, which comes out as one-token segments)."""
+    found = []
+    for row in range(batch["input_ids"].shape[0]):
+        starts = (batch["position_ids"][row] == 0).nonzero().flatten().tolist()
+        ends = starts[1:] + [batch["input_ids"].shape[1]]
+        for a, b in zip(starts, ends):
+            found.append((row, batch["input_ids"][row, a:b].tolist()))
+    return found
+
+
+def test_replay_batches_hold_general_chats_at_the_asked_ratio(tmp_path, monkeypatch):
+    """Through the real training loop: every batch train_lora's loss sees holds about --replay_ratio of its
+    tokens from the replay file, and each epoch replays chats the previous one did not."""
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
+    write_identity(tmp_path / "identity.jsonl", 40, seed=0)
+    write_identity(tmp_path / "identity_val.jsonl", 4, seed=1)
+    with open(tmp_path / "general.jsonl", "w", encoding="utf-8") as f:  # 400 different sums
+        for a in range(20, 40):
+            for b in range(20, 40):
+                chat = [{"role": "user", "content": f"{a} + {b} = ?"}, {"role": "assistant", "content": str(a + b)}]
+                f.write(json.dumps({"conversations": chat}) + "\n")
+    write_general(tmp_path / "general_val.jsonl", 4, seed=2)
+    torch.manual_seed(0)
+    save_weights(TinyMindForCausalLM(TinyMindConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1,
+                                                    num_attention_heads=2, num_key_value_heads=1)),
+                 str(tmp_path / "out" / "full_sft_32.pth"))
+    batches, real_loss_fn = [], train_lora.loss_fn
+
+    def recording_loss(model, batch):
+        batches.append({k: v.clone() for k, v in batch.items() if isinstance(v, torch.Tensor)})
+        return real_loss_fn(model, batch)
+
+    monkeypatch.setattr(train_lora, "loss_fn", recording_loss)
+    ratio = 0.5
+    train_lora.main(lora_args(tmp_path, steps=1000, extra=[
+        "--replay_data_path", str(tmp_path / "general.jsonl"), "--replay_ratio", str(ratio), "--epochs", "2",
+        "--eval_prompts", "0", "--lora_r", "2"]))
+    assert len(batches) >= 4
+    shares, replayed_by_half = [], [set(), set()]
+    for step, batch in enumerate(batches):
+        own = replayed = 0
+        for _, ids in segments(batch):
+            ids = [t for t in ids if t != tokenizer.pad_token_id]
+            if not ids:
+                continue  # padding after a row's last conversation (position ids 0 there too)
+            text = tokenizer.decode(ids)
+            if "TinyMind" in text:
+                own += len(ids)
+            else:
+                assert " + " in text, text  # nothing else is in these rows
+                replayed += len(ids)
+                replayed_by_half[2 * step // len(batches)].add(text)
+        shares.append(replayed / (own + replayed))
+    assert all(abs(share - ratio) < 0.1 for share in shares), shares  # every batch, not just on average
+    assert abs(sum(shares) / len(shares) - ratio) < 0.03, shares
+    # the second epoch replays other chats than the first (400 different sums: enough for both)
+    assert replayed_by_half[1] and not replayed_by_half[0] & replayed_by_half[1]
+
+
+def test_replay_mix_rows_depend_only_on_seed_and_epoch(tmp_path):
+    """A resumed run rebuilds the epoch it stopped in: the rows of epoch e are the same whether the mix went
+    through epochs 0..e-1 first or jumped there; the general chats of consecutive epochs do not repeat while the
+    file lasts; unpacked, the conversations hold the ratio on average."""
     from transformers import AutoTokenizer
 
     from model.data.chat import SFTDataset
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
-    write_identity(tmp_path / "identity.jsonl", 10, seed=0)
-    write_general(tmp_path / "general.jsonl", 30, seed=1)
+    write_identity(tmp_path / "identity.jsonl", 30, seed=0)
+    write_general(tmp_path / "general.jsonl", 300, seed=1)
     own = SFTDataset(str(tmp_path / "identity.jsonl"), tokenizer, 128, show_progress=False)
     general = SFTDataset(str(tmp_path / "general.jsonl"), tokenizer, 128, show_progress=False)
-    mixed = train_lora.MixedChats(own, general, count=5, seed=0)
-    assert len(mixed) == 15 and len(mixed.lengths()) == 15
-    texts = [tokenizer.decode(mixed[i]["input_ids"]) for i in range(len(mixed))]
-    assert all("TinyMind" in t for t in texts[:10]) and all(" + " in t for t in texts[10:])
-    replayed = [i for dataset, i in mixed.items if dataset is general]
-    assert len(set(replayed)) == 5  # drawn without repeats
-    assert [len(mixed[i]["input_ids"]) for i in range(15)] == mixed.lengths().tolist()
+    walked = train_lora.ReplayMix(own, general, 0.4, 128, packed=True, seed=3)
+    rows = []
+    for epoch in range(3):
+        walked.set_epoch(epoch)
+        rows.append(list(walked.rows))
+    jumped = train_lora.ReplayMix(own, general, 0.4, 128, packed=True, seed=3)
+    jumped.set_epoch(2)
+    assert jumped.rows == rows[2]
+    jumped.set_epoch(1)  # backwards too
+    assert jumped.rows == rows[1]
+    drawn = [[c for _, replayed in epoch_rows for c in replayed] for epoch_rows in rows]
+    assert not set(drawn[0]) & set(drawn[1]) and len(drawn[0]) == len(set(drawn[0]))
+    own_tokens, replayed_tokens = walked.token_counts()
+    assert abs(replayed_tokens / (own_tokens + replayed_tokens) - 0.4) < 0.05
+    assert all(len(own_part) for own_part, _ in rows[0])  # each adapter chat sits in one row, with its replay
+    assert sorted(i for own_part, _ in rows[0] for i in own_part) == list(range(len(own)))
+    unpacked = train_lora.ReplayMix(own, general, 0.4, 128, packed=False, seed=3)
+    assert len(unpacked) == len(own) + round(len(own) * 0.4 / 0.6)
+    assert [len(unpacked[i]["input_ids"]) for i in range(len(own))] == own.lengths().tolist()
+
+
+def test_bad_replay_line_is_reported_with_path_and_line(tmp_path):
+    write_identity(tmp_path / "identity.jsonl", 8, seed=0)
+    write_identity(tmp_path / "identity_val.jsonl", 4, seed=1)
+    write_general(tmp_path / "general_val.jsonl", 4, seed=2)
+    bad = tmp_path / "replay.jsonl"
+    write_general(bad, 1, seed=3)
+    with open(bad, "a", encoding="utf-8") as f:
+        f.write('{"conversations": [{"role": "user", "content": "hi"}]}\n')
+    with pytest.raises(SystemExit, match=rf"{bad}:2: no assistant message to learn from"):
+        train_lora.main(lora_args(tmp_path, extra=["--replay_data_path", str(bad), "--replay_ratio", "0.5"]))
+
+
+def test_replay_ratio_outside_zero_to_one_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        train_lora.parse_args(["--replay_ratio", "1"])
+    assert "--replay_ratio must be in [0, 1)" in capsys.readouterr().err
 
 
 class Terminal(io.StringIO):
