@@ -25,7 +25,10 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ORDER = ["clean", "tokenizer", "pretrain", "sft", "lora", "dpo", "teacher", "distill", "distill_ce", "reason", "grpo",
-         "eval", "report"]
+         "reward", "ppo", "agent_sft", "agent", "eval", "report"]
+# RLHF end to end (reward model -> PPO) and tool-using agent RL: a second, opt-in pipeline on top of the SFT model
+RL_STAGES = ["reward", "ppo", "agent_sft", "agent"]
+STAGE_GROUPS = {"demo": [s for s in ORDER if s not in RL_STAGES], "rl": RL_STAGES + ["report"], "all": ORDER}
 
 
 # MiniMind's file for each stage (its dataset page on ModelScope / Hugging Face); none has a _val.jsonl twin, so each
@@ -86,6 +89,10 @@ def build_recipe(out: str, quick: bool, recipe: str = "demo", data_dir: str = "d
     teacher_sft_flags = ["--epochs", "1"] if gpu and not quick else ([] if quick else ["--epochs", "3"])
     grpo_flags = ["--num_generations", "4", "--max_gen_len", "16", "--eval_samples", "8"] if quick else \
         ([] if gpu else ["--max_steps", "100", "--eval_interval", "25", "--max_gen_len", "64"])  # replies: ~32 tokens
+    ppo_flags = ["--max_gen_len", "16", "--eval_samples", "8"] if quick else ([] if gpu else ["--max_steps", "64"])
+    agent_flags = ["--num_generations", "2", "--max_gen_len", "24", "--eval_samples", "4"] if quick else \
+        ([] if gpu else ["--max_steps", "30"])
+    agent_eval = ["--samples", "4", "--max_gen_len", "24"] if quick else []
     return {
         "clean": ([[py, "clean_data.py", "--input", raw_corpus, "--output", corpus, *clean_flags]], corpus),
         "tokenizer": ([[py, "-m", "scripts.train_tokenizer", "--out_dir", tokenizer_dir,
@@ -118,6 +125,19 @@ def build_recipe(out: str, quick: bool, recipe: str = "demo", data_dir: str = "d
         "grpo": ([[*launch, "train_grpo.py", *saving, "--from_weight", "reason", *tokenizer, *size, *q,
                    *grpo_flags]],
                  f"{out}/grpo_{hidden}.pth"),
+        "reward": ([[*launch, "train_reward.py", *saving, *data("dpo"), *tokenizer, *size, *q]],
+                   f"{out}/reward_{hidden}.pth"),
+        "ppo": ([[*launch, "train_ppo.py", *saving, "--reward_model", f"{out}/reward_{hidden}.pth", *data("dpo"),
+                  *tokenizer, *size, *q, *ppo_flags]], f"{out}/ppo_{hidden}.pth"),
+        # the agent's chats carry the tools' schemas in the system prompt (~510 tokens): they need 768
+        "agent_sft": ([[*launch, "train_full_sft.py", *saving, "--from_weight", "full_sft",
+                        "--save_weight", "agent_sft", "--data_path", "dataset/demo_agent_sft.jsonl",
+                        "--max_seq_len", "768", *tokenizer, *size, *q, *small_eval]], f"{out}/agent_sft_{hidden}.pth"),
+        "agent": ([[*launch, "train_agent.py", *saving, "--from_weight", "agent_sft", *tokenizer, *size, *q,
+                    *agent_flags],
+                   [py, "-m", "scripts.eval_toolcall", "--save_dir", out, "--weight", "agent_sft", "agent", *size,
+                    "--output", f"{out}/summaries/agent_toolcall.json", *agent_eval]],
+                  f"{out}/agent_{hidden}.pth"),
         "eval": ([[py, "eval_model.py", "--save_dir", out, "--weight", weight, *tokenizer, *size, *lora,
                    *prompts, "--temperature", "0", "--max_new_tokens", "24" if quick else "96",
                    "--output", f"{out}/summaries/samples_{name}.json"]
@@ -198,7 +218,10 @@ def new_machine_record(dtype: str | None) -> dict:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stages", default=",".join(ORDER), help=f"comma list from {ORDER} (default: all)")
+    parser.add_argument("--stages", default="demo",
+                        help=f"comma list of stages from {ORDER}, or a group: demo (every stage but the RL ones, "
+                             f"the default), rl ({', '.join(RL_STAGES)}: reward model, PPO and agent RL on top of the "
+                             f"demo's SFT model), all")
     parser.add_argument("--force", action="store_true", help="rerun stages whose output already exists")
     parser.add_argument("--save_dir", default="out", help="where every stage writes (checkpoints, logs, report)")
     parser.add_argument("--quick", action="store_true", help="a few steps per stage with the nano model (smoke test)")
@@ -218,7 +241,7 @@ def main(argv=None):
                              f"MiniMind's datasets there (or point --data_dir at them)")
     recipe = build_recipe(save_dir, args.quick, args.recipe, args.data_dir, args.nproc, resume=not args.force,
                           dtype=args.dtype)
-    wanted = [s.strip() for s in args.stages.split(",") if s.strip()]
+    wanted = [stage for s in args.stages.split(",") if s.strip() for stage in STAGE_GROUPS.get(s.strip(), [s.strip()])]
     unknown = [s for s in wanted if s not in ORDER]
     if unknown:
         raise SystemExit(f"unknown stages {unknown}; choose from {ORDER}")

@@ -38,6 +38,15 @@ def test_quick_pipeline_runs_every_stage_and_writes_the_report(tmp_path):
     assert "| full_sft | end_of_turn_rate |" in report and "| reason | well_formed |" in report
     assert (out / "data" / "demo_pretrain_clean.jsonl").exists()
 
+    # the opt-in RL pipeline on top of the same SFT model: reward model, PPO, agent SFT and agent RL
+    run_quick_pipeline(out, "--stages", "rl")
+    for weights in ["reward_64.pth", "ppo_64.pth", "agent_sft_64.pth", "agent_64.pth"]:
+        assert (out / weights).exists(), weights
+    toolcall = json.loads((out / "summaries" / "agent_toolcall.json").read_text())
+    assert toolcall, "eval_toolcall wrote nothing"
+    report = (out / "report.md").read_text()
+    assert "| reward |" in report and "| ppo |" in report and "| agent |" in report
+
 
 def write_minimind_stand_ins(data_dir, lines_per_file=400):
     """MiniMind's file names and formats, filled from the demo data: pretraining text is several
@@ -96,7 +105,7 @@ def test_killed_training_stages_resume_unless_forced(recipe):
         stages = run_pipeline.build_recipe("out", quick=False, recipe=recipe, resume=resume)
         commands = [c for commands, _ in stages.values() for c in commands]
         training = [c for c in commands if any(part.startswith("train_") for part in c)]
-        assert len(training) == 10
+        assert len(training) == 14
         assert all(("--from_resume" in c) == resume for c in training)
         assert not any("--from_resume" in c for c in commands if c not in training)
 
