@@ -17,6 +17,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import resource
 import shlex
 import subprocess
@@ -165,6 +166,17 @@ def eval_commands(gpu: bool, quick: bool) -> list:
             for name, weight, lora, file in EVAL_SAMPLES]
 
 
+def stage_finished(done_file: str, save_dir: str) -> bool:
+    """A stage is done when its output exists and, for a training stage, its run wrote its final summary: the
+    Trainer also writes the weights every --save_interval steps, so a killed stage leaves <stage>_<h>.pth behind."""
+    if not os.path.exists(os.path.join(ROOT, done_file)):
+        return False
+    if not done_file.endswith(".pth"):
+        return True
+    name = re.sub(r"_\d+(_moe|_mla)*\.pth$", "", os.path.basename(done_file))
+    return os.path.exists(os.path.join(ROOT, save_dir, "summaries", f"{name}.json"))
+
+
 def checkpoint_to_evaluate(command: list) -> str:
     """The file an eval_model.py command reads: <save_dir>/<weight>_<hidden>.pth, or its LoRA under lora/."""
     flag = {k: v for k, v in zip(command, command[1:]) if k.startswith("--")}
@@ -262,7 +274,7 @@ def main(argv=None):
             for command in commands:
                 print(" ".join(shlex.quote(c) for c in command))
             continue
-        if os.path.exists(os.path.join(ROOT, done_file)) and not args.force and name != "report":
+        if stage_finished(done_file, save_dir) and not args.force and name != "report":
             print(f"=== [{name}] skipped: {done_file} exists (--force to rerun)")
             continue
         if name == "report":  # the report shows the record, so it is complete before the report runs

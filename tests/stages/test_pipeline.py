@@ -115,3 +115,17 @@ def test_gpu_recipe_names_the_missing_minimind_files(tmp_path):
     with pytest.raises(SystemExit, match=f"pretrain_hq.jsonl, sft_mini_512.jsonl, lora_identity.jsonl, "
                                          f"r1_mix_1024.jsonl not in {tmp_path}/"):
         run_pipeline.main(["--recipe", "minimind_gpu", "--data_dir", str(tmp_path), "--save_dir", str(tmp_path)])
+
+
+def test_a_killed_stage_is_not_taken_for_done(tmp_path):
+    """The Trainer writes <stage>_<h>.pth every --save_interval steps: only the run's final summary says it ended."""
+    out = tmp_path / "out"
+    (out / "summaries").mkdir(parents=True)
+    (out / "pretrain_256.pth").write_bytes(b"weights of step 100")
+    assert not run_pipeline.stage_finished(str(out / "pretrain_256.pth"), str(out))
+    (out / "summaries" / "pretrain.json").write_text("{}")
+    assert run_pipeline.stage_finished(str(out / "pretrain_256.pth"), str(out))
+    (out / "lora").mkdir()
+    (out / "lora" / "lora_identity_256.pth").write_bytes(b"adapter")
+    assert not run_pipeline.stage_finished(str(out / "lora" / "lora_identity_256.pth"), str(out))
+    assert run_pipeline.stage_finished(str(out / "report.md"), str(out)) is False
