@@ -55,9 +55,9 @@ from model.training.cli import (HelpFormatter, add_common_args, add_data_args, b
                                 start_stage)
 from model.training.frozen import frozen_copy
 from model.training.losses import group_advantages, grpo_loss, with_aux_loss
-from model.training.rollouts import drop_uninformative_groups, gather_rows, rollout_statistics
+from model.training.rollouts import (drop_uninformative_groups, gather_rows, prompt_batches, rollout_statistics,
+                                     rollout_step_count)
 from model.training.runtime import all_reduce_mean, barrier, cleanup, print0
-from model.training.schedule import ResumableSampler
 from model.training.tracking import write_summary
 from model.training.trainer import StepResult, Trainer
 
@@ -194,13 +194,9 @@ class AgentSteps:
             max_new_tokens=args.max_gen_len, do_sample=True, temperature=args.temperature, top_p=args.top_p,
             top_k=args.top_k, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
             bos_token_id=tokenizer.bos_token_id)
-        rollouts_per_epoch = len(train_set) // runtime.world_size // self.prompts_per_step
-        if rollouts_per_epoch == 0:
-            raise SystemExit(f"error: {len(train_set)} prompts are fewer than one step needs ({args.batch_size} "
-                             f"x {args.accumulation_steps} accumulation x {runtime.world_size} ranks)")
-        self.total_steps = rollouts_per_epoch * args.epochs * args.num_iterations
-        if args.max_steps > 0:
-            self.total_steps = min(self.total_steps, args.max_steps) if args.epochs > 0 else args.max_steps
+        needs = f"{args.batch_size} x {args.accumulation_steps} accumulation x {runtime.world_size} ranks"
+        self.total_steps = rollout_step_count(len(train_set), runtime, self.prompts_per_step,
+                                              args.num_iterations, args, needs)
         self.batches = None
         self.parts, self.stats, self.iteration = None, {}, args.num_iterations
         self.window = {"rollout": 0.0, "update": 0.0}
@@ -217,21 +213,11 @@ class AgentSteps:
                 f"{args.max_turns} turns of {args.max_gen_len} tokens; rewards {rewards}; loss {args.loss_type}, "
                 f"beta {args.beta}")
 
-    def prompt_batches(self):
-        state = self.trainer.state
-        while True:
-            sampler = ResumableSampler(len(self.train_set), self.args.seed, state.epoch, self.runtime.rank,
-                                       self.runtime.world_size, shuffle=True, start=state.samples_into_epoch)
-            indices = sampler.indices()
-            for start in range(0, len(indices) - self.prompts_per_step + 1, self.prompts_per_step):
-                yield [self.train_set[i] for i in indices[start:start + self.prompts_per_step]]
-            state.epoch += 1
-            state.samples_into_epoch = 0
-
     def step(self) -> StepResult:
         if self.iteration >= self.args.num_iterations:
             if self.batches is None:
-                self.batches = self.prompt_batches()
+                self.batches = prompt_batches(self.train_set, self.trainer.state, self.args.seed,
+                                              self.runtime, self.prompts_per_step)
             started = time.time()
             self.parts, self.stats = self.collect(next(self.batches))
             self.window["rollout"] += time.time() - started

@@ -47,9 +47,9 @@ from model.training.cli import (HelpFormatter, add_common_args, add_data_args, b
 from model.training.frozen import frozen_copy
 from model.training.losses import group_advantages, grpo_loss, with_aux_loss
 from model.training.rollouts import (Rollout, completion_logprobs, correctness, drop_uninformative_groups,
-                                     evaluate_rewards, gather_rows, generate_rollout, rollout_statistics, score_rollout)
+                                     evaluate_rewards, gather_rows, generate_rollout, prompt_batches,
+                                     rollout_statistics, rollout_step_count, score_rollout)
 from model.training.runtime import all_reduce_mean, barrier, cleanup, print0
-from model.training.schedule import ResumableSampler
 from model.training.tracking import write_summary
 from model.training.trainer import StepResult, Trainer
 
@@ -152,13 +152,9 @@ class GRPOSteps:
             max_new_tokens=args.max_gen_len, do_sample=True, temperature=args.temperature, top_p=args.top_p,
             top_k=args.top_k, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
             bos_token_id=tokenizer.bos_token_id)
-        rollouts_per_epoch = len(train_set) // runtime.world_size // self.prompts_per_step
-        if rollouts_per_epoch == 0:
-            raise SystemExit(f"error: {len(train_set)} prompts are fewer than one step needs ({args.batch_size} "
-                             f"x {args.accumulation_steps} accumulation x {runtime.world_size} ranks)")
-        self.total_steps = rollouts_per_epoch * args.epochs * args.num_iterations
-        if args.max_steps > 0:
-            self.total_steps = min(self.total_steps, args.max_steps) if args.epochs > 0 else args.max_steps
+        needs = f"{args.batch_size} x {args.accumulation_steps} accumulation x {runtime.world_size} ranks"
+        self.total_steps = rollout_step_count(len(train_set), runtime, self.prompts_per_step,
+                                              args.num_iterations, args, needs)
         self.batches = None  # this rank's prompt batches, created at the first step (after a resume is loaded)
         self.parts, self.stats, self.iteration = None, {}, args.num_iterations
         # Time per phase since the last log line: rollout = generation + rewards + pi_old/pi_ref passes.
@@ -179,24 +175,12 @@ class GRPOSteps:
     def describe_rewards(self) -> str:
         return " + ".join(f"{w:g}*{n}" for n, w in zip(self.reward_names, self.reward_weights))
 
-    def prompt_batches(self):
-        """This rank's prompts, prompts_per_step at a time, in the order fixed by (seed, epoch), resuming mid-epoch
-        from the trainer state (ResumableSampler shards the prompts across ranks)."""
-        state = self.trainer.state
-        while True:
-            sampler = ResumableSampler(len(self.train_set), self.args.seed, state.epoch, self.runtime.rank,
-                                       self.runtime.world_size, shuffle=True, start=state.samples_into_epoch)
-            indices = sampler.indices()
-            for start in range(0, len(indices) - self.prompts_per_step + 1, self.prompts_per_step):
-                yield [self.train_set[i] for i in indices[start:start + self.prompts_per_step]]
-            state.epoch += 1
-            state.samples_into_epoch = 0
-
     # ---- one optimizer step: a rollout when the last one is used up, then an update ----------------------------
     def step(self) -> StepResult:
         if self.iteration >= self.args.num_iterations:
             if self.batches is None:
-                self.batches = self.prompt_batches()
+                self.batches = prompt_batches(self.train_set, self.trainer.state, self.args.seed,
+                                              self.runtime, self.prompts_per_step)
             started = time.time()
             self.parts, self.stats = self.collect(next(self.batches))
             self.window["rollout"] += time.time() - started

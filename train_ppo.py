@@ -66,9 +66,9 @@ from model.training.frozen import frozen_copy
 from model.training.losses import k3_kl, token_logprobs, with_aux_loss
 from model.training.ppo import gae, kl_penalty_rewards, masked_mean, masked_whiten, ppo_policy_loss, \
     ppo_value_loss
-from model.training.rollouts import completion_logprobs, gather_rows, generate_rollout, score_rollout
+from model.training.rollouts import (completion_logprobs, gather_rows, generate_rollout, prompt_batches,
+                                     rollout_step_count, score_rollout)
 from model.training.runtime import barrier, cleanup, print0
-from model.training.schedule import ResumableSampler
 from model.training.tracking import write_summary
 from model.training.trainer import StepResult, Trainer
 
@@ -293,14 +293,10 @@ class PPOSteps:
             max_new_tokens=args.max_gen_len, do_sample=True, temperature=args.temperature, top_p=args.top_p,
             top_k=args.top_k, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
             bos_token_id=tokenizer.bos_token_id)
-        rollouts_per_epoch = len(train_set) // runtime.world_size // self.prompts_per_rollout
-        if rollouts_per_epoch == 0:
-            raise SystemExit(f"error: {len(train_set)} prompts are fewer than one rollout needs ({args.batch_size} x "
-                             f"{args.accumulation_steps} accumulation x {args.num_mini_batches} mini-batches x "
-                             f"{runtime.world_size} ranks)")
-        self.total_steps = rollouts_per_epoch * args.epochs * self.updates_per_rollout
-        if args.max_steps > 0:
-            self.total_steps = min(self.total_steps, args.max_steps) if args.epochs > 0 else args.max_steps
+        needs = (f"{args.batch_size} x {args.accumulation_steps} accumulation x {args.num_mini_batches} "
+                 f"mini-batches x {runtime.world_size} ranks")
+        self.total_steps = rollout_step_count(len(train_set), runtime, self.prompts_per_rollout,
+                                              self.updates_per_rollout, args, needs)
         self.batches = None  # this rank's prompt batches, created at the first step (after a resume is loaded)
         self.rollout, self.buffers, self.stats, self.schedule = None, {}, {}, []
         self.window = {"rollout": 0.0, "update": 0.0, "tokens": 0.0, "generation": 0.0}
@@ -318,23 +314,11 @@ class PPOSteps:
                 f"prompts x {self.runtime.world_size} ranks per rollout, {args.num_ppo_epochs} PPO epochs x "
                 f"{args.num_mini_batches} mini-batches of {self.mini_batch}; {kl}; gamma {args.gamma}, lam {args.lam}")
 
-    def prompt_batches(self):
-        """This rank's prompts, a rollout's worth at a time, in the order fixed by (seed, epoch), resuming
-        mid-epoch from the trainer state (ResumableSampler shards them across ranks)."""
-        state = self.trainer.state
-        while True:
-            sampler = ResumableSampler(len(self.train_set), self.args.seed, state.epoch, self.runtime.rank,
-                                       self.runtime.world_size, shuffle=True, start=state.samples_into_epoch)
-            indices = sampler.indices()
-            for start in range(0, len(indices) - self.prompts_per_rollout + 1, self.prompts_per_rollout):
-                yield [self.train_set[i] for i in indices[start:start + self.prompts_per_rollout]]
-            state.epoch += 1
-            state.samples_into_epoch = 0
-
     def step(self) -> StepResult:
         if not self.schedule:
             if self.batches is None:
-                self.batches = self.prompt_batches()
+                self.batches = prompt_batches(self.train_set, self.trainer.state, self.args.seed,
+                                              self.runtime, self.prompts_per_rollout)
             started = time.time()
             self.rollout, self.buffers, self.stats = self.collect(next(self.batches))
             self.window["rollout"] += time.time() - started

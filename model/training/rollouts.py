@@ -9,6 +9,7 @@ from transformers import GenerationConfig
 
 from ..generation import left_pad
 from . import rewards as reward_lib
+from .schedule import ResumableSampler
 from .losses import token_logprobs
 
 
@@ -198,3 +199,29 @@ def evaluate_rewards(model, tokenizer, val_set, reward_funcs, reward_names, rewa
     metrics.update({f"rewards/{name}": sums[j].item() / n for j, name in enumerate(reward_names)})
     metrics["completion_length"] = sums[num_funcs + 2].item() / n
     return metrics, samples
+
+
+def prompt_batches(prompts, state, seed: int, runtime, per_batch: int):
+    """This rank's prompts, per_batch at a time, in the order fixed by (seed, epoch), resuming mid-epoch from the
+    trainer state (ResumableSampler shards the prompts across ranks); endless, one epoch after another. GRPO, PPO
+    and agent RL all draw their rollouts' prompts this way."""
+    while True:
+        sampler = ResumableSampler(len(prompts), seed, state.epoch, runtime.rank, runtime.world_size, shuffle=True,
+                                   start=state.samples_into_epoch)
+        indices = sampler.indices()
+        for start in range(0, len(indices) - per_batch + 1, per_batch):
+            yield [prompts[i] for i in indices[start:start + per_batch]]
+        state.epoch += 1
+        state.samples_into_epoch = 0
+
+
+def rollout_step_count(num_prompts: int, runtime, per_rollout: int, steps_per_rollout: int, args, needs: str) -> int:
+    """Optimizer steps of an RL run: rollouts per epoch x --epochs x steps per rollout, capped by --max_steps
+    (--epochs 0: --max_steps alone). `needs` says what one rollout takes, for the error when there are too few."""
+    rollouts_per_epoch = num_prompts // runtime.world_size // per_rollout
+    if rollouts_per_epoch == 0:
+        raise SystemExit(f"error: {num_prompts} prompts are fewer than one rollout needs ({needs})")
+    total = rollouts_per_epoch * args.epochs * steps_per_rollout
+    if args.max_steps > 0:
+        total = min(total, args.max_steps) if args.epochs > 0 else args.max_steps
+    return total
