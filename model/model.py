@@ -240,8 +240,10 @@ class TinyMindForCausalLM(TinyMindPreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         loss = None
         if labels is not None:
-            # Position t predicts token t+1; labels == -100 (prompt, padding) are ignored.
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+            # Position t predicts token t+1; labels == -100 (prompt, padding) are ignored. The labels are shifted,
+            # not the logits: slicing [B, T, vocab] logits copies them, and its backward fills and copies them again.
+            next_tokens = F.pad(labels[:, 1:], (0, 1), value=-100)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), next_tokens.flatten(), ignore_index=-100)
         aux_loss = None
         if self.config.use_moe:
             aux_loss = collect_moe_aux_loss(self)

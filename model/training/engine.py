@@ -15,9 +15,16 @@ class TrainingDiverged(RuntimeError):
     pass
 
 
-def make_optimizer(model, params, learning_rate: float, weight_decay: float, device: torch.device):
+# torch's fused AdamW (one kernel per parameter group) runs on these; elsewhere torch steps one tensor at a time.
+# On a CPU the fused step is 2-3x faster than that loop (scripts/bench/profile_step.py shows both).
+FUSED_ADAMW_DEVICES = ("cuda", "cpu")
+
+
+def make_optimizer(model, params, learning_rate: float, weight_decay: float, device: torch.device,
+                   fused: bool | None = None):
     """AdamW; decay only weight matrices (norm gains and embeddings keep their scale). `params`: train only these
-    (e.g. LoRA adapters); None trains every parameter that requires a gradient."""
+    (e.g. LoRA adapters); None trains every parameter that requires a gradient. `fused`: None fuses wherever torch
+    can (FUSED_ADAMW_DEVICES)."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if params is not None:
         wanted = {id(p) for p in params}
@@ -29,7 +36,8 @@ def make_optimizer(model, params, learning_rate: float, weight_decay: float, dev
         seen.add(id(p))
         (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
+    fused = device.type in FUSED_ADAMW_DEVICES if fused is None else fused
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=fused)
 
 
 def set_learning_rate(optimizer, lr: float):

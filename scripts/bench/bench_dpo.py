@@ -22,6 +22,7 @@ import torch
 
 from model import PRESETS, TinyMindConfig, TinyMindForCausalLM
 from model.data.preference import IndexedPairs, collate_pairs
+from model.training.engine import FUSED_ADAMW_DEVICES
 from model.device import DTYPES, default_device, default_dtype
 from model.training.frozen import frozen_copy
 from model.training.losses import dpo_loss, with_aux_loss
@@ -81,7 +82,7 @@ def worker(args) -> dict:
     else:
         reference = frozen_copy(model)
     loss_fn = make_loss_fn(reference, table)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=device.type in FUSED_ADAMW_DEVICES)
     model.train()
     batches = [collate_pairs([pairs[i] for i in range(s, s + args.batch_size)])
                for s in range(0, len(pairs), args.batch_size)]

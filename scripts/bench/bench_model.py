@@ -14,6 +14,7 @@ import torch
 from model import PRESETS, TinyMindConfig, TinyMindForCausalLM, describe
 from model.device import DTYPES, default_device, default_dtype
 from model.training.runtime import device_peak_flops, peak_memory_gb
+from model.training.engine import FUSED_ADAMW_DEVICES
 
 
 def sync(device):
@@ -22,7 +23,7 @@ def sync(device):
 
 
 def bench_train(model, device, dtype, batch, seq, steps, warmup):
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type in FUSED_ADAMW_DEVICES)
     ids = torch.randint(3, model.config.vocab_size, (batch, seq), device=device)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     for i in range(warmup + steps):

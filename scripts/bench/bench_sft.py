@@ -24,6 +24,7 @@ from model.data.chat import SFTDataset
 from model.data.packing import PackedDataset, packed_collate, pad_collate
 from model.device import DTYPES, default_device, default_dtype
 from model.lora import apply_lora
+from model.training.engine import FUSED_ADAMW_DEVICES
 from model.training.evaluation import chat_token_losses
 from model.training.losses import with_aux_loss
 from model.training.runtime import init_runtime
@@ -135,7 +136,7 @@ class Runner:
     def __init__(self, model, batches, runtime):
         self.model, self.batches, self.runtime = model.train(), batches, runtime
         params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=1e-4, fused=runtime.device.type == "cuda")
+        self.optimizer = torch.optim.AdamW(params, lr=1e-4, fused=runtime.device.type in FUSED_ADAMW_DEVICES)
 
     def step(self):
         batch = next(self.batches)

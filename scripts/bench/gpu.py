@@ -53,6 +53,7 @@ import torch
 
 from model import PRESETS, TinyMindConfig, TinyMindForCausalLM
 from model.device import cpu_model_name, default_device, matmul_rate
+from model.training.engine import FUSED_ADAMW_DEVICES
 from model.training.runtime import device_peak_flops, init_runtime
 from scripts.bench import bench_dpo, bench_grpo, bench_model, bench_sft, bench_train
 
@@ -638,7 +639,7 @@ def section_distill(ctx: Context, out: dict):
         loss = distillation_loss(logits, teacher_logits, targets, alpha=0.5, temperature=1.0, direction="forward")
         return with_aux_loss(loss, out.aux_loss, {})[0]
 
-    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5, fused=ctx.device.type == "cuda")
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5, fused=ctx.device.type in FUSED_ADAMW_DEVICES)
     out.update(student=S.presets["small"], teacher=S.teacher, batch=B, seq_len=T,
                student_params_m=student.num_params() / 1e6, teacher_params_m=teacher.num_params() / 1e6)
     for name, loss_fn in (("sft_step", sft_loss), ("distill_step", distill_loss)):
