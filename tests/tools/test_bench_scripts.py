@@ -50,6 +50,25 @@ def test_dpo_benchmark_loss_is_ln2_at_step_0_with_either_reference():
         assert loss.item() == pytest.approx(math.log(2), abs=1e-5)
 
 
+@pytest.mark.parametrize("optimizer", ["loop", "fused"])
+def test_step_profile_puts_each_adamw_in_the_optimizer_row(optimizer):
+    """profile_step attributes a loop AdamW's element-wise ops to the optimizer (by the region that ran them), and the
+    rows it prints add up to the whole step."""
+    shape = ["--hidden_size", "64", "--num_hidden_layers", "2", "--intermediate_size", "128", "--vocab_size", "256",
+             "--batch_size", "2", "--seq_len", "32", "--warmup", "1", "--steps", "1", "--dtype", "float32", "--top", "500"]
+    done = subprocess.run([sys.executable, "-m", "scripts.bench.profile_step", *shape, "--optimizer", optimizer],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = {}
+    for line in done.stdout.split("self time by kind:")[1].split("costliest")[0].splitlines()[1:-1]:
+        name, share = line.rsplit("ms", 1)
+        rows[name.rsplit(None, 1)[0].strip()] = float(share.strip().rstrip("%"))
+    assert set(rows) >= {"matmul", "attention", "optimizer", "gradient clipping"}, rows
+    assert sum(rows.values()) == pytest.approx(100, abs=0.5)
+    assert rows["optimizer"] > 0
+    assert ("aten::_fused_adamw_" in done.stdout.split("costliest")[1]) == (optimizer == "fused")
+
+
 def test_no_benchmark_imports_a_stage_script():
     code = (f"import importlib, sys\nfor name in {BENCHMARKS!r}:\n"
             "    importlib.import_module('scripts.bench.' + name)\n"
