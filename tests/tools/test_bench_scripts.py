@@ -55,7 +55,8 @@ def test_step_profile_puts_each_adamw_in_the_optimizer_row(optimizer):
     """profile_step attributes a loop AdamW's element-wise ops to the optimizer (by the region that ran them), and the
     rows it prints add up to the whole step."""
     shape = ["--hidden_size", "64", "--num_hidden_layers", "2", "--intermediate_size", "128", "--vocab_size", "256",
-             "--batch_size", "2", "--seq_len", "32", "--warmup", "1", "--steps", "1", "--dtype", "float32", "--top", "500"]
+             "--batch_size", "2", "--seq_len", "32", "--warmup", "1", "--steps", "1", "--dtype", "float32",
+             "--top", "500"]
     done = subprocess.run([sys.executable, "-m", "scripts.bench.profile_step", *shape, "--optimizer", optimizer],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
