@@ -9,7 +9,7 @@ import torch
 
 import train_agent
 from scripts import build_agent_data, eval_toolcall
-from tests import ROOT, TOKENIZER
+from tests import ROOT, TOKENIZER, torchrun
 
 
 def write_data(directory, rl_count=16, val_count=4):
@@ -52,6 +52,19 @@ def test_runs_saves_and_logs_each_reward_component(tmp_path):
     assert [r["step"] for r in evals] == [0, 2]
     assert {"eval/well_formed", "eval/args_correct", "eval/called_tool"} <= evals[0].keys()
     assert set(result["before"]) >= {"success", "well_formed", "args_correct"}
+
+
+@pytest.mark.slow
+def test_two_process_gloo_run_keeps_ranks_in_sync(tmp_path):
+    """Under torchrun each rank plays its share of the episodes; the update all-reduces, so the ranks' weights must
+    stay identical (the trainer's checksum line) with a reward that differs between episodes."""
+    data = write_data(tmp_path, rl_count=16)
+    result = torchrun("train_agent.py", run_args(tmp_path, data, extra=["--reward_funcs",
+                                                                        even_ids_reward(tmp_path)]))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ranks in sync: yes" in result.stdout
+    assert "x 2 ranks per rollout" in result.stdout
+    assert [r["step"] for r in read_log(tmp_path) if "loss" in r] == [1, 2]
 
 
 def test_resume_continues_exactly(tmp_path):
