@@ -15,16 +15,14 @@ class TrainingDiverged(RuntimeError):
     pass
 
 
-# torch's fused AdamW (one kernel per parameter group) runs on these; elsewhere torch steps one tensor at a time.
-# On a CPU the fused step is 2-3x faster than that loop (scripts/bench/profile_step.py shows both).
+# torch's fused AdamW (one kernel per parameter group) runs on these. Unless asked, torch steps one tensor at a time
+# on a CPU, which is slower (scripts/bench/profile_step.py --optimizer loop|fused; figures in docs/benchmarks.md).
 FUSED_ADAMW_DEVICES = ("cuda", "cpu")
 
 
-def make_optimizer(model, params, learning_rate: float, weight_decay: float, device: torch.device,
-                   fused: bool | None = None):
+def make_optimizer(model, params, learning_rate: float, weight_decay: float, device: torch.device):
     """AdamW; decay only weight matrices (norm gains and embeddings keep their scale). `params`: train only these
-    (e.g. LoRA adapters); None trains every parameter that requires a gradient. `fused`: None fuses wherever torch
-    can (FUSED_ADAMW_DEVICES)."""
+    (e.g. LoRA adapters); None trains every parameter that requires a gradient."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if params is not None:
         wanted = {id(p) for p in params}
@@ -36,8 +34,8 @@ def make_optimizer(model, params, learning_rate: float, weight_decay: float, dev
         seen.add(id(p))
         (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = device.type in FUSED_ADAMW_DEVICES if fused is None else fused
-    return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=fused)
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8,
+                             fused=device.type in FUSED_ADAMW_DEVICES)
 
 
 def set_learning_rate(optimizer, lr: float):
