@@ -51,7 +51,9 @@ def test_time_an_early_section_leaves_goes_to_the_later_ones(tmp_path):
     report = {"sections": {}}
     gpu.run_sections(types.SimpleNamespace(device=torch.device("cpu")), sections, ["quick", "next"], report,
                      str(tmp_path / "bench.json"))
-    assert report["sections"]["next"]["budget_s"] > 19  # its own 10 s and nearly all of the first's
+    # its own 10 s and what the first left: most of its 10 s (the bookkeeping between sections, a garbage collection
+    # of a long test session's heap included, took over a second once in CI, so "nearly all" is not asserted)
+    assert report["sections"]["next"]["budget_s"] > 15
 
 
 def test_recipe_arithmetic():
