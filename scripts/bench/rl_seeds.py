@@ -27,10 +27,9 @@ STAGES = {  # stage: (script, held-out metrics its eval records carry, the usual
     "ppo": ("train_ppo.py", ("score", "kl"), "out/full_sft_256.pth"),
     "agent": ("train_agent.py", ("success", "well_formed", "args_correct"), "out/agent_sft_256.pth"),
 }
-METRICS = STAGES["grpo"][1]
 
 
-def eval_curve(log_path: str, metrics=METRICS) -> dict:
+def eval_curve(log_path: str, metrics: tuple) -> dict:
     """step -> {metric: value} from the eval records of one run's log."""
     curve = {}
     with open(log_path) as f:
@@ -41,7 +40,7 @@ def eval_curve(log_path: str, metrics=METRICS) -> dict:
     return curve
 
 
-def summarize(curves: dict, metrics=METRICS) -> list:
+def summarize(curves: dict, metrics: tuple) -> list:
     """Rows (step, {metric: (mean, std, min, max)}) over the steps every seed evaluated."""
     steps = sorted(set.intersection(*(set(c) for c in curves.values())))
     rows = []
@@ -56,7 +55,7 @@ def summarize(curves: dict, metrics=METRICS) -> list:
     return rows
 
 
-def plot(rows: list, curves: dict, path: str, title: str, metrics=METRICS):
+def plot(rows: list, curves: dict, path: str, title: str, metrics: tuple):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
