@@ -23,11 +23,11 @@ The model answers each prompt G times; an answer may call tools. One step:
 3. Update. grpo_loss (model/training/losses.py), the clipped surrogate, per --loss_type, over the masked tokens;
    log-probs from one forward over prompt + whole episode (model/agent.rollout_logprobs).
 
-What is shared with train_grpo.py, and what is not: the loss, the advantages, reward weighting and statistics,
-the prompt reader (PromptDataset), the sampler, DAPO's dynamic sampling and the Trainer loop (resume, SIGTERM,
-DDP, logging) are the same functions from model/training/; what differs is the rollout (multi-turn episodes
-instead of one completion) and the log-prob pass (tool tokens attended, not trained). No stage imports another, so
-this file repeats GRPOSteps' short plumbing rather than importing train_grpo.
+What is shared with train_grpo.py, and what is not: the loss and its flags, the advantages, reward weighting and
+statistics, the prompt reader (PromptDataset), the sampler, DAPO's dynamic sampling, the optimizer steps
+(rollouts.GroupRelativeSteps, which GRPOSteps also extends) and the Trainer loop (resume, SIGTERM, DDP, logging) are
+the same code from model/training/; what differs is the rollout (multi-turn episodes instead of one completion) and
+the log-prob pass (tool tokens attended, not trained).
 
 Data: {"conversations": [system with "functions" (the tool schemas), user], "answer": "...", "call": {"name",
 "arguments"}} per line (scripts/build_agent_data.py writes dataset/demo_agent.jsonl); a line missing a field a
@@ -38,28 +38,23 @@ out/agent_<hidden>.pth. Held-out task success, call well-formedness and argument
 the same numbers for any checkpoint.
 """
 import argparse
-import time
 
 import torch
 import torch.distributed as dist
-from transformers import GenerationConfig
 
 from model.agent import (build_agent_rewards, episodes_to_rollout, evaluate_episodes,
                          finish_metrics, model_policy, rollout_logprobs, run_episodes, score_episodes)
-from model.checkpoint import unwrap
 from model.data.formats import open_source
 from model.data.jsonl import BadInput, default_val_path, note_bad_line
 from model.data.prompts import PromptDataset
 from model.device import default_device
-from model.training.cli import (HelpFormatter, add_common_args, add_data_args, build_model, exit_on_user_error,
-                                start_stage)
+from model.training.cli import (HelpFormatter, add_common_args, add_data_args, add_grpo_loss_args, build_model,
+                                check_group_sampling, exit_on_user_error, start_stage)
 from model.training.frozen import frozen_copy
-from model.training.losses import group_advantages, grpo_loss, with_aux_loss
-from model.training.rollouts import (drop_uninformative_groups, gather_rows, prompt_batches, rollout_statistics,
-                                     rollout_step_count)
-from model.training.runtime import all_reduce_mean, barrier, cleanup, print0
-from model.training.tracking import write_summary
-from model.training.trainer import StepResult, Trainer
+from model.training.losses import grpo_loss, with_aux_loss
+from model.training.rollouts import GroupRelativeSteps, gather_rows, report_run_end, rollout_statistics
+from model.training.runtime import barrier, cleanup, print0
+from model.training.trainer import Trainer
 
 REWARD_FIELDS = {"final_answer": "answer", "tool_args": "call"}
 
@@ -92,30 +87,14 @@ def parse_args(argv=None):
     g.add_argument("--reward_weights", default=None,
                    help="comma-separated weights, one per reward function (default: tool_format 0.5, tool_args 0.5, "
                         "final_answer 1.0, others 1.0)")
-    g = parser.add_argument_group("GRPO loss (as train_grpo.py)")
-    g.add_argument("--loss_type", default="dapo", choices=["grpo", "bnpo", "dapo", "dr_grpo", "cispo"],
-                   help="how per-token losses are averaged (grpo_loss in model/training/losses.py)")
-    g.add_argument("--scale_rewards", default="group", choices=["group", "batch", "none"],
-                   help="divide advantages by the group's reward std, the whole batch's, or not at all")
-    g.add_argument("--beta", type=float, default=0.0,
-                   help="weight of the k3 KL penalty to the frozen starting model (0: no reference model is loaded)")
-    g.add_argument("--epsilon", type=float, default=0.2, help="lower clip range of the ratio: 1 - epsilon")
-    g.add_argument("--epsilon_high", type=float, default=None, help="upper clip range 1 + epsilon_high (default: "
-                   "epsilon)")
-    g.add_argument("--num_iterations", type=int, default=1,
-                   help="optimizer steps per rollout batch (mu); > 1 makes the ratio and its clipping matter")
-    g.add_argument("--dynamic_sampling", type=int, default=0, choices=[0, 1],
-                   help="1: drop groups whose rewards are all equal before the update (DAPO; they have A = 0)")
+    add_grpo_loss_args(parser)
     g = parser.add_argument_group("held-out evaluation")
     g.add_argument("--eval_samples", type=int, default=120,
                    help="held-out prompts run greedily per evaluation (0: no held-out evaluation)")
     g.add_argument("--eval_batch_size", type=int, default=40, help="episodes per generate call when evaluating")
     g.add_argument("--show_episodes", type=int, default=2, help="print this many held-out episodes at the end")
     args = parser.parse_args(argv)
-    if args.num_generations < 2:
-        parser.error("--num_generations must be at least 2: the group is its own baseline")
-    if args.temperature <= 0:
-        parser.error("--temperature must be > 0: GRPO needs different samples of the same prompt")
+    check_group_sampling(parser, args)
     if args.max_turns < 1:
         parser.error("--max_turns must be at least 1")
     return args
@@ -171,72 +150,23 @@ def policy_loss(model, rollout, args, num_items_in_batch=None) -> tuple[torch.Te
                               rollout.completion_mask, beta=args.beta, epsilon_low=args.epsilon,
                               epsilon_high=args.epsilon_high, loss_type=args.loss_type,
                               max_completion_length=args.max_gen_len * args.max_turns,
-                              num_items_in_batch=num_items_in_batch)
+                              num_items_in_batch=num_items_in_batch, delta=args.delta)
     return with_aux_loss(loss, aux_loss, metrics)
 
 
 # ========================================================================================================= the loop
 
 
-class AgentSteps:
-    """Agent RL's optimizer steps for the shared Trainer loop, shaped as train_grpo.GRPOSteps: a step collects
-    episodes (rollout, rewards, advantages) when the previous batch has been used --num_iterations times, then runs
-    the clipped-surrogate update. Checkpoints only between rollouts, so a resume starts with a fresh rollout exactly
-    where the uninterrupted run would."""
-
-    def __init__(self, args, trainer: Trainer, runtime, tokenizer, train_set, reward_funcs, reward_names,
-                 reward_weights, ref_model=None):
-        self.args, self.trainer, self.runtime, self.tokenizer = args, trainer, runtime, tokenizer
-        self.train_set, self.ref_model = train_set, ref_model
-        self.reward_funcs, self.reward_names, self.reward_weights = reward_funcs, reward_names, reward_weights
-        self.prompts_per_step = args.batch_size * args.accumulation_steps
-        self.generation_config = GenerationConfig(
-            max_new_tokens=args.max_gen_len, do_sample=True, temperature=args.temperature, top_p=args.top_p,
-            top_k=args.top_k, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-            bos_token_id=tokenizer.bos_token_id)
-        needs = f"{args.batch_size} x {args.accumulation_steps} accumulation x {runtime.world_size} ranks"
-        self.total_steps = rollout_step_count(len(train_set), runtime, self.prompts_per_step,
-                                              args.num_iterations, args, needs)
-        self.batches = None
-        self.parts, self.stats, self.iteration = None, {}, args.num_iterations
-        self.window = {"rollout": 0.0, "update": 0.0}
-
-    @property
-    def policy(self):
-        return unwrap(self.trainer.model)
+class AgentSteps(GroupRelativeSteps):
+    """Agent RL's optimizer steps for the shared Trainer loop (GroupRelativeSteps, as train_grpo.GRPOSteps): a
+    rollout is G multi-turn episodes per prompt, and the log-probs cover only the tokens the policy wrote."""
 
     def describe(self) -> str:
         args = self.args
-        rewards = " + ".join(f"{w:g}*{n}" for n, w in zip(self.reward_names, self.reward_weights))
         return (f"{len(self.train_set):,} prompts, {self.total_steps:,} optimizer steps: {self.prompts_per_step} "
                 f"prompts x {args.num_generations} episodes x {self.runtime.world_size} ranks per rollout, up to "
-                f"{args.max_turns} turns of {args.max_gen_len} tokens; rewards {rewards}; loss {args.loss_type}, "
-                f"beta {args.beta}")
-
-    def step(self) -> StepResult:
-        if self.iteration >= self.args.num_iterations:
-            if self.batches is None:
-                self.batches = prompt_batches(self.train_set, self.trainer.state, self.args.seed,
-                                              self.runtime, self.prompts_per_step)
-            started = time.time()
-            self.parts, self.stats = self.collect(next(self.batches))
-            self.window["rollout"] += time.time() - started
-            self.trainer.state.samples_into_epoch += self.prompts_per_step
-            self.iteration = 0
-        started = time.time()
-        result = self.update(self.parts)
-        result.metrics.update(iteration=self.iteration, **self.stats)
-        self.iteration += 1
-        self.window["update"] += time.time() - started
-        return result
-
-    def can_checkpoint(self) -> bool:
-        return self.iteration >= self.args.num_iterations
-
-    def log_fields(self) -> dict:
-        fields = {"rollout_time": self.window["rollout"], "update_time": self.window["update"]}
-        self.window = dict.fromkeys(self.window, 0.0)
-        return fields
+                f"{args.max_turns} turns of {args.max_gen_len} tokens; rewards {self.describe_rewards()}; "
+                f"loss {args.loss_type}, beta {args.beta}")
 
     def log_line(self, record: dict, total_steps: int) -> str:
         parts = [f"step {record['step']}/{total_steps}", f"reward {record['reward']:.3f}"]
@@ -248,17 +178,13 @@ class AgentSteps:
                   f"rollout {record['rollout_time']:.1f}s update {record['update_time']:.1f}s"]
         return " | ".join(parts)
 
-    @torch.no_grad()
-    def collect(self, items: list[dict]):
-        """Run, score and weigh one step's episodes; returns the micro-batches to train on and the metrics."""
+    def sample(self, policy, items: list[dict]):
+        """Run and score G episodes per prompt; the reward table also counts each episode's turns."""
         args, runtime, G = self.args, self.runtime, self.args.num_generations
-        policy = self.policy
-        policy.eval()
         act = model_policy(policy, self.tokenizer, self.generation_config, runtime.device)
         parts, local = [], []
         with runtime.autocast():
-            for k in range(args.accumulation_steps):
-                chunk = items[k * args.batch_size:(k + 1) * args.batch_size]
+            for chunk in self.prompt_chunks(items):
                 episodes = run_episodes(act, self.tokenizer, chunk, G, args.max_turns)
                 part = episodes_to_rollout(episodes, self.tokenizer.pad_token_id, runtime.device)
                 generated = part.completion_mask.sum(dim=1).float().cpu()
@@ -271,51 +197,13 @@ class AgentSteps:
         table = gather_rows(torch.cat(local), runtime)
         rewards, stats = rollout_statistics(table[:, :-1], self.reward_names, self.reward_weights, G)
         stats["turns"] = table[:, -1].mean().item()
-        advantages = group_advantages(rewards, G, args.scale_rewards)
-        mine = advantages.view(runtime.world_size, -1)[runtime.rank]
-        start = 0
-        for part in parts:
-            part.advantages = mine[start:start + len(part)].to(runtime.device)
-            start += len(part)
-        if args.dynamic_sampling:
-            local_rewards = rewards.view(runtime.world_size, -1)[runtime.rank]
-            parts, dropped = drop_uninformative_groups(parts, local_rewards, G)
-            stats["dropped_groups"] = all_reduce_mean(torch.tensor(float(dropped), device=runtime.device),
-                                                      runtime).item() * runtime.world_size
-        with runtime.autocast():
-            for part in parts:
-                if args.num_iterations > 1:
-                    part.old_logps = rollout_logprobs(policy, part, args.temperature)[0]
-                if self.ref_model is not None:
-                    part.ref_logps = rollout_logprobs(self.ref_model, part, args.temperature)[0]
-        return parts, stats
+        return parts, rewards, stats
 
-    def update(self, parts) -> StepResult:
-        args, runtime, trainer = self.args, self.runtime, self.trainer
-        trainer.model.train()
-        tokens = torch.tensor(float(sum(int(p.completion_mask.sum()) for p in parts)), device=runtime.device)
-        local_tokens = int(tokens.item())
-        if runtime.distributed:
-            dist.all_reduce(tokens)
-        num_items = tokens / (runtime.world_size * args.accumulation_steps)
-        loss_sum = torch.zeros((), device=runtime.device)
-        sums = {}
-        for k, part in enumerate(parts):
-            with trainer.engine.no_sync(k == len(parts) - 1), runtime.autocast():
-                loss, metrics = policy_loss(trainer.model, part, args, num_items)
-            trainer.backward(loss)
-            loss_sum += loss.detach().float()
-            n = metrics.pop("num_tokens").float()
-            for key, value in metrics.items():
-                sums[key] = sums.get(key, 0.0) + value.float() * n
-            sums["num_tokens"] = sums.get("num_tokens", 0.0) + n
-        names = sorted(sums)
-        totals = torch.stack([sums[k] for k in names])
-        if runtime.distributed:
-            dist.all_reduce(totals)
-        count = max(totals[names.index("num_tokens")].item(), 1.0)
-        metrics = {k: totals[i].item() / count for i, k in enumerate(names) if k != "num_tokens"}
-        return StepResult(loss_sum, len(parts), local_tokens, metrics)
+    def logprobs(self, model, part) -> torch.Tensor:
+        return rollout_logprobs(model, part, self.args.temperature)[0]
+
+    def loss(self, model, part, num_items_in_batch) -> tuple[torch.Tensor, dict]:
+        return policy_loss(model, part, self.args, num_items_in_batch)
 
 
 # ============================================================================================================ main
@@ -357,14 +245,10 @@ def main(argv=None):
                        ref_model)
     before = trainer.evaluate(evaluate, 0) if val_set is not None and not trainer.resumed else None
     after = trainer.run(steps, evaluate if val_set is not None else None)
-    if before is not None:
-        for key in ("success", "well_formed", "args_correct", "called_tool", "turns"):
-            print0(f"held-out {key} {before[key]:.4f} -> {after[key]:.4f}")
-    samples = {e.prompt[-1]["content"]: e.completion_messages() for e in last_episodes[:4]}
-    write_summary(args.save_dir, args.save_weight, {"samples": samples}, runtime, merge=True)
-    for episode in last_episodes[:args.show_episodes]:
-        print0(f"episode | {episode.prompt[-1]['content']!r} -> {episode.turns!r} (reference "
-               f"{episode.columns.get('answer')!r})")
+    report_run_end(args, runtime, before, after, ("success", "well_formed", "args_correct", "called_tool", "turns"),
+                   ((e.prompt[-1]["content"], e.completion_messages()) for e in last_episodes),
+                   [f"episode | {e.prompt[-1]['content']!r} -> {e.turns!r} (reference {e.columns.get('answer')!r})"
+                    for e in last_episodes[:args.show_episodes]])
     barrier(runtime)
     cleanup(runtime)
     return {"before": before, "after": after, "weights": trainer.weights_file}

@@ -34,24 +34,19 @@ import argparse
 import time
 
 import torch
-import torch.distributed as dist
-from transformers import GenerationConfig
 
-from model.checkpoint import unwrap
 from model.data.jsonl import default_val_path
 from model.data.prompts import PromptDataset
 from model.device import default_device
 from model.training import rewards as reward_lib
-from model.training.cli import (HelpFormatter, add_common_args, add_data_args, build_model, exit_on_user_error,
-                                start_stage)
+from model.training.cli import (HelpFormatter, add_common_args, add_data_args, add_grpo_loss_args, build_model,
+                                check_group_sampling, exit_on_user_error, start_stage)
 from model.training.frozen import frozen_copy
-from model.training.losses import group_advantages, grpo_loss, with_aux_loss
-from model.training.rollouts import (Rollout, completion_logprobs, correctness, drop_uninformative_groups,
-                                     evaluate_rewards, gather_rows, generate_rollout, prompt_batches,
-                                     rollout_statistics, rollout_step_count, score_rollout)
-from model.training.runtime import all_reduce_mean, barrier, cleanup, print0
-from model.training.tracking import write_summary
-from model.training.trainer import StepResult, Trainer
+from model.training.losses import grpo_loss, with_aux_loss
+from model.training.rollouts import (GroupRelativeSteps, Rollout, completion_logprobs, correctness, evaluate_rewards,
+                                     gather_rows, generate_rollout, report_run_end, rollout_statistics, score_rollout)
+from model.training.runtime import barrier, cleanup, print0
+from model.training.trainer import Trainer
 
 
 def parse_args(argv=None):
@@ -86,35 +81,14 @@ def parse_args(argv=None):
                    help="reward model for open-ended answers (adds the reward_model function): a local transformers "
                         "AutoModelForSequenceClassification directory, or one of our .pth checkpoints holding a "
                         "value head ('score.weight', [1, hidden])")
-    g = parser.add_argument_group("GRPO loss")
-    g.add_argument("--loss_type", default="dapo", choices=["grpo", "bnpo", "dapo", "dr_grpo", "cispo"],
-                   help="how per-token losses are averaged (grpo_loss in model/training/losses.py); dapo = token "
-                        "mean over the whole step (TRL's default)")
-    g.add_argument("--scale_rewards", default="group", choices=["group", "batch", "none"],
-                   help="divide advantages by the group's reward std, the whole batch's, or not at all (Dr. GRPO)")
-    g.add_argument("--beta", type=float, default=0.0,
-                   help="weight of the k3 KL penalty to the frozen starting model (0: no reference model is loaded; "
-                        "DeepSeekMath used 0.04)")
-    g.add_argument("--epsilon", type=float, default=0.2, help="lower clip range of the ratio: 1 - epsilon")
-    g.add_argument("--epsilon_high", type=float, default=None,
-                   help="upper clip range 1 + epsilon_high (default: epsilon; DAPO's clip-higher uses 0.28); "
-                        "for cispo the absolute cap on the ratio (default 5)")
-    g.add_argument("--delta", type=float, default=None,
-                   help="optional cap on the unclipped ratio (INTELLECT-2's two-sided clipping), e.g. 4")
-    g.add_argument("--num_iterations", type=int, default=1,
-                   help="optimizer steps per rollout batch (mu); > 1 makes the ratio and its clipping matter")
-    g.add_argument("--dynamic_sampling", type=int, default=0, choices=[0, 1],
-                   help="1: drop groups whose rewards are all equal before the update (DAPO; they have A = 0)")
+    add_grpo_loss_args(parser)
     g = parser.add_argument_group("held-out evaluation")
     g.add_argument("--eval_samples", type=int, default=256,
                    help="held-out prompts answered greedily per evaluation (0: no held-out evaluation)")
     g.add_argument("--eval_batch_size", type=int, default=64, help="prompts per generate call when evaluating")
     g.add_argument("--show_completions", type=int, default=2, help="print this many held-out answers at the end")
     args = parser.parse_args(argv)
-    if args.num_generations < 2:
-        parser.error("--num_generations must be at least 2: the group is its own baseline")
-    if args.temperature <= 0:
-        parser.error("--temperature must be > 0: GRPO needs different samples of the same prompt")
+    check_group_sampling(parser, args)
     return args
 
 
@@ -135,35 +109,12 @@ def policy_loss(model, rollout: Rollout, args, num_items_in_batch=None) -> tuple
 # ========================================================================================================= the loop
 
 
-class GRPOSteps:
-    """GRPO's optimizer steps for the shared Trainer loop: a step collects a rollout (generate, score, advantages)
-    when the previous one has been used --num_iterations times, then runs the clipped-surrogate update over its
-    micro-batches. The Trainer does the rest (LR, NaN guard, logging, evaluation, checkpoints, SIGTERM); it
-    checkpoints only between rollouts, so a resumed run starts with a fresh rollout exactly where the uninterrupted
-    run would."""
+class GRPOSteps(GroupRelativeSteps):
+    """GRPO's optimizer steps for the shared Trainer loop (GroupRelativeSteps): a rollout is one batched generate
+    call per micro-batch, scored by the reward functions. Its log lines also time generation alone, in tokens per
+    second."""
 
-    def __init__(self, args, trainer: Trainer, runtime, tokenizer, train_set, reward_funcs, reward_names,
-                 reward_weights, ref_model=None):
-        self.args, self.trainer, self.runtime, self.tokenizer = args, trainer, runtime, tokenizer
-        self.train_set, self.ref_model = train_set, ref_model
-        self.reward_funcs, self.reward_names, self.reward_weights = reward_funcs, reward_names, reward_weights
-        self.prompts_per_step = args.batch_size * args.accumulation_steps
-        self.generation_config = GenerationConfig(
-            max_new_tokens=args.max_gen_len, do_sample=True, temperature=args.temperature, top_p=args.top_p,
-            top_k=args.top_k, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-            bos_token_id=tokenizer.bos_token_id)
-        needs = f"{args.batch_size} x {args.accumulation_steps} accumulation x {runtime.world_size} ranks"
-        self.total_steps = rollout_step_count(len(train_set), runtime, self.prompts_per_step,
-                                              args.num_iterations, args, needs)
-        self.batches = None  # this rank's prompt batches, created at the first step (after a resume is loaded)
-        self.parts, self.stats, self.iteration = None, {}, args.num_iterations
-        # Time per phase since the last log line: rollout = generation + rewards + pi_old/pi_ref passes.
-        self.window = {"rollout": 0.0, "update": 0.0, "tokens": 0.0, "generation": 0.0}
-
-    @property
-    def policy(self):
-        """The bare model (generation and no-grad passes bypass DDP)."""
-        return unwrap(self.trainer.model)
+    window_keys = ("rollout", "update", "tokens", "generation")  # + generated tokens and the seconds it took
 
     def describe(self) -> str:
         args = self.args
@@ -172,38 +123,11 @@ class GRPOSteps:
                 f"{args.num_iterations} update(s) per rollout; rewards {self.describe_rewards()}; "
                 f"loss {args.loss_type}, beta {args.beta}")
 
-    def describe_rewards(self) -> str:
-        return " + ".join(f"{w:g}*{n}" for n, w in zip(self.reward_names, self.reward_weights))
-
-    # ---- one optimizer step: a rollout when the last one is used up, then an update ----------------------------
-    def step(self) -> StepResult:
-        if self.iteration >= self.args.num_iterations:
-            if self.batches is None:
-                self.batches = prompt_batches(self.train_set, self.trainer.state, self.args.seed,
-                                              self.runtime, self.prompts_per_step)
-            started = time.time()
-            self.parts, self.stats = self.collect(next(self.batches))
-            self.window["rollout"] += time.time() - started
-            self.window["tokens"] += self.stats.pop("generated_tokens")
-            self.window["generation"] += self.stats.pop("generation_time")
-            self.trainer.state.samples_into_epoch += self.prompts_per_step
-            self.iteration = 0
-        started = time.time()
-        result = self.update(self.parts)
-        result.metrics.update(iteration=self.iteration, **self.stats)
-        self.iteration += 1
-        self.window["update"] += time.time() - started
-        return result
-
-    def can_checkpoint(self) -> bool:
-        return self.iteration >= self.args.num_iterations
-
     def log_fields(self) -> dict:
         window, spent = self.window, self.window["rollout"] + self.window["update"]
-        fields = {"rollout_time": window["rollout"], "update_time": window["update"],
-                  "rollout_share": window["rollout"] / max(spent, 1e-9),
-                  "generation_tokens_per_sec": window["tokens"] / max(window["generation"], 1e-9)}
-        self.window = dict.fromkeys(window, 0.0)
+        fields = super().log_fields()
+        fields.update(rollout_share=window["rollout"] / max(spent, 1e-9),
+                      generation_tokens_per_sec=window["tokens"] / max(window["generation"], 1e-9))
         return fields
 
     def log_line(self, record: dict, total_steps: int) -> str:
@@ -221,17 +145,12 @@ class GRPOSteps:
         return " | ".join(parts)
 
     # ---- 1 + 2: rollout and rewards ------------------------------------------------------------------------
-    @torch.no_grad()
-    def collect(self, items: list[dict]) -> tuple[list[Rollout], dict]:
-        """Generate, score, compute advantages (and pi_old / pi_ref log-probs when needed) for one step's prompts.
-        Returns the micro-batches to train on and the batch's metrics."""
+    def sample(self, policy, items: list[dict]) -> tuple[list[Rollout], torch.Tensor, dict]:
+        """G completions per prompt, one generate call per micro-batch, scored by every reward function."""
         args, runtime, G = self.args, self.runtime, self.args.num_generations
-        policy = self.policy
-        policy.eval()
         parts, started = [], time.time()
         with runtime.autocast():
-            for k in range(args.accumulation_steps):
-                chunk = items[k * args.batch_size:(k + 1) * args.batch_size]
+            for chunk in self.prompt_chunks(items):
                 parts.append(generate_rollout(policy, self.tokenizer, chunk, G, self.generation_config,
                                               runtime.device))
         generation_time = time.time() - started
@@ -247,59 +166,16 @@ class GRPOSteps:
                 part.completion_mask = part.completion_mask * ended[:, None].long()
         table = gather_rows(torch.cat(local), runtime)
         rewards, stats = rollout_statistics(table, self.reward_names, self.reward_weights, G)
-        stats["generated_tokens"] = table[:, len(self.reward_names) + 1].sum().item()
-        stats["generation_time"] = generation_time
-        advantages = group_advantages(rewards, G, args.scale_rewards)
-        mine = advantages.view(runtime.world_size, -1)[runtime.rank]
-        start = 0
-        for part in parts:
-            part.advantages = mine[start:start + len(part)].to(runtime.device)
-            start += len(part)
-
-        if args.dynamic_sampling:
-            local_rewards = rewards.view(runtime.world_size, -1)[runtime.rank]
-            parts, dropped = drop_uninformative_groups(parts, local_rewards, G)
-            stats["dropped_groups"] = all_reduce_mean(torch.tensor(float(dropped), device=runtime.device),
-                                                      runtime).item() * runtime.world_size
-
-        with runtime.autocast():
-            for part in parts:
-                if args.num_iterations > 1:  # pi_old: the policy that sampled, frozen for all mu updates
-                    part.old_logps = completion_logprobs(policy, part, args.temperature)[0]
-                if self.ref_model is not None:
-                    part.ref_logps = completion_logprobs(self.ref_model, part, args.temperature)[0]
-        return parts, stats
+        self.window["tokens"] += table[:, len(self.reward_names) + 1].sum().item()
+        self.window["generation"] += generation_time
+        return parts, rewards, stats
 
     # ---- 3: update -------------------------------------------------------------------------------------------
-    def update(self, parts: list[Rollout]) -> StepResult:
-        """The forward and backward passes of one optimizer step over all micro-batches of the rollout."""
-        args, runtime, trainer = self.args, self.runtime, self.trainer
-        trainer.model.train()
-        tokens = torch.tensor(float(sum(int(p.completion_mask.sum()) for p in parts)), device=runtime.device)
-        local_tokens = int(tokens.item())
-        if runtime.distributed:
-            dist.all_reduce(tokens)
-        # dapo/cispo divide by the step's token count. The engine also divides each micro-batch loss by
-        # accumulation_steps, and DDP averages over ranks, so the per-call normaliser is tokens / (ranks * accum).
-        num_items = tokens / (runtime.world_size * args.accumulation_steps)
-        loss_sum = torch.zeros((), device=runtime.device)
-        sums = {}  # kl, ratio, clip fractions...: token-weighted over micro-batches and ranks
-        for k, part in enumerate(parts):
-            with trainer.engine.no_sync(k == len(parts) - 1), runtime.autocast():
-                loss, metrics = policy_loss(trainer.model, part, args, num_items)
-            trainer.backward(loss)
-            loss_sum += loss.detach().float()
-            n = metrics.pop("num_tokens").float()
-            for key, value in metrics.items():
-                sums[key] = sums.get(key, 0.0) + value.float() * n
-            sums["num_tokens"] = sums.get("num_tokens", 0.0) + n
-        names = sorted(sums)  # the same keys in the same order on every rank, for one all_reduce
-        totals = torch.stack([sums[k] for k in names])
-        if runtime.distributed:
-            dist.all_reduce(totals)
-        count = max(totals[names.index("num_tokens")].item(), 1.0)
-        metrics = {k: totals[i].item() / count for i, k in enumerate(names) if k != "num_tokens"}
-        return StepResult(loss_sum, len(parts), local_tokens, metrics)
+    def logprobs(self, model, part: Rollout) -> torch.Tensor:
+        return completion_logprobs(model, part, self.args.temperature)[0]
+
+    def loss(self, model, part: Rollout, num_items_in_batch) -> tuple[torch.Tensor, dict]:
+        return policy_loss(model, part, self.args, num_items_in_batch)
 
 
 # ============================================================================================================ main
@@ -345,14 +221,10 @@ def main(argv=None):
                       ref_model)
     before = trainer.evaluate(evaluate, 0) if val_set is not None and not trainer.resumed else None
     after = trainer.run(steps, evaluate if val_set is not None else None)
-    if before is not None:
-        for key in ("reward", "accuracy", "completion_length"):
-            if key in before:
-                print0(f"held-out {key} {before[key]:.4f} -> {after[key]:.4f}")
-    write_summary(args.save_dir, args.save_weight,
-                  {"samples": {prompt: text for prompt, text, _ in last_answers[:4]}}, runtime, merge=True)
-    for prompt, text, answer in last_answers[:args.show_completions]:
-        print0(f"answer | {prompt!r} -> {text!r} (reference {answer!r})")
+    report_run_end(args, runtime, before, after, ("reward", "accuracy", "completion_length"),
+                   ((prompt, text) for prompt, text, _ in last_answers),
+                   [f"answer | {prompt!r} -> {text!r} (reference {answer!r})"
+                    for prompt, text, answer in last_answers[:args.show_completions]])
     barrier(runtime)
     cleanup(runtime)
     return {"before": before, "after": after, "weights": trainer.weights_file}

@@ -67,9 +67,8 @@ from model.training.losses import k3_kl, token_logprobs, with_aux_loss
 from model.training.ppo import gae, kl_penalty_rewards, masked_mean, masked_whiten, ppo_policy_loss, \
     ppo_value_loss
 from model.training.rollouts import (completion_logprobs, gather_rows, generate_rollout, prompt_batches,
-                                     rollout_step_count, score_rollout)
+                                     report_run_end, rollout_step_count, score_rollout)
 from model.training.runtime import barrier, cleanup, print0
-from model.training.tracking import write_summary
 from model.training.trainer import StepResult, Trainer
 
 
@@ -575,13 +574,10 @@ def main(argv=None):
     steps = PPOSteps(args, trainer, runtime, tokenizer, train_set, scorer, ref_model)
     before = trainer.evaluate(evaluate, 0) if val_set is not None and not trainer.resumed else None
     after = trainer.run(steps, evaluate if val_set is not None else None)
-    if before is not None:
-        for key in ("score", "kl", "completion_length", "eos_rate"):
-            print0(f"held-out {key} {before[key]:.4f} -> {after[key]:.4f}")
-    write_summary(args.save_dir, args.save_weight,
-                  {"samples": {prompt: text for prompt, text, _ in last_samples[:4]}}, runtime, merge=True)
-    for prompt, text, score in last_samples[:args.show_completions]:
-        print0(f"reply | {prompt!r} -> {text!r} (score {score:.3f})")
+    report_run_end(args, runtime, before, after, ("score", "kl", "completion_length", "eos_rate"),
+                   ((prompt, text) for prompt, text, _ in last_samples),
+                   [f"reply | {prompt!r} -> {text!r} (score {score:.3f})"
+                    for prompt, text, score in last_samples[:args.show_completions]])
     barrier(runtime)
     cleanup(runtime)
     return {"before": before, "after": after, "weights": trainer.weights_file}

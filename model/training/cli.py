@@ -160,6 +160,37 @@ def add_data_args(parser: argparse.ArgumentParser, data_path: str, contents: str
     return g
 
 
+def add_grpo_loss_args(parser: argparse.ArgumentParser):
+    """The clipped-surrogate flags train_grpo.py and train_agent.py share (grpo_loss in model/training/losses.py)."""
+    g = parser.add_argument_group("GRPO loss")
+    g.add_argument("--loss_type", default="dapo", choices=["grpo", "bnpo", "dapo", "dr_grpo", "cispo"],
+                   help="how per-token losses are averaged; dapo = token mean over the whole step (TRL's default)")
+    g.add_argument("--scale_rewards", default="group", choices=["group", "batch", "none"],
+                   help="divide advantages by the group's reward std, the whole batch's, or not at all (Dr. GRPO)")
+    g.add_argument("--beta", type=float, default=0.0,
+                   help="weight of the k3 KL penalty to the frozen starting model (0: no reference model is loaded; "
+                        "DeepSeekMath used 0.04)")
+    g.add_argument("--epsilon", type=float, default=0.2, help="lower clip range of the ratio: 1 - epsilon")
+    g.add_argument("--epsilon_high", type=float, default=None,
+                   help="upper clip range 1 + epsilon_high (default: epsilon; DAPO's clip-higher uses 0.28); "
+                        "for cispo the absolute cap on the ratio (default 5)")
+    g.add_argument("--delta", type=float, default=None,
+                   help="optional cap on the unclipped ratio (INTELLECT-2's two-sided clipping), e.g. 4")
+    g.add_argument("--num_iterations", type=int, default=1,
+                   help="optimizer steps per rollout batch (mu); > 1 makes the ratio and its clipping matter")
+    g.add_argument("--dynamic_sampling", type=int, default=0, choices=[0, 1],
+                   help="1: drop groups whose rewards are all equal before the update (DAPO; they have A = 0)")
+    return g
+
+
+def check_group_sampling(parser: argparse.ArgumentParser, args) -> None:
+    """GRPO's baseline is the group: it needs at least two different samples of each prompt."""
+    if args.num_generations < 2:
+        parser.error("--num_generations must be at least 2: the group is its own baseline")
+    if args.temperature <= 0:
+        parser.error("--temperature must be > 0: GRPO needs different samples of the same prompt")
+
+
 MODEL_FLAGS = ["hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
                "use_moe", "use_mla", "moe_balance", "num_experts", "num_experts_per_tok", "bias_update_speed",
                "aux_loss_alpha", "dropout"]

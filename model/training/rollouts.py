@@ -1,16 +1,22 @@
-"""On-policy rollouts for GRPO (and the RL stages to come): B prompts x G completions sampled in one batched,
-KV-cached `generate` call, the completion masks, the log-probs of the sampled tokens, and the rewards and their
-batch statistics."""
+"""On-policy rollouts for GRPO, agent RL and PPO: B prompts x G completions sampled in one batched, KV-cached
+`generate` call, the completion masks, the log-probs of the sampled tokens, the rewards and their batch statistics,
+the optimizer steps GRPO and agent RL share (GroupRelativeSteps) and the end-of-run report of every RL stage."""
+import itertools
+import time
 from dataclasses import dataclass, field, replace
 
 import torch
 import torch.distributed as dist
 from transformers import GenerationConfig
 
+from ..checkpoint import unwrap
 from ..generation import left_pad
 from . import rewards as reward_lib
+from .losses import group_advantages, token_logprobs
+from .runtime import all_reduce_mean, print0
 from .schedule import ResumableSampler
-from .losses import token_logprobs
+from .tracking import write_summary
+from .trainer import StepResult
 
 
 @dataclass
@@ -225,3 +231,164 @@ def rollout_step_count(num_prompts: int, runtime, per_rollout: int, steps_per_ro
     if args.max_steps > 0:
         total = min(total, args.max_steps) if args.epochs > 0 else args.max_steps
     return total
+
+
+class GroupRelativeSteps:
+    """The optimizer steps of group-relative policy optimisation for the shared Trainer loop: a step collects a
+    rollout (B prompts x G samples, their rewards, group-relative advantages) when the previous one has been used
+    --num_iterations times, then runs the clipped-surrogate update over its micro-batches. The Trainer does the rest
+    (LR, NaN guard, logging, evaluation, checkpoints, SIGTERM); it checkpoints only between rollouts, so a resumed
+    run starts with a fresh rollout exactly where the uninterrupted run would.
+
+    It exists because GRPO (train_grpo.py, one completion per sample) and agent RL (train_agent.py, a multi-turn
+    tool-calling episode per sample) differ only in how a step's prompts become samples and a reward table, and in
+    which tokens the log-probs cover; the advantages, dynamic sampling, pi_old / pi_ref passes, the token-weighted
+    update and its resume rules must stay identical. A subclass supplies `sample`, `logprobs`, `loss`, `describe`
+    and `log_line`."""
+
+    # What log_fields sums since the last log line: the seconds of each phase (rollout = sampling + rewards +
+    # pi_old/pi_ref passes); a subclass may add keys of its own.
+    window_keys = ("rollout", "update")
+
+    def __init__(self, args, trainer, runtime, tokenizer, train_set, reward_funcs, reward_names, reward_weights,
+                 ref_model=None):
+        self.args, self.trainer, self.runtime, self.tokenizer = args, trainer, runtime, tokenizer
+        self.train_set, self.ref_model = train_set, ref_model
+        self.reward_funcs, self.reward_names, self.reward_weights = reward_funcs, reward_names, reward_weights
+        self.prompts_per_step = args.batch_size * args.accumulation_steps
+        self.generation_config = GenerationConfig(
+            max_new_tokens=args.max_gen_len, do_sample=True, temperature=args.temperature, top_p=args.top_p,
+            top_k=args.top_k, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=tokenizer.bos_token_id)
+        needs = f"{args.batch_size} x {args.accumulation_steps} accumulation x {runtime.world_size} ranks"
+        self.total_steps = rollout_step_count(len(train_set), runtime, self.prompts_per_step,
+                                              args.num_iterations, args, needs)
+        self.batches = None  # this rank's prompt batches, created at the first step (after a resume is loaded)
+        self.parts, self.stats, self.iteration = None, {}, args.num_iterations
+        self.window = dict.fromkeys(self.window_keys, 0.0)
+
+    @property
+    def policy(self):
+        """The bare model (generation and no-grad passes bypass DDP)."""
+        return unwrap(self.trainer.model)
+
+    def describe_rewards(self) -> str:
+        return " + ".join(f"{w:g}*{n}" for n, w in zip(self.reward_names, self.reward_weights))
+
+    # ---- what a subclass supplies ------------------------------------------------------------------------------
+    def sample(self, policy, items: list[dict]) -> tuple[list[Rollout], torch.Tensor, dict]:
+        """Sample G answers to each of this step's prompts with `policy` (in eval mode, no grad) and score them.
+        Returns this rank's micro-batches, the combined reward of every rank's samples in rank order, and the
+        batch's metrics."""
+        raise NotImplementedError
+
+    def logprobs(self, model, part: Rollout) -> torch.Tensor:
+        """[N, C] log-probs of the trained tokens of one micro-batch under `model` (pi_old and pi_ref)."""
+        raise NotImplementedError
+
+    def loss(self, model, part: Rollout, num_items_in_batch) -> tuple[torch.Tensor, dict]:
+        """The loss of one micro-batch and its metrics, with "num_tokens" among them."""
+        raise NotImplementedError
+
+    def prompt_chunks(self, items: list[dict]) -> list[list[dict]]:
+        """One step's prompts cut into its --accumulation_steps micro-batches."""
+        size = self.args.batch_size
+        return [items[k * size:(k + 1) * size] for k in range(self.args.accumulation_steps)]
+
+    # ---- one optimizer step: a rollout when the last one is used up, then an update ----------------------------
+    def step(self) -> StepResult:
+        if self.iteration >= self.args.num_iterations:
+            if self.batches is None:
+                self.batches = prompt_batches(self.train_set, self.trainer.state, self.args.seed,
+                                              self.runtime, self.prompts_per_step)
+            started = time.time()
+            self.parts, self.stats = self.collect(next(self.batches))
+            self.window["rollout"] += time.time() - started
+            self.trainer.state.samples_into_epoch += self.prompts_per_step
+            self.iteration = 0
+        started = time.time()
+        result = self.update(self.parts)
+        result.metrics.update(iteration=self.iteration, **self.stats)
+        self.iteration += 1
+        self.window["update"] += time.time() - started
+        return result
+
+    def can_checkpoint(self) -> bool:
+        return self.iteration >= self.args.num_iterations
+
+    def log_fields(self) -> dict:
+        fields = {"rollout_time": self.window["rollout"], "update_time": self.window["update"]}
+        self.window = dict.fromkeys(self.window, 0.0)
+        return fields
+
+    @torch.no_grad()
+    def collect(self, items: list[dict]) -> tuple[list[Rollout], dict]:
+        """Sample and score one step's prompts, then compute advantages (and pi_old / pi_ref log-probs when
+        needed). Returns the micro-batches to train on and the batch's metrics."""
+        args, runtime, G = self.args, self.runtime, self.args.num_generations
+        policy = self.policy
+        policy.eval()
+        parts, rewards, stats = self.sample(policy, items)
+        # From every rank's rewards: batch-scaled advantages need the global std, and ranks must agree on "good".
+        advantages = group_advantages(rewards, G, args.scale_rewards)
+        mine = advantages.view(runtime.world_size, -1)[runtime.rank]
+        start = 0
+        for part in parts:
+            part.advantages = mine[start:start + len(part)].to(runtime.device)
+            start += len(part)
+        if args.dynamic_sampling:
+            local_rewards = rewards.view(runtime.world_size, -1)[runtime.rank]
+            parts, dropped = drop_uninformative_groups(parts, local_rewards, G)
+            stats["dropped_groups"] = all_reduce_mean(torch.tensor(float(dropped), device=runtime.device),
+                                                      runtime).item() * runtime.world_size
+        with runtime.autocast():
+            for part in parts:
+                if args.num_iterations > 1:  # pi_old: the policy that sampled, frozen for all mu updates
+                    part.old_logps = self.logprobs(policy, part)
+                if self.ref_model is not None:
+                    part.ref_logps = self.logprobs(self.ref_model, part)
+        return parts, stats
+
+    def update(self, parts: list[Rollout]) -> StepResult:
+        """The forward and backward passes of one optimizer step over all micro-batches of the rollout."""
+        args, runtime, trainer = self.args, self.runtime, self.trainer
+        trainer.model.train()
+        tokens = torch.tensor(float(sum(int(p.completion_mask.sum()) for p in parts)), device=runtime.device)
+        local_tokens = int(tokens.item())
+        if runtime.distributed:
+            dist.all_reduce(tokens)
+        # dapo/cispo divide by the step's token count. The engine also divides each micro-batch loss by
+        # accumulation_steps, and DDP averages over ranks, so the per-call normaliser is tokens / (ranks * accum).
+        num_items = tokens / (runtime.world_size * args.accumulation_steps)
+        loss_sum = torch.zeros((), device=runtime.device)
+        sums = {}  # kl, ratio, clip fractions...: token-weighted over micro-batches and ranks
+        for k, part in enumerate(parts):
+            with trainer.engine.no_sync(k == len(parts) - 1), runtime.autocast():
+                loss, metrics = self.loss(trainer.model, part, num_items)
+            trainer.backward(loss)
+            loss_sum += loss.detach().float()
+            n = metrics.pop("num_tokens").float()
+            for key, value in metrics.items():
+                sums[key] = sums.get(key, 0.0) + value.float() * n
+            sums["num_tokens"] = sums.get("num_tokens", 0.0) + n
+        names = sorted(sums)  # the same keys in the same order on every rank, for one all_reduce
+        totals = torch.stack([sums[k] for k in names])
+        if runtime.distributed:
+            dist.all_reduce(totals)
+        count = max(totals[names.index("num_tokens")].item(), 1.0)
+        metrics = {k: totals[i].item() / count for i, k in enumerate(names) if k != "num_tokens"}
+        return StepResult(loss_sum, len(parts), local_tokens, metrics)
+
+
+def report_run_end(args, runtime, before: dict | None, after: dict, keys, samples, shown: list[str]):
+    """How every RL stage ends: each held-out metric in `keys` that was measured as "held-out key before -> after"
+    (when the run measured a before, i.e. was not resumed), the first four (prompt, answer) pairs of `samples`
+    into the run's summary JSON (the report shows them) and the `shown` lines, a few held-out answers, printed."""
+    if before is not None:
+        for key in keys:
+            if key in before:
+                print0(f"held-out {key} {before[key]:.4f} -> {after[key]:.4f}")
+    write_summary(args.save_dir, args.save_weight, {"samples": dict(itertools.islice(samples, 4))}, runtime,
+                  merge=True)
+    for line in shown:
+        print0(line)
