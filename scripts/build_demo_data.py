@@ -777,30 +777,6 @@ class Sum:
     def held_out(self) -> bool:
         return is_held_out(f"sum:{self.expression}", ARITHMETIC_VAL_FRACTION)
 
-    def steps(self, lang: str) -> list[str]:
-        """Make-ten steps a child would write: '8 + 5 = 8 + 2 + 3.', '8 + 2 = 10.', '10 + 3 = 13.'"""
-        a, b, result = self.a, self.b, self.result
-        if self.op == "+":
-            if b >= 10:
-                equations = [f"{a} + {b} = {a} + 10 + {b - 10}", f"{a} + 10 = {a + 10}",
-                             f"{a + 10} + {b - 10} = {result}"]
-            elif 0 < 10 - a % 10 < b:
-                to_ten = 10 - a % 10
-                equations = [f"{a} + {b} = {a} + {to_ten} + {b - to_ten}", f"{a} + {to_ten} = {a + to_ten}",
-                             f"{a + to_ten} + {b - to_ten} = {result}"]
-            else:
-                equations = [f"{a} + {b} = {result}"]
-        elif b >= 10:
-            equations = [f"{a} - {b} = {a} - 10 - {b - 10}", f"{a} - 10 = {a - 10}", f"{a - 10} - {b - 10} = {result}"]
-        elif 0 < a % 10 < b:
-            ones = a % 10
-            equations = [f"{a} - {b} = {a} - {ones} - {b - ones}", f"{a} - {ones} = {a - ones}",
-                         f"{a - ones} - {b - ones} = {result}"]
-        else:
-            equations = [f"{a} - {b} = {result}"]
-        full_stop = "。" if lang == "zh" else "."
-        return [equation + full_stop for equation in equations]
-
     def digit_steps(self) -> list[str]:
         """Column arithmetic, one digit at a time, the same in both languages: 'ones: 7 + 8 = 15' (a one-digit fact;
         its tens digit is the carry), 'tens: 1 + 0 + 1 = 2' (tens digits plus the carry); the answer is the tens
@@ -826,46 +802,34 @@ def all_sums() -> list[Sum]:
 @dataclass
 class SumProblem:
     question: str
-    reasoning: list[str]  # lines of the <think> block
     answer: str
 
 
 def sum_problem(rng: random.Random, problem: Sum, lang: str, worded: bool) -> SumProblem:
-    """Phrase a sum as a bare question or a short word problem, with step-by-step reasoning."""
-    steps = problem.steps(lang)
-    result = problem.result
+    """Phrase a sum as a bare question or a short word problem. Every number stands after a space (' 7', never '7'):
+    the tokenizer spells a number differently at the start of a text or after a Chinese character than after a space,
+    and a small model copies a token far more easily than it maps one spelling to another (docs/grpo.md)."""
+    a, b, expression, result = problem.a, problem.b, problem.expression, str(problem.result)
     if lang == "en":
-        closing = f"So the answer is {result}."
         if not worded:
-            question = rng.choice([f"What is {problem.expression}?", f"Compute {problem.expression}.",
-                                   f"{problem.expression} = ?"])
-            return SumProblem(question, steps + [closing], str(result))
+            return SumProblem(rng.choice([f"What is {expression}?", f"Compute {expression}.", f"Find {expression}."]),
+                              result)
         name = rng.choice(EN_NAMES)
         singular, plural = rng.choice(EN_OBJECTS)
-        things = singular if problem.a == 1 else plural
+        things = singular if a == 1 else plural
         if problem.op == "+":
-            question = (f"{name} has {problem.a} {things} and gets {problem.b} more. "
-                        f"How many {plural} does {name} have now?")
-            setup = f"{name} starts with {problem.a} and gets {problem.b} more, so we add: {problem.expression}."
-        else:
-            question = (f"{name} has {problem.a} {things} and gives {problem.b} to a friend. "
-                        f"How many {plural} does {name} have left?")
-            setup = f"{name} starts with {problem.a} and gives away {problem.b}, so we subtract: {problem.expression}."
-        return SumProblem(question, [setup] + steps + [closing], str(result))
-    closing = f"所以答案是{result}。"
+            return SumProblem(f"{name} has {a} {things} and gets {b} more. How many {plural} does {name} have now?",
+                              result)
+        return SumProblem(f"{name} has {a} {things} and gives {b} to a friend. How many {plural} does {name} have "
+                          f"left?", result)
     if not worded:
-        question = rng.choice([f"{problem.expression} 等于多少？", f"计算：{problem.expression} = ?",
-                               f"{problem.expression} = ?"])
-        return SumProblem(question, steps + [closing], str(result))
+        question = rng.choice([f"请问 {expression} 等于多少？", f"计算 {expression} = ?", f"算一算 {expression}。"])
+        return SumProblem(question, result)
     name = rng.choice(ZH_NAMES)
     unit, thing = rng.choice(ZH_OBJECTS)
     if problem.op == "+":
-        question = f"{name}有{problem.a}{unit}{thing}，又得到了{problem.b}{unit}。{name}现在有几{unit}{thing}？"
-        setup = f"原来有{problem.a}{unit}，又得到{problem.b}{unit}，用加法：{problem.expression}。"
-    else:
-        question = f"{name}有{problem.a}{unit}{thing}，送给朋友{problem.b}{unit}。{name}还剩几{unit}{thing}？"
-        setup = f"原来有{problem.a}{unit}，送出{problem.b}{unit}，用减法：{problem.expression}。"
-    return SumProblem(question, [setup] + steps + [closing], str(result))
+        return SumProblem(f"{name}有 {a} {unit}{thing}，又得到了 {b} {unit}。{name}现在有几{unit}{thing}？", result)
+    return SumProblem(f"{name}有 {a} {unit}{thing}，送给朋友 {b} {unit}。{name}还剩几{unit}{thing}？", result)
 
 
 def random_sum_problem(rng: random.Random, problem: Sum) -> tuple[SumProblem, str]:
@@ -1037,13 +1001,11 @@ def chatterbot_sft(corpus: dict[str, dict[str, list[list[str]]]], rng: random.Ra
 
 
 def arithmetic_sft(rng: random.Random) -> Split:
-    """The GRPO prompt format with worked answers (so GRPO starts above zero), plus plain 'a + b = c' answers."""
+    """Every sum in the GRPO prompt format, worked digit by digit as demo_reason and GRPO expect, so the SFT model
+    already copies a prompt's numbers into its reasoning; plus plain 'a + b = c' answers."""
     split = Split()
     for problem in all_sums():
-        if rng.random() < 0.55:
-            question, lang = random_sum_problem(rng, problem)
-            answer = think_answer("\n".join(question.reasoning), question.answer)
-            split.add(chat(with_format_hint(question.question, lang), answer), problem.held_out())
+        split.add(chat(*digit_sum_problem(rng, problem)), problem.held_out())
         if rng.random() < 0.3:
             question, _ = random_sum_problem(rng, problem)
             split.add(chat(question.question, f"{problem.expression} = {problem.result}"), problem.held_out())
@@ -1360,16 +1322,18 @@ def three_operand_problem(rng: random.Random, lang: str) -> tuple[str, str, str,
     if lang == "en":
         question = rng.choice([f"What is {expression}?", f"Compute {expression}."])
     else:
-        question = rng.choice([f"{expression} 等于多少？", f"计算：{expression}"])
-    steps = [expression, first.expression] + first.digit_steps() + [second.expression] + second.digit_steps()
+        question = rng.choice([f"请问 {expression} 等于多少？", f"计算 {expression}。"])
+    steps = [f"solve: {expression}", f"step: {first.expression}", *first.digit_steps(),
+             f"step: {second.expression}", *second.digit_steps()]
     return f"sum3:{expression}", question, "\n".join(steps), str(second.result)
 
 
 def digit_sum_problem(rng: random.Random, problem: Sum) -> tuple[str, str]:
     """A GRPO-style prompt (random language and phrasing, with the format hint) and its column-arithmetic reply:
-    the sum written out (a word problem's numbers and operation), then its digit steps."""
+    'solve: ' and the sum (a word problem's numbers and operation, each number spelled as in the prompt), then its
+    digit steps."""
     question, lang = random_sum_problem(rng, problem)
-    reasoning = "\n".join([problem.expression] + problem.digit_steps())
+    reasoning = "\n".join([f"solve: {problem.expression}"] + problem.digit_steps())
     return with_format_hint(question.question, lang), think_answer(reasoning, question.answer)
 
 

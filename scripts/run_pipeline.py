@@ -83,7 +83,10 @@ def build_recipe(out: str, quick: bool, recipe: str = "demo", data_dir: str = "d
     sft_data = data("sft") + tokenizer
     # real data at the GPU recipe's sizes: each held-out split is big enough; MiniMind's identity set is small
     lora_flags = data("lora") + tokenizer + (["--keyword", "MiniMind", "--val_fraction", "0.1"] if gpu else [])
-    reason_flags = data("reason") + tokenizer + (["--max_seq_len", "1024"] if gpu and not quick else [])
+    # The demo's sums need eight passes before the model copies a prompt's numbers into its reasoning (one pass: a
+    # memorised sum whatever the prompt; docs/grpo.md); 133 steps an epoch, under a minute each.
+    reason_flags = data("reason") + tokenizer + (["--max_seq_len", "1024"] if gpu and not quick else []) + \
+        (["--epochs", "8"] if not gpu and not quick else [])
     distill_limit = ["--max_steps", "2000"] if gpu and not quick else []
     # The teacher must beat what the student reaches alone: in the demo it gets three passes over the SFT chats
     # (one left it worse than the CE-only student, docs/distillation.md); on MiniMind's large file one is plenty.
@@ -140,7 +143,9 @@ def build_recipe(out: str, quick: bool, recipe: str = "demo", data_dir: str = "d
                     "--output", f"{out}/summaries/agent_toolcall.json", *agent_eval]],
                   f"{out}/agent_{hidden}.pth"),
         "eval": ([[py, "eval_model.py", "--save_dir", out, "--weight", weight, *tokenizer, *size, *lora,
-                   *prompts, "--temperature", "0", "--max_new_tokens", "24" if quick else "96",
+                   # plain greedy, as every stage's own held-out metric: a repetition penalty breaks digit steps
+                   *prompts, "--temperature", "0", "--repetition_penalty", "1.0",
+                   "--max_new_tokens", "24" if quick else "96",
                    "--output", f"{out}/summaries/samples_{name}.json"]
                   for name, weight, lora, prompts in eval_commands(gpu, quick)],
                  f"{out}/summaries/samples_grpo.json"),

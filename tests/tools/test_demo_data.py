@@ -159,31 +159,48 @@ def test_worked_answers_match_the_question(name, suffix):
     assert checked > 10
 
 
+@pytest.mark.parametrize("name", ["demo_reason", "demo_sft"])
 @pytest.mark.parametrize("suffix", ["", "_val"])
-def test_reasoning_sums_are_worked_digit_by_digit(suffix):
-    """demo_reason's sums: the sum, then 'ones: a0 + b0 = s' and 'tens: a1 + b1 + carry = t' (or the borrowing
-    'ones: 13 - 5 = 8', 'tens: 1 - 0 - 1 = 0'); the answer is t followed by the last digit of s."""
+def test_reasoning_sums_are_worked_digit_by_digit(name, suffix):
+    """The worked sums: 'solve: a + b' (or 'step: a + b' inside a three-number sum), then 'ones: a0 + b0 = s' and
+    'tens: a1 + b1 + carry = t' (or the borrowing 'ones: 13 - 5 = 8', 'tens: 1 - 0 - 1 = 0'); the answer is t
+    followed by the last digit of s."""
     checked = 0
-    for sample in load("demo_reason", suffix):
+    for sample in load(name, suffix):
         match = THINK_ANSWER.match(sample["conversations"][-1]["content"])
         lines = match["reasoning"].splitlines() if match else []
         for at, line in enumerate(lines):
-            if not re.fullmatch(r"\d+ [+-] \d+", line):
+            if not (sum_line := re.fullmatch(r"(?:solve|step): (\d+ [+-] \d+)", line)):
                 continue
-            (a_tens, a_ones), (b_tens, b_ones) = (divmod(int(n), 10) for n in line.split()[::2])
+            expression = sum_line[1]
+            (a_tens, a_ones), (b_tens, b_ones) = (divmod(int(n), 10) for n in expression.split()[::2])
             ones, tens = (int(step.split(" = ")[1]) for step in lines[at + 1:at + 3])
-            if "+" in line:
+            if "+" in expression:
                 assert lines[at + 1:at + 3] == [f"ones: {a_ones} + {b_ones} = {ones}",
                                                 f"tens: {a_tens} + {b_tens} + {ones // 10} = {tens}"], lines
             else:
                 borrow = int(a_ones < b_ones)
                 assert lines[at + 1:at + 3] == [f"ones: {a_ones + 10 * borrow} - {b_ones} = {ones}",
                                                 f"tens: {a_tens} - {b_tens} - {borrow} = {tens}"], lines
-            assert 10 * tens + ones % 10 == simple_sum(line), lines
+            assert 10 * tens + ones % 10 == simple_sum(expression), lines
             checked += 1
-        if lines and re.fullmatch(r"\d+ [+-] \d+", lines[0]):
-            assert match["answer"] == str(simple_sum(lines[0])), lines
+        if lines and lines[0].startswith("solve: "):
+            assert match["answer"] == str(simple_sum(lines[0].removeprefix("solve: "))), lines
     assert checked > (500 if suffix == "" else 30)
+
+
+@pytest.mark.parametrize("name", ["demo_reason", "demo_sft", "demo_grpo"])
+@pytest.mark.parametrize("suffix", ["", "_val"])
+def test_sum_prompts_put_a_space_before_every_number(name, suffix):
+    """The tokenizer spells '7' after a space as another token than at the start or after a Chinese character; the
+    prompts use one spelling, the one the reasoning's 'solve: 7 + 15' copies."""
+    checked = 0
+    for sample in load(name, suffix):
+        question = sample["conversations"][0]["content"]
+        if re.search(r"\d+ [+-] \d+|more\.|a friend\.|又得到了|送给朋友", question):
+            assert not re.search(r"(?<![ \d])\d", question.split("\n")[0]), question
+            checked += 1
+    assert checked > 30
 
 
 @pytest.mark.parametrize("suffix", ["", "_val"])
