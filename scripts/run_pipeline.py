@@ -92,7 +92,8 @@ def build_recipe(out: str, quick: bool, recipe: str = "demo", data_dir: str = "d
     # (one left it worse than the CE-only student, docs/distillation.md); on MiniMind's large file one is plenty.
     teacher_sft_flags = ["--epochs", "1"] if gpu and not quick else ([] if quick else ["--epochs", "3"])
     grpo_flags = ["--num_generations", "4", "--max_gen_len", "16", "--eval_samples", "8"] if quick else \
-        ([] if gpu else ["--max_steps", "100", "--eval_interval", "25", "--max_gen_len", "64"])  # replies: ~32 tokens
+        ([] if gpu else ["--batch_size", "16", "--learning_rate", "2e-5", "--temperature", "0.7", "--max_steps", "30",
+                         "--eval_interval", "10", "--max_gen_len", "64"])  # replies ~37 tokens; lr 5e-5 hurt (grpo.md)
     ppo_flags = ["--max_gen_len", "16", "--eval_samples", "8"] if quick else ([] if gpu else ["--max_steps", "64"])
     agent_flags = ["--num_generations", "2", "--max_gen_len", "24", "--eval_samples", "4"] if quick else \
         ([] if gpu else ["--max_steps", "30"])

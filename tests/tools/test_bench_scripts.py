@@ -122,3 +122,22 @@ def test_minimind_run_is_timed_from_its_step_lines(tmp_path):
     assert result["pad_fraction"] == pytest.approx(1 - useful / total)
     assert 3 * 2 * 15 / 0.05 / 3 > result["all_tok_s"] > 0  # three sleeps of 50 ms at least
     assert not (minimind / "out").exists()  # the checkout is never written to
+
+
+@pytest.mark.parametrize("question, reply, kind", [
+    ("Find 17 + 8.", "solve: 17 + 8\nones: 7 + 8 = 15\ntens: 1 + 0 + 1 = 2\n</think>\n<answer>\n25\n</answer>",
+     "correct"),
+    ("Mia has 2 books and gets 13 more.", "solve: 2 + 11\nones: 2 + 1 = 3\ntens: 0 + 1 + 0 = 1\n</think>\n<answer>\n"
+     "13\n</answer>", "copy"),
+    ("请问 15 - 11 等于多少？", "solve: 15 + 11\nones: 5 + 1 = 6\ntens: 1 + 1 + 0 = 2\n</think>\n<answer>\n26\n"
+     "</answer>", "operation"),
+    ("Find 13 - 5.", "solve: 13 - 5\nones: 3 - 5 = 8\ntens: 1 - 0 - 1 = 0\n</think>\n<answer>\n6\n</answer>", "ones"),
+    ("Find 13 - 5.", "solve: 13 - 5\nones: 13 - 5 = 8\ntens: 1 - 0 - 0 = 1\n</think>\n<answer>\n18\n</answer>",
+     "tens"),
+    ("Find 6 + 17.", "solve: 6 + 17\nones: 6 + 7 = 13\ntens: 0 + 1 + 1 = 2\n</think>\n<answer>\n22\n</answer>",
+     "join"),
+    ("Find 6 + 17.", "<answer>\n22\n</answer>", "malformed"),
+])
+def test_sum_errors_names_the_first_wrong_step(question, reply, kind):
+    from scripts.bench.sum_errors import classify
+    assert classify(question, "<think>\n" + reply if reply.startswith("solve") else reply) == kind

@@ -1,0 +1,120 @@
+"""Where a reasoning model's held-out sums go wrong: each greedy reply sorted by its first wrong step.
+
+    python -m scripts.bench.sum_errors --weight out/reason_256.pth
+    python -m scripts.bench.sum_errors --weight out/grpo_256.pth --show 5      # + the first 5 replies of each kind
+
+The demo's replies work a sum in three lines (docs/reasoning.md): `solve: a + b` restates it, `ones: ...` adds the
+ones digits, `tens: ...` the tens digits and the carry, and the answer is the tens result followed by the last
+digit of the ones. A reply is counted under the first of these that fails:
+    correct        the final answer is right (whatever the steps)
+    malformed      not in that shape at all
+    copy           the restated operands are not the prompt's
+    operation      + where the prompt takes away, or - where it adds
+    ones / tens    a wrong line, given the restated sum
+    join           every line right, the answer wrongly put together from them
+The prompts are the GRPO held-out file's (dataset/demo_grpo_val.jsonl), answered greedily in batches the way
+train_grpo.py evaluates, so `correct` equals its held-out accuracy.
+"""
+import argparse
+import re
+from collections import Counter
+
+import torch
+from transformers import AutoTokenizer, GenerationConfig
+
+from model.checkpoint import load_weights
+from model.data.prompts import PromptDataset
+from model.model import TinyMindForCausalLM
+from model.training.rollouts import generate_rollout
+from model.training.runtime import init_runtime
+
+KINDS = ["correct", "malformed", "copy", "operation", "ones", "tens", "join"]
+WORKED = re.compile(r"solve: (\d+) ([+-]) (\d+)\nones: (\d+) [+-] (\d+) = (\d+)\ntens: (\d+) [+-] (\d+) [+-] (\d+) = "
+                    r"(-?\d+)\n</think>\n<answer>\n(-?\d+)\n</answer>")
+ADDS = re.compile(r"\+|more|又得到")
+
+
+def prompt_sum(question: str) -> tuple[int, str, int]:
+    """(a, op, b) of a demo sum prompt: its first two numbers; a word problem adds on 'more' / '又得到'."""
+    a, b = (int(n) for n in re.findall(r"\d+", question)[:2])
+    return a, "+" if ADDS.search(question) else "-", b
+
+
+def expected_lines(a: int, op: str, b: int) -> tuple[tuple[int, int, int], tuple[int, int, int, int]]:
+    """The ones line (left, right, result) and tens line (a tens, b tens, carry or borrow, result) of a + b / a - b."""
+    if op == "+":
+        ones = a % 10 + b % 10
+        return (a % 10, b % 10, ones), (a // 10, b // 10, ones // 10, a // 10 + b // 10 + ones // 10)
+    borrow = int(a % 10 < b % 10)
+    top = a % 10 + 10 * borrow
+    return (top, b % 10, top - b % 10), (a // 10, b // 10, borrow, a // 10 - b // 10 - borrow)
+
+
+def classify(question: str, reply: str) -> str:
+    """The first wrong step of one reply (see KINDS)."""
+    a, op, b = prompt_sum(question)
+    match = WORKED.search(reply)
+    if match is None:
+        answer = re.search(r"<answer>\s*(-?\d+)\s*</answer>", reply)
+        return "correct" if answer and int(answer[1]) == (a + b if op == "+" else a - b) else "malformed"
+    numbers = [int(g) for i, g in enumerate(match.groups(), 1) if i != 2]
+    (sa, sb), ones, tens, answer = numbers[:2], tuple(numbers[2:5]), tuple(numbers[5:9]), numbers[9]
+    if answer == (a + b if op == "+" else a - b):
+        return "correct"
+    if (sa, sb) != (a, b):
+        return "copy"
+    if match[2] != op:
+        return "operation"
+    want_ones, want_tens = expected_lines(a, op, b)
+    if ones != want_ones:
+        return "ones"
+    if tens != want_tens:
+        return "tens"
+    return "join"
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--weight", required=True, help="a .pth with its config JSON beside it (out/reason_256.pth)")
+    parser.add_argument("--data_path", default="dataset/demo_grpo_val.jsonl", help="held-out sum prompts")
+    parser.add_argument("--tokenizer_path", default="model", help="directory with tokenizer.json")
+    parser.add_argument("--max_gen_len", type=int, default=64, help="reply length limit (the pipeline's GRPO uses 64)")
+    parser.add_argument("--batch_size", type=int, default=64, help="prompts per generate call")
+    parser.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: what training would pick)")
+    parser.add_argument("--show", type=int, default=0, help="print this many replies of each wrong kind")
+    return parser.parse_args()
+
+
+@torch.no_grad()
+def main():
+    args = parse_args()
+    runtime = init_runtime(None, args.dtype, 0)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path)
+    state, config = load_weights(args.weight)
+    if config is None:
+        raise SystemExit(f"{args.weight}: no config JSON beside it")
+    model = TinyMindForCausalLM(config)
+    model.load_state_dict(state)
+    model.to(runtime.device).eval()
+    prompts = PromptDataset(args.data_path, tokenizer, 512)
+    items = [prompts[i] for i in range(len(prompts))]
+    greedy = GenerationConfig(max_new_tokens=args.max_gen_len, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                              eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+    replies = []
+    with runtime.autocast():
+        for start in range(0, len(items), args.batch_size):
+            replies += generate_rollout(model, tokenizer, items[start:start + args.batch_size], 1, greedy,
+                                        runtime.device).texts
+    kinds = [classify(item["prompt"][-1]["content"].split("\n")[0], reply) for item, reply in zip(items, replies)]
+    counts = Counter(kinds)
+    print(f"{args.weight}: {len(items)} held-out prompts, {runtime.dtype}")
+    for kind in KINDS:
+        print(f"  {kind:<10} {counts[kind]:4d}  {counts[kind] / len(items):6.1%}")
+    for kind in KINDS[1:]:
+        shown = [(item, reply) for item, reply, k in zip(items, replies, kinds) if k == kind][:args.show]
+        for item, reply in shown:
+            print(f"[{kind}] {item['prompt'][-1]['content'].splitlines()[0]!r} -> {reply!r}")
+
+
+if __name__ == "__main__":
+    main()
