@@ -1,6 +1,6 @@
 """Every TinyMind stage, one after the other, on the demo data, ending in a report card (out/report.md).
 
-    python -m scripts.run_pipeline                          # the CPU demo (tiny model), about half an hour on 2 cores
+    python -m scripts.run_pipeline                          # the CPU demo (tiny model), about 40 min on 2 cores
     python -m scripts.run_pipeline --stages sft,lora        # a subset (stages whose output exists are skipped)
     python -m scripts.run_pipeline --force --stages dpo     # rerun a stage even though its output exists
     python -m scripts.run_pipeline --quick --save_dir /tmp/ci/out     # seconds per stage: a smoke test (CI)
