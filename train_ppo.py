@@ -67,7 +67,7 @@ from model.training.losses import k3_kl, token_logprobs, with_aux_loss
 from model.training.ppo import gae, kl_penalty_rewards, masked_mean, masked_whiten, ppo_policy_loss, \
     ppo_value_loss
 from model.training.rollouts import (completion_logprobs, gather_rows, generate_rollout, prompt_batches,
-                                     report_run_end, rollout_step_count, score_rollout)
+                                     report_run_end, rollout_step_count, score_rollout, token_weighted_metrics)
 from model.training.runtime import barrier, cleanup, print0
 from model.training.trainer import StepResult, Trainer
 
@@ -422,23 +422,14 @@ class PPOSteps:
         # Each micro-batch's summed token losses / normaliser: every token of the mini-batch weighs the same on
         # every rank (the engine divides by accumulation_steps, DDP averages over ranks).
         normaliser = tokens / (runtime.world_size * args.accumulation_steps)
-        loss_sum, sums = torch.zeros((), device=runtime.device), {}
+        loss_sum, micro_metrics = torch.zeros((), device=runtime.device), []
         for k, part_rows in enumerate(micro):
             with trainer.engine.no_sync(k == len(micro) - 1), runtime.autocast():
                 loss, metrics = self.micro_batch_loss(part_rows, normaliser)
             trainer.backward(loss)
             loss_sum += loss.detach().float()
-            n = metrics.pop("num_tokens").float()
-            for key, value in metrics.items():
-                sums[key] = sums.get(key, 0.0) + value.float() * n
-            sums["num_tokens"] = sums.get("num_tokens", 0.0) + n
-        names = sorted(sums)  # the same keys in the same order on every rank, for one all_reduce
-        totals = torch.stack([torch.as_tensor(sums[k], device=runtime.device) for k in names])
-        if runtime.distributed:
-            dist.all_reduce(totals)
-        count = max(totals[names.index("num_tokens")].item(), 1.0)
-        metrics = {k: totals[i].item() / count for i, k in enumerate(names) if k != "num_tokens"}
-        return StepResult(loss_sum, len(micro), local_tokens, metrics)
+            micro_metrics.append(metrics)
+        return StepResult(loss_sum, len(micro), local_tokens, token_weighted_metrics(micro_metrics, runtime))
 
     def micro_batch_loss(self, rows: list[int], normaliser) -> tuple[torch.Tensor, dict]:
         args = self.args

@@ -233,6 +233,23 @@ def rollout_step_count(num_prompts: int, runtime, per_rollout: int, steps_per_ro
     return total
 
 
+def token_weighted_metrics(micro_metrics: list[dict], runtime) -> dict[str, float]:
+    """Per-token means over micro-batches and ranks, so the logged kl or clip fraction ignores how a step is split."""
+    sums = {}
+    for metrics in micro_metrics:
+        n = metrics["num_tokens"].float()
+        for key, value in metrics.items():
+            if key != "num_tokens":
+                sums[key] = sums.get(key, 0.0) + value.float() * n
+        sums["num_tokens"] = sums.get("num_tokens", 0.0) + n
+    names = sorted(sums)  # the same keys in the same order on every rank, for one all_reduce
+    totals = torch.stack([torch.as_tensor(sums[k], device=runtime.device) for k in names])
+    if runtime.distributed:
+        dist.all_reduce(totals)
+    count = max(totals[names.index("num_tokens")].item(), 1.0)
+    return {k: totals[i].item() / count for i, k in enumerate(names) if k != "num_tokens"}
+
+
 class GroupRelativeSteps:
     """The optimizer steps of group-relative policy optimisation for the shared Trainer loop: a step collects a
     rollout (B prompts x G samples, their rewards, group-relative advantages) when the previous one has been used
@@ -360,24 +377,14 @@ class GroupRelativeSteps:
         # dapo/cispo divide by the step's token count. The engine also divides each micro-batch loss by
         # accumulation_steps, and DDP averages over ranks, so the per-call normaliser is tokens / (ranks * accum).
         num_items = tokens / (runtime.world_size * args.accumulation_steps)
-        loss_sum = torch.zeros((), device=runtime.device)
-        sums = {}  # kl, ratio, clip fractions...: token-weighted over micro-batches and ranks
+        loss_sum, micro_metrics = torch.zeros((), device=runtime.device), []
         for k, part in enumerate(parts):
             with trainer.engine.no_sync(k == len(parts) - 1), runtime.autocast():
                 loss, metrics = self.loss(trainer.model, part, num_items)
             trainer.backward(loss)
             loss_sum += loss.detach().float()
-            n = metrics.pop("num_tokens").float()
-            for key, value in metrics.items():
-                sums[key] = sums.get(key, 0.0) + value.float() * n
-            sums["num_tokens"] = sums.get("num_tokens", 0.0) + n
-        names = sorted(sums)  # the same keys in the same order on every rank, for one all_reduce
-        totals = torch.stack([sums[k] for k in names])
-        if runtime.distributed:
-            dist.all_reduce(totals)
-        count = max(totals[names.index("num_tokens")].item(), 1.0)
-        metrics = {k: totals[i].item() / count for i, k in enumerate(names) if k != "num_tokens"}
-        return StepResult(loss_sum, len(parts), local_tokens, metrics)
+            micro_metrics.append(metrics)
+        return StepResult(loss_sum, len(parts), local_tokens, token_weighted_metrics(micro_metrics, runtime))
 
 
 def report_run_end(args, runtime, before: dict | None, after: dict, keys, samples, shown: list[str]):
