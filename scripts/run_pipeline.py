@@ -17,11 +17,13 @@ import argparse
 import datetime
 import json
 import os
+import queue
 import re
 import resource
 import shlex
 import subprocess
 import sys
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,6 +32,17 @@ ORDER = ["clean", "tokenizer", "pretrain", "sft", "lora", "dpo", "teacher", "dis
 # RLHF end to end (reward model -> PPO) and tool-using agent RL: a second, opt-in pipeline on top of the SFT model
 RL_STAGES = ["reward", "ppo", "agent_sft", "agent"]
 STAGE_GROUPS = {"demo": [s for s in ORDER if s not in RL_STAGES], "rl": RL_STAGES + ["report"], "all": ORDER}
+# The stages whose output each stage reads: with --jobs N a stage starts once these have finished (or were not asked
+# for in this run: their output is then assumed to exist, as the sequential run assumes).
+TRAINED = ["pretrain", "sft", "lora", "dpo", "distill", "distill_ce", "reason", "grpo"]
+NEEDS = {"pretrain": ["clean", "tokenizer"], "sft": ["pretrain"], "lora": ["sft"], "dpo": ["sft"],
+         "teacher": ["clean", "tokenizer"], "distill": ["sft", "teacher"], "distill_ce": ["sft", "teacher"],
+         "reason": ["sft"], "grpo": ["reason"], "reward": ["sft"], "ppo": ["reward"], "agent_sft": ["sft"],
+         "agent": ["agent_sft"], "eval": TRAINED, "report": [s for s in ORDER if s != "report"]}
+# Which ready stage starts first when several could: the longest chains first (the teacher, and reason -> grpo),
+# so that the short stages fill the gaps beside them instead of leaving one core idle at the end.
+PRIORITY = ["clean", "tokenizer", "pretrain", "teacher", "sft", "reason", "grpo", "agent_sft", "agent", "reward",
+            "ppo", "distill", "distill_ce", "dpo", "lora", "eval", "report"]
 
 
 # MiniMind's file for each stage (its dataset page on ModelScope / Hugging Face); none has a _val.jsonl twin, so each
@@ -190,18 +203,95 @@ def checkpoint_to_evaluate(command: list) -> str:
     return os.path.join(flag["--save_dir"], f"{name}_{flag['--hidden_size']}.pth")
 
 
-def run_stage(name: str, commands: list, env: dict) -> float:
+def with_threads(command: list, threads: int | None) -> list:
+    """The command with --num_threads when the stage shares the CPU: the training scripts and eval_model.py would
+    otherwise each take every core, and two processes on too many threads run several times slower."""
+    takes_flag = any(os.path.basename(part).startswith("train_") or part.endswith("eval_model.py") for part in command)
+    return command + ["--num_threads", str(threads)] if threads and takes_flag else command
+
+
+class StageFailed(Exception):
+    pass
+
+
+def run_stage(name: str, commands: list, env: dict, threads: int | None = None, log_path: str | None = None,
+              running: dict | None = None) -> float:
+    """Run one stage's commands in turn. Alone, it prints to the console; beside other stages, into log_path (one
+    file per stage: interleaved output would be unreadable), on `threads` CPU threads."""
     start = time.time()
-    for command in commands:
-        if "eval_model.py" in command and not os.path.exists(os.path.join(ROOT, checkpoint_to_evaluate(command))):
-            print(f"=== [{name}] skipped: {checkpoint_to_evaluate(command)} does not exist (its stage was not run)")
-            continue
-        print(f"\n=== [{name}] {' '.join(shlex.quote(c) for c in command)}", flush=True)
-        result = subprocess.run(command, cwd=ROOT, env=env)
-        if result.returncode != 0:
-            raise SystemExit(f"stage '{name}' failed (exit {result.returncode}); fix it and rerun: finished stages "
-                             f"are skipped")
+    log = open(log_path, "a") if log_path else None
+    env = dict(env, OMP_NUM_THREADS=str(threads)) if threads else env
+    try:
+        for command in commands:
+            if "eval_model.py" in command and not os.path.exists(os.path.join(ROOT, checkpoint_to_evaluate(command))):
+                print(f"=== [{name}] skipped: {checkpoint_to_evaluate(command)} does not exist (its stage was not run)")
+                continue
+            command = with_threads(command, threads)
+            line = f"\n=== [{name}] {' '.join(shlex.quote(c) for c in command)}"
+            print(line, flush=True)
+            if log:
+                log.write(line + "\n")
+                log.flush()
+            process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log,
+                                       stderr=subprocess.STDOUT if log else None)
+            if running is not None:
+                running[name] = process
+            if process.wait() != 0:
+                where = f" (its output: {log_path})" if log else ""
+                raise StageFailed(f"stage '{name}' failed (exit {process.returncode}){where}; fix it and rerun: "
+                                  f"finished stages are skipped")
+    finally:
+        if log:
+            log.close()
     return time.time() - start
+
+
+def depends_on(stage: str, other: str) -> bool:
+    """Whether `stage` needs `other`'s output, directly or through the stages in between."""
+    return other in NEEDS.get(stage, []) or any(depends_on(need, other) for need in NEEDS.get(stage, []))
+
+
+def run_stages(stages: list, recipe: dict, env: dict, jobs: int, log_dir: str, starting, finished) -> None:
+    """Run `stages`, up to `jobs` at a time, each once the stages it needs (NEEDS) have finished; starting(name)
+    before and finished(name, seconds) after each. One job: ORDER, on the console, as a user would type them.
+    Several: each stage gets cores / jobs threads (a stage that nothing can run beside, such as clean or eval, gets
+    every core) and its own log file. A failed stage stops the others (SIGTERM: they leave resume checkpoints)
+    and ends the run."""
+    cores = os.cpu_count() or 1
+    pending = [s for s in (ORDER if jobs == 1 else PRIORITY) if s in stages]
+    running, processes, results = set(), {}, queue.Queue()
+
+    def work(name, threads, log_path):
+        try:
+            results.put((name, run_stage(name, recipe[name][0], env, threads, log_path, processes), None))
+        except (StageFailed, OSError) as error:
+            results.put((name, 0.0, error))
+
+    while pending or running:
+        ready = [s for s in pending if not any(n in pending or n in running for n in NEEDS.get(s, []))]
+        for name in ready[:jobs - len(running)]:
+            pending.remove(name)
+            starting(name)
+            alone = not running and all(depends_on(other, name) for other in pending)
+            threads = None if jobs == 1 or alone else max(1, cores // jobs)
+            log_path = None if jobs == 1 else os.path.join(log_dir, f"pipeline_{name}.log")
+            if log_path:
+                os.makedirs(log_dir, exist_ok=True)
+                print(f"=== [{name}] starting on {threads or cores} threads (output: {log_path})", flush=True)
+            running.add(name)
+            threading.Thread(target=work, args=(name, threads, log_path), daemon=True).start()
+        name, seconds, error = results.get()
+        running.discard(name)
+        if error is not None:
+            for other in running:
+                if other in processes and processes[other].poll() is None:
+                    processes[other].terminate()
+            while running:
+                running.discard(results.get()[0])
+            raise SystemExit(str(error))
+        if jobs > 1:
+            print(f"=== [{name}] done in {seconds:.0f} s", flush=True)
+        finished(name, seconds)
 
 
 def record_machine(path: str, run: dict, stage: str | None = None):
@@ -249,8 +339,18 @@ def main(argv=None):
     parser.add_argument("--data_dir", default="dataset", help="where MiniMind's files are (minimind_gpu recipe)")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                         help="every training stage's --dtype (default: each script picks for the device)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="stages run at once on the CPU demo, each on cores / jobs threads, each stage as soon as "
+                             "the stages it reads from are done (2 on 2 cores: the teacher beside the student's "
+                             "stages; docs/pipeline.md). Every stage then writes its output to "
+                             "<save_dir>/logs/pipeline_<stage>.log")
     parser.add_argument("--dry_run", action="store_true", help="print the commands without running them")
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error("--jobs must be at least 1")
+    if args.jobs > 1 and (args.recipe != "demo" or args.nproc > 1):
+        parser.error("--jobs > 1 shares a CPU between stages: for the demo recipe without --nproc (GPU stages would "
+                     "share one GPU's memory)")
     save_dir = os.path.abspath(args.save_dir) if os.path.isabs(args.save_dir) else args.save_dir
     if args.recipe == "minimind_gpu" and not args.dry_run:
         missing = [name for name in MINIMIND_FILES.values() if not os.path.exists(os.path.join(args.data_dir, name))]
@@ -272,6 +372,7 @@ def main(argv=None):
     total_start = time.time()
     machine_file = os.path.join(ROOT, save_dir, "summaries", "machine.json")
     machine = None if args.dry_run else new_machine_record(args.dtype)
+    todo = []
     for name in ORDER:
         if name not in wanted or name not in recipe:
             continue
@@ -283,14 +384,21 @@ def main(argv=None):
         if stage_finished(done_file, save_dir) and not args.force and name != "report":
             print(f"=== [{name}] skipped: {done_file} exists (--force to rerun)")
             continue
-        if name == "report":  # the report shows the record, so it is complete before the report runs
-            record_machine(machine_file, machine)
-        timings[name] = run_stage(name, commands, env)
+        todo.append(name)
+
+    def finished(name: str, seconds: float):
+        timings[name] = seconds
         if name != "report":
             record_machine(machine_file, machine, name)
         os.makedirs(os.path.dirname(timings_file), exist_ok=True)
-        with open(timings_file, "w") as f:
-            json.dump(timings, f, indent=2)
+        with open(timings_file, "w") as f:  # in ORDER: with --jobs stages finish out of order
+            json.dump({stage: timings[stage] for stage in ORDER if stage in timings}, f, indent=2)
+
+    def starting(name: str):
+        if name == "report":  # the report shows the machine record, so it is complete before the report runs
+            record_machine(machine_file, machine)
+
+    run_stages(todo, recipe, env, args.jobs, os.path.join(ROOT, save_dir, "logs"), starting, finished)
     if not args.dry_run:
         print(f"\npipeline done in {time.time() - total_start:.0f} s; stage times: "
               + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))

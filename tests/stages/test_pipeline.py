@@ -38,8 +38,10 @@ def test_quick_pipeline_runs_every_stage_and_writes_the_report(tmp_path):
     assert "| full_sft | end_of_turn_rate |" in report and "| reason | well_formed |" in report
     assert (out / "data" / "demo_pretrain_clean.jsonl").exists()
 
-    # the opt-in RL pipeline on top of the same SFT model: reward model, PPO, agent SFT and agent RL
-    run_quick_pipeline(out, "--stages", "rl")
+    # the opt-in RL pipeline on top of the same SFT model: reward model, PPO, agent SFT and agent RL; two stages at
+    # a time (reward -> ppo beside agent_sft -> agent), each into its own log
+    printed = run_quick_pipeline(out, "--stages", "rl", "--jobs", "2")
+    assert "=== [ppo] done in" in printed and (out / "logs" / "pipeline_agent.log").exists()
     for weights in ["reward_64.pth", "ppo_64.pth", "agent_sft_64.pth", "agent_64.pth"]:
         assert (out / weights).exists(), weights
     toolcall = json.loads((out / "summaries" / "agent_toolcall.json").read_text())
@@ -129,3 +131,72 @@ def test_a_killed_stage_is_not_taken_for_done(tmp_path):
     (out / "lora" / "lora_identity_256.pth").write_bytes(b"adapter")
     assert not run_pipeline.stage_finished(str(out / "lora" / "lora_identity_256.pth"), str(out))
     assert run_pipeline.stage_finished(str(out / "report.md"), str(out)) is False
+
+
+def test_every_stage_needs_only_stages_before_it_and_priority_names_them_all():
+    for stage, needs in run_pipeline.NEEDS.items():
+        assert all(run_pipeline.ORDER.index(n) < run_pipeline.ORDER.index(stage) for n in needs), stage
+    assert sorted(run_pipeline.PRIORITY) == sorted(run_pipeline.ORDER)
+    # the eval stage reads every checkpoint the samples are made from
+    assert {weight for _, weight, _, _ in run_pipeline.EVAL_SAMPLES} <= {"full_sft"} | set(run_pipeline.NEEDS["eval"])
+
+
+def fake_recipe(tmp_path, durations: dict, fail: str | None = None) -> dict:
+    """Stages that only write 'start <name> <time>' and 'end <name> <time>' to one file and sleep in between."""
+    trace = tmp_path / "trace.txt"
+    recipe = {}
+    for name, seconds in durations.items():
+        code = (f"import sys, time; f = open({str(trace)!r}, 'a'); f.write(f'start {name} {{time.time()}}\\n'); "
+                f"f.flush(); time.sleep({seconds}); f.write(f'end {name} {{time.time()}}\\n'); "
+                f"sys.exit({int(name == fail)})")
+        recipe[name] = ([[sys.executable, "-c", code]], None)
+    return recipe
+
+
+def read_trace(tmp_path) -> dict:
+    times = {}
+    for line in (tmp_path / "trace.txt").read_text().splitlines():
+        event, name, when = line.split()
+        times[(event, name)] = float(when)
+    return times
+
+
+def test_jobs_run_independent_stages_side_by_side_and_wait_for_what_they_need(tmp_path):
+    durations = {"clean": 0.1, "pretrain": 1.0, "teacher": 1.0, "sft": 0.1, "reason": 0.3, "distill": 0.1,
+                 "eval": 0.1}
+    finished = []
+    run_pipeline.run_stages(list(durations), fake_recipe(tmp_path, durations), dict(os.environ), 2,
+                            str(tmp_path / "logs"), lambda name: None, lambda name, s: finished.append(name))
+    t = read_trace(tmp_path)
+    for stage in durations:  # nothing starts before the stages it reads from have ended
+        for need in run_pipeline.NEEDS.get(stage, []):
+            if need in durations:
+                assert t[("start", stage)] >= t[("end", need)], (stage, need)
+    assert t[("start", "teacher")] < t[("end", "pretrain")]  # the teacher ran beside pretraining
+    for moment in [t[("start", s)] for s in durations]:  # never more than two at once
+        assert sum(t[("start", s)] <= moment < t[("end", s)] for s in durations) <= 2
+    assert sorted(finished) == sorted(durations) and (tmp_path / "logs" / "pipeline_teacher.log").exists()
+
+
+def test_one_job_runs_in_order_and_a_failed_stage_stops_the_run(tmp_path):
+    durations = {"clean": 0.1, "pretrain": 0.1, "teacher": 0.1, "sft": 0.1}
+    run_pipeline.run_stages(list(durations), fake_recipe(tmp_path, durations), dict(os.environ), 1,
+                            str(tmp_path / "logs"), lambda name: None, lambda name, s: None)
+    t = read_trace(tmp_path)
+    assert sorted(durations, key=lambda s: t[("start", s)]) == ["clean", "pretrain", "sft", "teacher"]  # ORDER
+    (tmp_path / "trace.txt").unlink()
+    durations = {"clean": 0.1, "pretrain": 0.1, "teacher": 5.0, "sft": 0.1}
+    with pytest.raises(SystemExit, match=r"stage 'pretrain' failed \(exit 1\) \(its output: .*pipeline_pretrain.log\)"):
+        run_pipeline.run_stages(list(durations), fake_recipe(tmp_path, durations, fail="pretrain"),
+                                dict(os.environ), 2, str(tmp_path / "logs"), lambda name: None, lambda name, s: None)
+    t = read_trace(tmp_path)
+    assert ("start", "sft") not in t and ("end", "teacher") not in t  # sft never began; the teacher was stopped
+
+
+def test_shared_stages_get_their_share_of_the_threads():
+    assert run_pipeline.with_threads(["python", "train_sft.py", "--x", "1"], 1)[-2:] == ["--num_threads", "1"]
+    assert run_pipeline.with_threads(["python", "eval_model.py"], 2)[-2:] == ["--num_threads", "2"]
+    assert run_pipeline.with_threads(["python", "-m", "scripts.report"], 1) == ["python", "-m", "scripts.report"]
+    assert run_pipeline.with_threads(["python", "train_sft.py"], None) == ["python", "train_sft.py"]
+    with pytest.raises(SystemExit):
+        run_pipeline.main(["--jobs", "2", "--recipe", "minimind_gpu", "--dry_run"])
