@@ -2,6 +2,7 @@
 
     python -m scripts.bench.sum_errors --weight out/reason_256.pth
     python -m scripts.bench.sum_errors --weight out/grpo_256.pth --show 5      # + the first 5 replies of each kind
+    python -m scripts.bench.sum_errors --weight out/reason_256.pth --samples 8  # + sampled pass@1 and pass@8
 
 The demo's replies work a sum in three lines (docs/reasoning.md): `solve: a + b` restates it, `ones: ...` adds the
 ones digits, `tens: ...` the tens digits and the carry, and the answer is the tens result followed by the last
@@ -82,6 +83,11 @@ def parse_args():
     parser.add_argument("--batch_size", type=int, default=64, help="prompts per generate call")
     parser.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: what training would pick)")
     parser.add_argument("--show", type=int, default=0, help="print this many replies of each wrong kind")
+    parser.add_argument("--samples", type=int, default=0,
+                        help="also sample this many replies per prompt at --temperature: sampled pass@1 (the mean "
+                             "over samples, what GRPO's reward averages) and pass@k")
+    parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature for --samples")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed for --samples")
     return parser.parse_args()
 
 
@@ -114,6 +120,32 @@ def main():
         shown = [(item, reply) for item, reply, k in zip(items, replies, kinds) if k == kind][:args.show]
         for item, reply in shown:
             print(f"[{kind}] {item['prompt'][-1]['content'].splitlines()[0]!r} -> {reply!r}")
+    if args.samples > 0:
+        sampled_accuracy(model, tokenizer, items, args, runtime)
+
+
+def sampled_accuracy(model, tokenizer, items: list[dict], args, runtime) -> tuple[float, float]:
+    """Sampled pass@1 (the mean over k samples, as DeepSeek-R1 reports it) and pass@k: what GRPO optimises is the
+    sampled policy, which a greedy score does not see."""
+    torch.manual_seed(args.seed)
+    sampling = GenerationConfig(max_new_tokens=args.max_gen_len, do_sample=True, temperature=args.temperature,
+                                top_p=1.0, top_k=0, pad_token_id=tokenizer.pad_token_id,
+                                eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+    per_prompt = max(1, args.batch_size // args.samples)
+    correct = []
+    with runtime.autocast():
+        for start in range(0, len(items), per_prompt):
+            batch = items[start:start + per_prompt]
+            texts = generate_rollout(model, tokenizer, batch, args.samples, sampling, runtime.device).texts
+            for i, item in enumerate(batch):
+                question = item["prompt"][-1]["content"].split("\n")[0]
+                correct.append([classify(question, text) == "correct"
+                                for text in texts[i * args.samples:(i + 1) * args.samples]])
+    pass1 = sum(map(sum, correct)) / (len(correct) * args.samples)
+    pass_k = sum(map(any, correct)) / len(correct)
+    print(f"  sampled (T {args.temperature}, {args.samples} per prompt): pass@1 {pass1:.1%}  "
+          f"pass@{args.samples} {pass_k:.1%}")
+    return pass1, pass_k
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """scripts/bench/: the SFT benchmark's padding shares are exact on a small case, the DPO benchmark's loss is DPO's
 (ln 2 at step 0, live or precomputed reference), MiniMind's own trainer is timed from its log lines, and no benchmark
 imports a stage script (train_*.py)."""
+import contextlib
 import math
 import os
 import subprocess
@@ -141,3 +142,26 @@ def test_minimind_run_is_timed_from_its_step_lines(tmp_path):
 def test_sum_errors_names_the_first_wrong_step(question, reply, kind):
     from scripts.bench.sum_errors import classify
     assert classify(question, "<think>\n" + reply if reply.startswith("solve") else reply) == kind
+
+
+def test_sum_errors_sampled_pass_at_1_is_the_mean_over_samples_and_pass_at_k_any(monkeypatch):
+    """Two prompts, four samples each: the first right 3 times, the second never -> pass@1 3/8, pass@4 1/2."""
+    import types
+
+    from scripts.bench import sum_errors
+    right = "<think>\nsolve: 17 + 8\n</think>\n<answer>\n25\n</answer>"
+    wrong = right.replace("25", "24")
+    calls = []
+
+    def fake_rollout(model, tokenizer, batch, num_generations, config, device):
+        calls.append((len(batch), num_generations, config.do_sample))
+        texts = [[right, right, wrong, right], [wrong] * 4]
+        return types.SimpleNamespace(texts=[t for i in range(len(batch)) for t in texts[i]])
+
+    monkeypatch.setattr(sum_errors, "generate_rollout", fake_rollout)
+    items = [{"prompt": [{"role": "user", "content": q}]} for q in ("Find 17 + 8.\nThink...", "Find 1 + 2.")]
+    tokenizer = types.SimpleNamespace(pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    runtime = types.SimpleNamespace(device="cpu", autocast=contextlib.nullcontext)
+    args = types.SimpleNamespace(samples=4, temperature=0.7, seed=0, max_gen_len=8, batch_size=8)
+    assert sum_errors.sampled_accuracy(None, tokenizer, items, args, runtime) == (3 / 8, 1 / 2)
+    assert calls == [(2, 4, True)]  # both prompts in one batched call, sampled
