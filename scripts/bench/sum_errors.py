@@ -74,6 +74,27 @@ def classify(question: str, reply: str) -> str:
     return "join"
 
 
+def steps_reward(prompts, completions, **kwargs) -> list[float]:
+    """A GRPO reward per digit step (TRL's reward signature): the fraction of five checks a reply passes, namely the
+    restated operands, the operation, the ones line, the tens line, and the answer joined from the reply's own lines.
+    `train_grpo.py --reward_funcs format,answer,scripts.bench.sum_errors:steps_reward` (docs/grpo.md)."""
+    scores = []
+    for prompt, completion in zip(prompts, completions):
+        a, op, b = prompt_sum(prompt[-1]["content"].split("\n")[0])
+        text = completion if isinstance(completion, str) else completion[-1]["content"]
+        match = WORKED.search(text)
+        if match is None:
+            scores.append(0.0)
+            continue
+        numbers = [int(g) for i, g in enumerate(match.groups(), 1) if i != 2]
+        ones, tens = tuple(numbers[2:5]), tuple(numbers[5:9])
+        want_ones, want_tens = expected_lines(a, op, b)
+        checks = [tuple(numbers[:2]) == (a, b), match[2] == op, ones == want_ones, tens == want_tens,
+                  numbers[9] == tens[3] * 10 + ones[2] % 10]
+        scores.append(sum(checks) / len(checks))
+    return scores
+
+
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weight", required=True, help="a .pth with its config JSON beside it (out/reason_256.pth)")

@@ -165,3 +165,12 @@ def test_sum_errors_sampled_pass_at_1_is_the_mean_over_samples_and_pass_at_k_any
     args = types.SimpleNamespace(samples=4, temperature=0.7, seed=0, max_gen_len=8, batch_size=8)
     assert sum_errors.sampled_accuracy(None, tokenizer, items, args, runtime) == (3 / 8, 1 / 2)
     assert calls == [(2, 4, True)]  # both prompts in one batched call, sampled
+
+
+def test_steps_reward_scores_the_share_of_right_steps():
+    from scripts.bench.sum_errors import steps_reward
+    prompt = [[{"role": "user", "content": "Find 17 + 8.\nThink inside <think></think>."}]]
+    right = "<think>\nsolve: 17 + 8\nones: 7 + 8 = 15\ntens: 1 + 0 + 1 = 2\n</think>\n<answer>\n25\n</answer>"
+    ones_wrong = right.replace("7 + 8 = 15", "7 + 8 = 14").replace("25", "24")  # the answer follows its lines
+    assert steps_reward(prompt * 3, [[{"role": "assistant", "content": right}], ones_wrong, "no steps"]) == \
+        [1.0, 0.8, 0.0]
