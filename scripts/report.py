@@ -177,6 +177,14 @@ def eval_pairs(records: list) -> dict:
 CARD_SERIES = ("eval/val_loss", "eval/reward", "eval/accuracy", "eval/reward_accuracy", "eval/kl_to_teacher")
 
 
+def pipeline_minutes(pipeline_seconds: dict, runs: list) -> float | None:
+    """The pipeline's wall time. Stages that ran one after another add up; under --jobs they overlapped, so the
+    runs' own wall times (summaries/machine.json) are the total instead."""
+    if any(run.get("jobs", 1) > 1 for run in runs):
+        return sum(run.get("wall_seconds", 0.0) for run in runs) / 60
+    return sum(pipeline_seconds.values()) / 60 if pipeline_seconds else None
+
+
 def plot_report_card(stages, logs, summaries, pipeline_seconds, path, runs=None):
     """The report card as a PNG (report_card_figure), or None."""
     fig = report_card_figure(stages, logs, summaries, pipeline_seconds, runs)
@@ -222,7 +230,7 @@ def report_card_figure(stages, logs, summaries, pipeline_seconds, runs=None):
         ax.legend(handles=handles, fontsize=6)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    total = sum(pipeline_seconds.values()) / 60 if pipeline_seconds else None
+    total = pipeline_minutes(pipeline_seconds, runs or [])
     fig.suptitle("TinyMind report card: " + machine_line(runs) + (f", pipeline {total:.1f} min" if total else ""),
                  fontsize=10)
     fig.tight_layout()
@@ -374,8 +382,9 @@ def build_report(save_dir: str) -> str:
         lines.append(f"| {stage} | {steps} | {wall} | {speed} | {final_loss} |")
     lines.append("")
     if pipeline_seconds:
-        total = sum(pipeline_seconds.values())
-        lines += [f"Pipeline wall time {total / 60:.1f} min: " +
+        overlapped = any(run.get("jobs", 1) > 1 for run in runs)
+        lines += [f"Pipeline wall time {pipeline_minutes(pipeline_seconds, runs):.1f} min"
+                  + (" (stages side by side, --jobs: their times overlap)" if overlapped else "") + ": " +
                   ", ".join(f"{k} {v:.0f} s" for k, v in pipeline_seconds.items()), ""]
 
     lines += ["## Held-out results (before -> after)", "", "| stage | metric | before | after |", "|---|---|---|---|"]

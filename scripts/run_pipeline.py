@@ -1,6 +1,7 @@
 """Every TinyMind stage, one after the other, on the demo data, ending in a report card (out/report.md).
 
     python -m scripts.run_pipeline                          # the CPU demo (tiny model), about 40 min on 2 cores
+    python -m scripts.run_pipeline --jobs 2                 # two stages at a time, one core each (faster on 2 cores)
     python -m scripts.run_pipeline --stages sft,lora        # a subset (stages whose output exists are skipped)
     python -m scripts.run_pipeline --force --stages dpo     # rerun a stage even though its output exists
     python -m scripts.run_pipeline --quick --save_dir /tmp/ci/out     # seconds per stage: a smoke test (CI)
@@ -316,11 +317,11 @@ def record_machine(path: str, run: dict, stage: str | None = None):
                   indent=2)
 
 
-def new_machine_record(dtype: str | None) -> dict:
+def new_machine_record(dtype: str | None, jobs: int = 1) -> dict:
     from scripts.report import machine
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return {"started": datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S"), **machine(dtype), "stages": [],
-            "load_start": list(os.getloadavg()), "start_time": time.time(),
+    return {"started": datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S"), **machine(dtype), "jobs": jobs,
+            "stages": [], "load_start": list(os.getloadavg()), "start_time": time.time(),
             "start_cpu": children.ru_utime + children.ru_stime}
 
 
@@ -342,7 +343,7 @@ def main(argv=None):
     parser.add_argument("--jobs", type=int, default=1,
                         help="stages run at once on the CPU demo, each on cores / jobs threads, each stage as soon as "
                              "the stages it reads from are done (2 on 2 cores: the teacher beside the student's "
-                             "stages; docs/pipeline.md). Every stage then writes its output to "
+                             "stages; docs/README.md#stages-side-by-side). Every stage then writes its output to "
                              "<save_dir>/logs/pipeline_<stage>.log")
     parser.add_argument("--dry_run", action="store_true", help="print the commands without running them")
     args = parser.parse_args(argv)
@@ -371,7 +372,7 @@ def main(argv=None):
             timings = json.load(f)
     total_start = time.time()
     machine_file = os.path.join(ROOT, save_dir, "summaries", "machine.json")
-    machine = None if args.dry_run else new_machine_record(args.dtype)
+    machine = None if args.dry_run else new_machine_record(args.dtype, args.jobs)
     todo = []
     for name in ORDER:
         if name not in wanted or name not in recipe:

@@ -93,6 +93,15 @@ def test_report_records_the_machine_and_its_load(tmp_path):
     assert "bit for bit" in text and "sft" in row
 
 
+def test_pipeline_wall_time_adds_stages_up_only_when_they_ran_one_after_another():
+    stages = {"pretrain": 300.0, "teacher": 600.0}
+    assert report.pipeline_minutes(stages, [{"jobs": 1, "wall_seconds": 910.0}]) == 15.0
+    assert report.pipeline_minutes(stages, []) == 15.0  # runs that predate the machine record
+    # side by side (--jobs 2) the two stages overlapped: two runs of 620 s and 100 s took 12 min, not 15
+    assert report.pipeline_minutes(stages, [{"jobs": 2, "wall_seconds": 620.0}, {"jobs": 1, "wall_seconds": 100.0}]) \
+        == 12.0
+
+
 DPO_SUMMARY = {"steps": 298, "reward_accuracy_before": 0.0, "reward_accuracy_after": 0.6,
                "by_type/looping_reply/pairs_before": 15, "by_type/looping_reply/pairs_after": 15,
                "by_type/looping_reply/pref_accuracy_before": 0.4, "by_type/looping_reply/pref_accuracy_after": 1.0,
