@@ -151,7 +151,8 @@ HEADLINE = {"pretrain": ["val_loss"], "teacher_pretrain": ["val_loss"], "full_sf
             "teacher_sft": ["end_of_turn_rate", "val_loss"], "lora_identity": ["keyword_rate", "val_loss"],
             "dpo": ["reward_accuracy", "reward_margin"], "distill": ["kl_to_teacher", "val_loss"],
             "distill_ce": ["val_loss", "kl_to_teacher"],
-            "reason": ["well_formed", "val_loss"], "grpo": ["accuracy", "reward"]}
+            "reason": ["well_formed", "val_loss"], "grpo": ["accuracy", "reward"], "reward": ["accuracy", "loss"],
+            "ppo": ["score", "kl"], "agent_sft": ["val_loss"], "agent": ["success", "args_correct"]}
 
 
 def headline(stage: str, summary: dict):

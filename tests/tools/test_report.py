@@ -173,3 +173,14 @@ def test_distillation_table_needs_both_runs_and_says_when_kd_loses(tmp_path):
     assert report.distillation_lines(DISTILL, None) == []
     lines = report.distillation_lines({**DISTILL, "val_loss_after": 3.929}, DISTILL_CE)
     assert "KD does not win on held-out loss: 3.9290 vs 3.8690 (+0.0600)." in lines
+
+
+def test_the_rl_stages_headline_their_own_goal_not_the_first_metric_in_the_alphabet():
+    ppo = {"completion_length_before": 36.2, "completion_length_after": 25.8, "score_before": -0.84,
+           "score_after": -0.03}
+    assert report.headline("ppo", ppo) == ("score", -0.84, -0.03)
+    agent = {"args_correct_before": 0.0, "args_correct_after": 0.0, "success_before": 0.0, "success_after": 0.01}
+    assert report.headline("agent", agent)[0] == "success"
+    reward = {"accuracy/looping_reply_before": 0.4, "accuracy/looping_reply_after": 1.0, "accuracy_before": 0.48,
+              "accuracy_after": 0.6}
+    assert report.headline("reward", reward)[0] == "accuracy"
