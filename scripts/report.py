@@ -178,10 +178,15 @@ def eval_pairs(records: list) -> dict:
 CARD_SERIES = ("eval/val_loss", "eval/reward", "eval/accuracy", "eval/reward_accuracy", "eval/kl_to_teacher")
 
 
+def side_by_side(runs: list) -> bool:
+    """Whether some pipeline run ran stages at once (--jobs > 1), so that their wall times overlap."""
+    return any(run.get("jobs", 1) > 1 for run in runs)
+
+
 def pipeline_minutes(pipeline_seconds: dict, runs: list) -> float | None:
     """The pipeline's wall time. Stages that ran one after another add up; under --jobs they overlapped, so the
     runs' own wall times (summaries/machine.json) are the total instead."""
-    if any(run.get("jobs", 1) > 1 for run in runs):
+    if side_by_side(runs):
         return sum(run.get("wall_seconds", 0.0) for run in runs) / 60
     return sum(pipeline_seconds.values()) / 60 if pipeline_seconds else None
 
@@ -383,9 +388,8 @@ def build_report(save_dir: str) -> str:
         lines.append(f"| {stage} | {steps} | {wall} | {speed} | {final_loss} |")
     lines.append("")
     if pipeline_seconds:
-        overlapped = any(run.get("jobs", 1) > 1 for run in runs)
         lines += [f"Pipeline wall time {pipeline_minutes(pipeline_seconds, runs):.1f} min"
-                  + (" (stages side by side, --jobs: their times overlap)" if overlapped else "") + ": " +
+                  + (" (stages side by side, --jobs: their times overlap)" if side_by_side(runs) else "") + ": " +
                   ", ".join(f"{k} {v:.0f} s" for k, v in pipeline_seconds.items()), ""]
 
     lines += ["## Held-out results (before -> after)", "", "| stage | metric | before | after |", "|---|---|---|---|"]

@@ -216,9 +216,10 @@ class StageFailed(Exception):
 
 
 def run_stage(name: str, commands: list, env: dict, threads: int | None = None, log_path: str | None = None,
-              running: dict | None = None) -> float:
+              processes: dict | None = None) -> float:
     """Run one stage's commands in turn. Alone, it prints to the console; beside other stages, into log_path (one
-    file per stage: interleaved output would be unreadable), on `threads` CPU threads."""
+    file per stage: interleaved output would be unreadable), on `threads` CPU threads. processes[name] holds the
+    command running now, so that a failure elsewhere can stop it."""
     start = time.time()
     log = open(log_path, "a") if log_path else None
     env = dict(env, OMP_NUM_THREADS=str(threads)) if threads else env
@@ -235,8 +236,8 @@ def run_stage(name: str, commands: list, env: dict, threads: int | None = None, 
                 log.flush()
             process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log,
                                        stderr=subprocess.STDOUT if log else None)
-            if running is not None:
-                running[name] = process
+            if processes is not None:
+                processes[name] = process
             if process.wait() != 0:
                 where = f" (its output: {log_path})" if log else ""
                 raise StageFailed(f"stage '{name}' failed (exit {process.returncode}){where}; fix it and rerun: "

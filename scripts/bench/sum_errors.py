@@ -51,20 +51,28 @@ def expected_lines(a: int, op: str, b: int) -> tuple[tuple[int, int, int], tuple
     return (top, b % 10, top - b % 10), (a // 10, b // 10, borrow, a // 10 - b // 10 - borrow)
 
 
+def worked_lines(reply: str):
+    """(restated operands, operation, ones line, tens line, answer) of a reply in the worked shape, or None."""
+    match = WORKED.search(reply)
+    if match is None:
+        return None
+    numbers = [int(g) for i, g in enumerate(match.groups(), 1) if i != 2]
+    return tuple(numbers[:2]), match[2], tuple(numbers[2:5]), tuple(numbers[5:9]), numbers[9]
+
+
 def classify(question: str, reply: str) -> str:
     """The first wrong step of one reply (see KINDS)."""
     a, op, b = prompt_sum(question)
-    match = WORKED.search(reply)
-    if match is None:
+    lines = worked_lines(reply)
+    if lines is None:
         answer = re.search(r"<answer>\s*(-?\d+)\s*</answer>", reply)
         return "correct" if answer and int(answer[1]) == (a + b if op == "+" else a - b) else "malformed"
-    numbers = [int(g) for i, g in enumerate(match.groups(), 1) if i != 2]
-    (sa, sb), ones, tens, answer = numbers[:2], tuple(numbers[2:5]), tuple(numbers[5:9]), numbers[9]
+    restated, restated_op, ones, tens, answer = lines
     if answer == (a + b if op == "+" else a - b):
         return "correct"
-    if (sa, sb) != (a, b):
+    if restated != (a, b):
         return "copy"
-    if match[2] != op:
+    if restated_op != op:
         return "operation"
     want_ones, want_tens = expected_lines(a, op, b)
     if ones != want_ones:
@@ -81,16 +89,14 @@ def steps_reward(prompts, completions, **kwargs) -> list[float]:
     scores = []
     for prompt, completion in zip(prompts, completions):
         a, op, b = prompt_sum(prompt[-1]["content"].split("\n")[0])
-        text = completion if isinstance(completion, str) else completion[-1]["content"]
-        match = WORKED.search(text)
-        if match is None:
+        lines = worked_lines(completion if isinstance(completion, str) else completion[-1]["content"])
+        if lines is None:
             scores.append(0.0)
             continue
-        numbers = [int(g) for i, g in enumerate(match.groups(), 1) if i != 2]
-        ones, tens = tuple(numbers[2:5]), tuple(numbers[5:9])
+        restated, restated_op, ones, tens, answer = lines
         want_ones, want_tens = expected_lines(a, op, b)
-        checks = [tuple(numbers[:2]) == (a, b), match[2] == op, ones == want_ones, tens == want_tens,
-                  numbers[9] == tens[3] * 10 + ones[2] % 10]
+        checks = [restated == (a, b), restated_op == op, ones == want_ones, tens == want_tens,
+                  answer == tens[3] * 10 + ones[2] % 10]
         scores.append(sum(checks) / len(checks))
     return scores
 
