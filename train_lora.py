@@ -117,8 +117,10 @@ class ReplayMix(Dataset):
     Packed (--packing 1): the adapter's chats are packed into rows of (1 - ratio) * max_seq_len tokens (first fit
     over a seeded shuffle, as PackedDataset does), and each row is topped up with general chats until they make
     about `ratio` of its tokens. So every row, hence every batch, holds the asked share, not just the run on
-    average. Unpacked (--packing 0): one conversation per row, ratio / (1 - ratio) general chats per adapter chat,
-    so a batch holds the share on average (the sampler shuffles the rows).
+    average. A general chat too long to share a row (longer than ratio * max_seq_len) gets a row of its own when
+    the stream reaches it: left out, the long replies (code, recitals) were what the adapter forgot most
+    (docs/lora.md). Unpacked (--packing 0): one conversation per row, ratio / (1 - ratio) general chats per
+    adapter chat, so a batch holds the share on average (the sampler shuffles the rows).
 
     Each epoch draws fresh general chats, continuing through seeded permutations of the whole replay file, so a run
     replays as many different chats as it can rather than the same few every epoch. The rows of epoch e depend
@@ -136,15 +138,12 @@ class ReplayMix(Dataset):
         if packed:
             own_room = max(1, round((1 - ratio) * max_seq_len))
             self.own_rows = PackedDataset(own, own_room, seed).bins  # a chat longer than own_room gets a row alone
-            fits = self.replay_lengths <= max_seq_len - own_room
+            self.shared_room = max_seq_len - own_room  # a general chat longer than this is replayed alone
         else:
             self.own_rows = [[i] for i in range(len(own))]
             self.replay_per_epoch = round(len(own) * ratio / (1 - ratio))
-            fits = np.ones(len(replay), dtype=bool)
-        self.pool = np.flatnonzero(fits)  # general chats short enough to share a row with the adapter's
-        if not len(self.pool):
-            raise ValueError(f"no replayed conversation is short enough: each must fit in {ratio:.0%} of a "
-                             f"{max_seq_len}-token row")
+            self.shared_room = max_seq_len
+        self.pool = np.arange(len(replay))  # the datasets already dropped chats longer than max_seq_len
         self.epoch, self.rows = None, []
         self.set_epoch(0)
 
@@ -187,7 +186,21 @@ class ReplayMix(Dataset):
                 drawn.append(self.pending.pop(0))
                 self._refill()
             return [(row, []) for row in self.own_rows] + [([], [c]) for c in drawn]
-        return [(row, self._replay_for(int(self.own_lengths[row].sum()))) for row in self.own_rows]
+        rows = []
+        for own_row in self.own_rows:
+            rows.append((own_row, self._replay_for(int(self.own_lengths[own_row].sum()))))
+            rows += [([], [chat]) for chat in self._take_long()]
+        return rows
+
+    def _take_long(self) -> list[int]:
+        """The general chats in the window too long to share a row with the adapter's, each for a row alone."""
+        long = [c for c in self.pending if self.replay_lengths[c] > self.shared_room]
+        self.pending = [c for c in self.pending if self.replay_lengths[c] <= self.shared_room]
+        return long
+
+    def replayed_alone(self) -> int:
+        """How many general chats are replayed in rows of their own (too long to share one)."""
+        return int((self.replay_lengths[self.pool] > self.shared_room).sum())
 
     def set_epoch(self, epoch: int):
         """The rows of `epoch` (the general chats drawn continue from the previous epoch's)."""
@@ -237,7 +250,8 @@ def replay_mix(own, replay, args) -> ReplayMix:
     share = replay_tokens / (own_tokens + replay_tokens) if args.packing else 1 - len(own) / len(mix)
     print0(f"replay: {args.replay_ratio:.0%} of the training {unit} from {args.replay_data_path}, drawn afresh each "
            f"epoch; epoch 0: {len(mix):,} rows, {own_tokens:,} adapter + {replay_tokens:,} replayed tokens "
-           f"({share:.1%} replayed {unit}); {len(replay) - len(mix.pool):,} replay chats too long to share a row")
+           f"({share:.1%} replayed {unit}); {mix.replayed_alone():,} general chats are too long to share a row and "
+           f"are replayed in rows of their own")
     return mix
 
 

@@ -313,6 +313,38 @@ def test_replay_mix_rows_depend_only_on_seed_and_epoch(tmp_path):
     assert [len(unpacked[i]["input_ids"]) for i in range(len(own))] == own.lengths().tolist()
 
 
+def test_general_chats_too_long_to_share_a_row_are_replayed_alone(tmp_path):
+    """A general chat longer than the room beside the adapter's chats is not skipped: it gets a row of its own when
+    the stream reaches it, so long replies (code, recitals) are replayed too; short ones still share rows."""
+    from transformers import AutoTokenizer
+
+    from model.data.chat import SFTDataset
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
+    write_identity(tmp_path / "identity.jsonl", 30, seed=0)
+    write_general(tmp_path / "general.jsonl", 60, seed=1)
+    with open(tmp_path / "general.jsonl", "a", encoding="utf-8") as f:
+        for k in range(6):
+            chat = [{"role": "user", "content": f"count to {50 + k}"},
+                    {"role": "assistant", "content": " ".join(str(n) for n in range(50 + k))}]
+            f.write(json.dumps({"conversations": chat}) + "\n")
+    own = SFTDataset(str(tmp_path / "identity.jsonl"), tokenizer, 128, show_progress=False)
+    general = SFTDataset(str(tmp_path / "general.jsonl"), tokenizer, 128, show_progress=False)
+    mix = train_lora.ReplayMix(own, general, 0.4, 128, packed=True, seed=3)
+    lengths = general.lengths()
+    long = {i for i in range(len(general)) if lengths[i] > mix.shared_room}
+    assert len(long) == 6 == mix.replayed_alone()
+    replayed = []
+    for epoch in range(4):
+        mix.set_epoch(epoch)
+        for own_part, general_part in mix.rows:
+            assert len(general_part) == 1 and not own_part if set(general_part) & long else own_part
+            replayed += general_part
+            assert len(mix[mix.rows.index((own_part, general_part))]["input_ids"]) <= 128
+    assert long <= set(replayed)  # every long chat came up within four epochs
+    own_tokens, replayed_tokens = mix.token_counts()
+    assert 0.35 < replayed_tokens / (own_tokens + replayed_tokens) < 0.6
+
+
 def test_bad_replay_line_is_reported_with_path_and_line(tmp_path):
     write_identity(tmp_path / "identity.jsonl", 8, seed=0)
     write_identity(tmp_path / "identity_val.jsonl", 4, seed=1)
