@@ -174,3 +174,53 @@ def test_steps_reward_scores_the_share_of_right_steps():
     ones_wrong = right.replace("7 + 8 = 15", "7 + 8 = 14").replace("25", "24")  # the answer follows its lines
     assert steps_reward(prompt * 3, [[{"role": "assistant", "content": right}], ones_wrong, "no steps"]) == \
         [1.0, 0.8, 0.0]
+
+
+def test_lora_forgetting_splits_the_same_loss_train_lora_reports(tmp_path, capsys):
+    """The split sums back to the general held-out loss train_lora.py measures (assistant_token_loss), before and
+    after a (random) adapter; each chat lands in its kind."""
+    import json
+    import re
+
+    from transformers import AutoTokenizer
+
+    from model.checkpoint import save_weights
+    from model.data.chat import SFTDataset
+    from model.lora import apply_lora, save_lora
+    from model.training.evaluation import assistant_token_loss
+    from scripts.bench import lora_forgetting
+    from tests import TOKENIZER
+    chats = [[{"role": "user", "content": "Find 3 + 4."}, {"role": "assistant", "content": "<think>\nx\n</think>"}],
+             [{"role": "user", "content": "“床前明月光”的下一句是什么？"},
+              {"role": "assistant", "content": "疑是地上霜"}],
+             [{"role": "user", "content": "In Hamlet, what is the line after \"To be\"?"},
+              {"role": "assistant", "content": "The next line is: or not to be"}],
+             [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好呀"}],
+             [{"role": "user", "content": "can you write a stack in Python?"}, {"role": "assistant", "content": "No."}]]
+    assert [lora_forgetting.kind_of(c) for c in chats] == lora_forgetting.KINDS
+    val = tmp_path / "val.jsonl"
+    val.write_text("".join(json.dumps({"conversations": c}, ensure_ascii=False) + "\n" for c in chats))
+    torch.manual_seed(0)
+    model = TinyMindForCausalLM(TinyMindConfig(vocab_size=6400, hidden_size=64, num_hidden_layers=2,
+                                               num_attention_heads=4, num_key_value_heads=2))
+    save_weights(model, str(tmp_path / "full_sft_64.pth"))
+    apply_lora(model, r=4, verbose=False)
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.05)
+    (tmp_path / "lora").mkdir()
+    save_lora(model, str(tmp_path / "lora" / "probe_64.pth"))
+    lora_forgetting.main(["--save_dir", str(tmp_path), "--lora_name", "probe", "--hidden_size", "64",
+                          "--general_val_path", str(val)])
+    printed = capsys.readouterr().out
+    before, after = map(float, re.search(r"loss (\S+) -> (\S+) \(", printed).groups())
+    runtime = init_runtime("cpu", "float32", num_threads=1)
+    dataset = SFTDataset(str(val), AutoTokenizer.from_pretrained(TOKENIZER), 512, show_progress=False)
+    measured = assistant_token_loss(model.eval(), dataset, runtime, 2, 512)
+    assert after == pytest.approx(measured, abs=2e-4)
+    model_without = TinyMindForCausalLM(model.config)
+    model_without.load_state_dict({k.replace(".base_layer", ""): v for k, v in model.state_dict().items()
+                                   if "lora_" not in k})
+    assert before == pytest.approx(assistant_token_loss(model_without.eval(), dataset, runtime, 2, 512), abs=2e-4)
+    assert before != pytest.approx(after, abs=1e-3)
+    assert all(f"| {kind} | 1 |" in printed for kind in lora_forgetting.KINDS)
