@@ -106,8 +106,9 @@ def build_recipe(out: str, quick: bool, recipe: str = "demo", data_dir: str = "d
     # (one left it worse than the CE-only student, docs/distillation.md); on MiniMind's large file one is plenty.
     teacher_sft_flags = ["--epochs", "1"] if gpu and not quick else ([] if quick else ["--epochs", "3"])
     grpo_flags = ["--num_generations", "4", "--max_gen_len", "16", "--eval_samples", "8"] if quick else \
-        ([] if gpu else ["--batch_size", "16", "--learning_rate", "2e-5", "--temperature", "0.7", "--max_steps", "30",
-                         "--eval_interval", "10", "--max_gen_len", "64"])  # replies ~37 tokens; lr 5e-5 hurt (grpo.md)
+        ([] if gpu else ["--batch_size", "16", "--learning_rate", "2e-5", "--temperature", "0.7", "--max_steps", "20",
+                         "--eval_interval", "10", "--max_gen_len", "64"])  # replies ~37 tokens; lr 5e-5 hurt; 20 or
+    # 30 steps end alike on held-out sums (3 seeds, grpo.md), and the 30-minute budget has no room for the other 10
     ppo_flags = ["--max_gen_len", "16", "--eval_samples", "8"] if quick else ([] if gpu else ["--max_steps", "64"])
     agent_flags = ["--num_generations", "2", "--max_gen_len", "24", "--eval_samples", "4"] if quick else \
         ([] if gpu else ["--max_steps", "30"])
@@ -157,33 +158,11 @@ def build_recipe(out: str, quick: bool, recipe: str = "demo", data_dir: str = "d
                    [py, "-m", "scripts.eval_toolcall", "--save_dir", out, "--weight", "agent_sft", "agent", *size,
                     "--output", f"{out}/summaries/agent_toolcall.json", *agent_eval]],
                   f"{out}/agent_{hidden}.pth"),
-        "eval": ([[py, "eval_model.py", "--save_dir", out, "--weight", weight, *tokenizer, *size, *lora,
-                   # plain greedy, as every stage's own held-out metric: a repetition penalty breaks digit steps
-                   *prompts, "--temperature", "0", "--repetition_penalty", "1.0",
-                   "--max_new_tokens", "24" if quick else "96",
-                   "--output", f"{out}/summaries/samples_{name}.json"]
-                  for name, weight, lora, prompts in eval_commands(gpu, quick)],
+        "eval": ([[py, "-m", "scripts.sample_stages", "--save_dir", out, "--hidden_size", hidden,
+                   *(["--prompts", "builtin"] if gpu else []), *(["--quick"] if quick else []), *tokenizer]],
                  f"{out}/summaries/samples_grpo.json"),
         "report": ([[py, "-m", "scripts.report", "--save_dir", out]], f"{out}/report.md"),
     }
-
-
-# Each stage's samples: held-out prompts from its own data beside their reference answers, plus open prompts marked
-# out of domain (name in the report, checkpoint, LoRA, held-out file). MiniMind's files have no held-out twins.
-EVAL_SAMPLES = [("pretrain", "pretrain", None, "demo_pretrain_val.jsonl"), ("full_sft", "full_sft", None,
-                 "demo_sft_val.jsonl"), ("lora_identity", "full_sft", "lora_identity", "demo_lora_identity_val.jsonl"),
-                ("dpo", "dpo", None, "demo_dpo_val.jsonl"), ("distill", "distill", None, "demo_sft_val.jsonl"),
-                ("distill_ce", "distill_ce", None, "demo_sft_val.jsonl"),
-                ("reason", "reason", None, "demo_reason_val.jsonl"), ("grpo", "grpo", None, "demo_grpo_val.jsonl")]
-
-
-def eval_commands(gpu: bool, quick: bool) -> list:
-    if gpu:
-        return [(stage, stage, [], ["--prompts", "builtin"]) for stage in ("pretrain", "full_sft", "dpo", "reason",
-                                                                          "grpo")]
-    counts = ["--num_prompts", "2", "--out_of_domain", "1"] if quick else ["--num_prompts", "4", "--out_of_domain", "2"]
-    return [(name, weight, ["--lora_name", lora] if lora else [], ["--prompts", f"heldout:dataset/{file}", *counts])
-            for name, weight, lora, file in EVAL_SAMPLES]
 
 
 def stage_finished(done_file: str, save_dir: str) -> bool:
@@ -197,18 +176,16 @@ def stage_finished(done_file: str, save_dir: str) -> bool:
     return os.path.exists(os.path.join(ROOT, save_dir, "summaries", f"{name}.json"))
 
 
-def checkpoint_to_evaluate(command: list) -> str:
-    """The file an eval_model.py command reads: <save_dir>/<weight>_<hidden>.pth, or its LoRA under lora/."""
-    flag = {k: v for k, v in zip(command, command[1:]) if k.startswith("--")}
-    name = f"lora/{flag['--lora_name']}" if "--lora_name" in flag else flag["--weight"]
-    return os.path.join(flag["--save_dir"], f"{name}_{flag['--hidden_size']}.pth")
-
-
 def with_threads(command: list, threads: int | None) -> list:
-    """The command with --num_threads when the stage shares the CPU: the training scripts and eval_model.py would
+    """The command with --num_threads when the stage shares the CPU: the training scripts and the samples would
     otherwise each take every core, and two processes on too many threads run several times slower."""
-    takes_flag = any(os.path.basename(part).startswith("train_") or part.endswith("eval_model.py") for part in command)
+    takes_flag = any(os.path.basename(part).startswith("train_") or part == "scripts.sample_stages" for part in command)
     return command + ["--num_threads", str(threads)] if threads and takes_flag else command
+
+
+# The environment variable naming a stage's threads file (model/training/runtime.py reads it; this script does not
+# import torch, so the name is repeated here and a test holds the two equal).
+THREADS_FILE_ENV = "TINYMIND_THREADS_FILE"
 
 
 class StageFailed(Exception):
@@ -216,18 +193,18 @@ class StageFailed(Exception):
 
 
 def run_stage(name: str, commands: list, env: dict, threads: int | None = None, log_path: str | None = None,
-              processes: dict | None = None) -> float:
+              processes: dict | None = None, threads_file: str | None = None) -> float:
     """Run one stage's commands in turn. Alone, it prints to the console; beside other stages, into log_path (one
-    file per stage: interleaved output would be unreadable), on `threads` CPU threads. processes[name] holds the
-    command running now, so that a failure elsewhere can stop it."""
+    file per stage: interleaved output would be unreadable), on `threads` CPU threads, or on the count written
+    into threads_file later (offer_threads). processes[name] holds the command running now, so that a failure
+    elsewhere can stop it."""
     start = time.time()
     log = open(log_path, "a") if log_path else None
     env = dict(env, OMP_NUM_THREADS=str(threads)) if threads else env
+    if threads_file:
+        env[THREADS_FILE_ENV] = threads_file
     try:
         for command in commands:
-            if "eval_model.py" in command and not os.path.exists(os.path.join(ROOT, checkpoint_to_evaluate(command))):
-                print(f"=== [{name}] skipped: {checkpoint_to_evaluate(command)} does not exist (its stage was not run)")
-                continue
             command = with_threads(command, threads)
             line = f"\n=== [{name}] {' '.join(shlex.quote(c) for c in command)}"
             print(line, flush=True)
@@ -248,6 +225,14 @@ def run_stage(name: str, commands: list, env: dict, threads: int | None = None, 
     return time.time() - start
 
 
+def offer_threads(threads_file: str, threads: int):
+    """Tell a running stage it may use `threads` CPU threads: the Trainer reads the file at its next step, and a
+    stage's later commands read it when they start (model/training/runtime.py, take_offered_threads)."""
+    with open(threads_file + ".tmp", "w") as f:
+        f.write(str(threads))
+    os.replace(threads_file + ".tmp", threads_file)
+
+
 def depends_on(stage: str, other: str) -> bool:
     """Whether `stage` needs `other`'s output, directly or through the stages in between."""
     return other in NEEDS.get(stage, []) or any(depends_on(need, other) for need in NEEDS.get(stage, []))
@@ -257,17 +242,23 @@ def run_stages(stages: list, recipe: dict, env: dict, jobs: int, log_dir: str, s
     """Run `stages`, up to `jobs` at a time, each once the stages it needs (NEEDS) have finished; starting(name)
     before and finished(name, seconds) after each. One job: ORDER, on the console, as a user would type them.
     Several: each stage gets cores / jobs threads (a stage that nothing can run beside, such as clean or eval, gets
-    every core) and its own log file. A failed stage stops the others (SIGTERM: they leave resume checkpoints)
-    and ends the run."""
+    every core) and its own log file; when lanes empty and nothing else can start, the stages still running are
+    offered the idle cores (offer_threads). A failed stage stops the others (SIGTERM: they leave resume
+    checkpoints) and ends the run."""
     cores = os.cpu_count() or 1
     pending = [s for s in (ORDER if jobs == 1 else PRIORITY) if s in stages]
     running, processes, results = set(), {}, queue.Queue()
+    offered = {}  # stage -> (its threads file, the threads it may use now)
 
     def work(name, threads, log_path):
+        threads_file = offered.get(name, (None,))[0]
         try:
-            results.put((name, run_stage(name, recipe[name][0], env, threads, log_path, processes), None))
-        except (StageFailed, OSError) as error:
-            results.put((name, 0.0, error))
+            seconds, error = run_stage(name, recipe[name][0], env, threads, log_path, processes, threads_file), None
+        except (StageFailed, OSError) as failure:
+            seconds, error = 0.0, failure
+        if threads_file and os.path.exists(threads_file):
+            os.remove(threads_file)
+        results.put((name, seconds, error))
 
     while pending or running:
         ready = [s for s in pending if not any(n in pending or n in running for n in NEEDS.get(s, []))]
@@ -280,8 +271,19 @@ def run_stages(stages: list, recipe: dict, env: dict, jobs: int, log_dir: str, s
             if log_path:
                 os.makedirs(log_dir, exist_ok=True)
                 print(f"=== [{name}] starting on {threads or cores} threads (output: {log_path})", flush=True)
+            if threads:
+                offered[name] = (os.path.join(log_dir, f"threads_{name}"), threads)
+                if os.path.exists(offered[name][0]):
+                    os.remove(offered[name][0])  # a count offered to this stage in an earlier run
             running.add(name)
             threading.Thread(target=work, args=(name, threads, log_path), daemon=True).start()
+        # Nothing more can start until a running stage ends: the cores of the lanes that emptied go to the stages
+        # still running, rather than idling (on the demo, the last stage of the longest chain runs alone).
+        for name in running:
+            if name in offered and offered[name][1] < cores // len(running):
+                offered[name] = (offered[name][0], cores // len(running))
+                offer_threads(*offered[name])
+                print(f"=== [{name}] may now use {offered[name][1]} threads (nothing else can start yet)", flush=True)
         name, seconds, error = results.get()
         running.discard(name)
         if error is not None:

@@ -22,6 +22,10 @@ from ..device import DTYPES, default_device, default_dtype, measured_cpu_dtype
 # only costs the wait: so 30 minutes, gloo's own default, now for NCCL too (torch gives it 10 minutes); shorten it
 # with the flag where a frozen rank must be noticed sooner.
 DEFAULT_DDP_TIMEOUT = 1800
+# scripts/run_pipeline.py --jobs runs several stages on one CPU, each on a share of the cores. When the others end
+# and nothing else can start, it writes a larger thread count into the file this variable names, and the running
+# stage takes the idle cores at its next step (take_offered_threads) instead of leaving them idle to the end.
+THREADS_FILE_ENV = "TINYMIND_THREADS_FILE"
 
 
 @dataclass
@@ -73,6 +77,7 @@ def init_runtime(device: str | None = None, dtype: str | None = None, seed: int 
         # torchrun sets OMP_NUM_THREADS=1 for multi-process runs; share the cores between local ranks instead.
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
         torch.set_num_threads(num_threads or max(1, (os.cpu_count() or 1) // local_world))
+        take_offered_threads()
     if world_size > 1 and not dist.is_initialized():
         timeout = datetime.timedelta(seconds=ddp_timeout)
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo", timeout=timeout)
@@ -97,6 +102,23 @@ def init_runtime(device: str | None = None, dtype: str | None = None, seed: int 
         torch.backends.cudnn.allow_tf32 = True
     seed_everything(seed + rank)
     return Runtime(torch.device(device), DTYPES[dtype_name], rank, local_rank, world_size, ddp_timeout)
+
+
+def take_offered_threads() -> int | None:
+    """The thread count offered in $TINYMIND_THREADS_FILE, if there is one and torch is not on it yet: taken, and
+    returned (None otherwise). Cheap enough to ask every step (a missing file costs one failed open)."""
+    path = os.environ.get(THREADS_FILE_ENV)
+    if not path:
+        return None
+    try:
+        with open(path) as f:
+            offered = int(f.read())
+    except (OSError, ValueError):
+        return None
+    if offered < 1 or offered == torch.get_num_threads():
+        return None
+    torch.set_num_threads(offered)
+    return offered
 
 
 def seed_everything(seed: int):

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from ..checkpoint import save_weights, sweep_stale_temp_files, unwrap, weight_path
 from .engine import TorchEngine
 from .runtime import (Runtime, all_reduce_mean, barrier, device_peak_flops, explain_collective_failures, peak_memory_gb,
-                      print0)
+                      print0, take_offered_threads)
 from .schedule import ResumableSampler, lr_at
 from .tracking import MetricsLog, format_seconds, write_summary
 
@@ -295,6 +295,8 @@ class Trainer:
         session_start, first_step = time.time(), state.step
         save_due, stopping = False, 0
         while state.step < total_steps:
+            if (threads := take_offered_threads()) is not None:
+                progress.write(f"now on {threads} CPU threads: the stages beside this one have ended")
             self.lr = lr_at(state.step, total_steps, args.learning_rate, warmup, args.min_lr_ratio)
             result = steps.step()
             grad_norm = self.optimizer_step(result.loss_sum)

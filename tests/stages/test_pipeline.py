@@ -37,6 +37,12 @@ def test_quick_pipeline_runs_every_stage_and_writes_the_report(tmp_path):
     # stages that measure their own before/after (SFT, LoRA, reasoning format) pair them in the report
     assert "| full_sft | end_of_turn_rate |" in report and "| reason | well_formed |" in report
     assert (out / "data" / "demo_pretrain_clean.jsonl").exists()
+    # every trained checkpoint answered held-out prompts from its own data, beside their references, in the one
+    # process of the eval stage (scripts/sample_stages.py)
+    from scripts.sample_stages import HELD_OUT_SAMPLES
+    for name, *_ in HELD_OUT_SAMPLES:
+        samples = json.loads((out / "summaries" / f"samples_{name}.json").read_text())
+        assert any(r.get("reference") for r in samples["results"]), name
 
     # the opt-in RL pipeline on top of the same SFT model: reward model, PPO, agent SFT and agent RL; two stages at
     # a time (reward -> ppo beside agent_sft -> agent), each into its own log
@@ -138,7 +144,9 @@ def test_every_stage_needs_only_stages_before_it_and_priority_names_them_all():
         assert all(run_pipeline.ORDER.index(n) < run_pipeline.ORDER.index(stage) for n in needs), stage
     assert sorted(run_pipeline.PRIORITY) == sorted(run_pipeline.ORDER)
     # the eval stage reads every checkpoint the samples are made from
-    assert {weight for _, weight, _, _ in run_pipeline.EVAL_SAMPLES} <= {"full_sft"} | set(run_pipeline.NEEDS["eval"])
+    from scripts.sample_stages import BUILTIN_SAMPLES, HELD_OUT_SAMPLES
+    samples = HELD_OUT_SAMPLES + BUILTIN_SAMPLES
+    assert {weight for _, weight, _, _ in samples} <= {"full_sft"} | set(run_pipeline.NEEDS["eval"])
 
 
 def fake_recipe(tmp_path, durations: dict, fail: str | None = None) -> dict:
@@ -195,8 +203,51 @@ def test_one_job_runs_in_order_and_a_failed_stage_stops_the_run(tmp_path):
 
 def test_shared_stages_get_their_share_of_the_threads():
     assert run_pipeline.with_threads(["python", "train_sft.py", "--x", "1"], 1)[-2:] == ["--num_threads", "1"]
-    assert run_pipeline.with_threads(["python", "eval_model.py"], 2)[-2:] == ["--num_threads", "2"]
+    assert run_pipeline.with_threads(["python", "-m", "scripts.sample_stages"], 2)[-2:] == ["--num_threads", "2"]
     assert run_pipeline.with_threads(["python", "-m", "scripts.report"], 1) == ["python", "-m", "scripts.report"]
     assert run_pipeline.with_threads(["python", "train_sft.py"], None) == ["python", "train_sft.py"]
     with pytest.raises(SystemExit):
         run_pipeline.main(["--jobs", "2", "--recipe", "minimind_gpu", "--dry_run"])
+
+
+def test_a_stage_left_alone_is_offered_the_idle_cores(tmp_path, monkeypatch):
+    """Once nothing else can start, the stage still running is offered every core through its threads file (the
+    Trainer takes them at its next step); a stage beside another is never offered more than its share."""
+    trace = tmp_path / "trace.txt"
+    recipe = {}
+    for name, seconds in {"clean": 0.1, "pretrain": 0.5, "teacher": 2.5}.items():
+        code = (f"import os, time; f = open({str(trace)!r}, 'a'); end = time.time() + {seconds}\n"
+                f"while time.time() < end:\n"
+                f"    path = os.environ.get({run_pipeline.THREADS_FILE_ENV!r})\n"
+                f"    if path and os.path.exists(path):\n"
+                f"        f.write(f'{name} ' + open(path).read() + ' ' + str(time.time()) + '\\n'); f.flush()\n"
+                f"    time.sleep(0.05)\n"
+                f"f.write(f'end {name} ' + str(time.time()) + '\\n')")
+        recipe[name] = ([[sys.executable, "-c", code]], None)
+    monkeypatch.setattr(run_pipeline.os, "cpu_count", lambda: 4)
+    run_pipeline.run_stages(list(recipe), recipe, dict(os.environ), 2, str(tmp_path / "logs"), lambda name: None,
+                            lambda name, s: None)
+    lines = [line.split() for line in trace.read_text().splitlines()]
+    pretrain_end = next(float(when) for event, name, when in lines if event == "end" and name == "pretrain")
+    offers = [(name, int(count), float(when)) for name, count, when in lines if name != "end"]
+    assert offers and {name for name, _, _ in offers} == {"teacher"}  # pretrain was never alone
+    assert all(count == 4 and when >= pretrain_end for _, count, when in offers)
+    assert not list((tmp_path / "logs").glob("threads_*"))  # each stage's file is gone once it ends
+
+
+def test_runtime_takes_the_offered_threads(tmp_path, monkeypatch):
+    import torch
+
+    from model.training import runtime
+    assert runtime.THREADS_FILE_ENV == run_pipeline.THREADS_FILE_ENV
+    before = torch.get_num_threads()
+    monkeypatch.setenv(runtime.THREADS_FILE_ENV, str(tmp_path / "threads"))
+    try:
+        assert runtime.take_offered_threads() is None  # no offer yet
+        (tmp_path / "threads").write_text("3")
+        assert runtime.take_offered_threads() == 3 and torch.get_num_threads() == 3
+        assert runtime.take_offered_threads() is None  # taken already
+        (tmp_path / "threads").write_text("not a number")
+        assert runtime.take_offered_threads() is None
+    finally:
+        torch.set_num_threads(before)
