@@ -275,12 +275,16 @@ def machine(dtype: str | None = None) -> dict:
 
 
 def git_commit() -> str:
+    """The short commit, with "+changes" when tracked files differ from it: the run's code is then not the commit's."""
+    def git(*args):
+        return subprocess.run(["git", *args], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+        commit = git("rev-parse", "--short", "HEAD")
+        changed = commit and git("status", "--porcelain", "--untracked-files=no")
     except OSError:
-        commit = ""
-    return commit or "unknown"
+        commit, changed = "", ""
+    return (commit + ("+changes" if changed else "")) or "unknown"
 
 
 def device_text(run: dict) -> str:
