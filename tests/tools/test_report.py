@@ -184,3 +184,19 @@ def test_the_rl_stages_headline_their_own_goal_not_the_first_metric_in_the_alpha
     reward = {"accuracy/looping_reply_before": 0.4, "accuracy/looping_reply_after": 1.0, "accuracy_before": 0.48,
               "accuracy_after": 0.6}
     assert report.headline("reward", reward)[0] == "accuracy"
+
+
+def test_the_recorded_commit_says_when_the_code_differed_from_it(monkeypatch):
+    """A run from a working tree with changes to tracked files records <hash>+changes, never the bare hash."""
+    import subprocess
+    answers = {"rev-parse": "abc1234\n", "status": ""}
+
+    def fake_git(command, **kwargs):
+        return subprocess.CompletedProcess(command, 0, stdout=answers[command[1]], stderr="")
+
+    monkeypatch.setattr(report.subprocess, "run", fake_git)
+    assert report.git_commit() == "abc1234"
+    answers["status"] = " M train_lora.py\n"
+    assert report.git_commit() == "abc1234+changes"
+    answers["rev-parse"] = ""
+    assert report.git_commit() == "unknown"
