@@ -13,7 +13,6 @@ eval_model.py call spends most of its few seconds importing torch and transforme
 import argparse
 import os
 import shlex
-import sys
 import time
 
 import eval_model
@@ -36,9 +35,10 @@ def sample_commands(save_dir: str, hidden_size: int, prompts: str = "heldout", q
     commands = []
     for name, weight, lora, held_out in HELD_OUT_SAMPLES if prompts == "heldout" else BUILTIN_SAMPLES:
         chosen = ["--prompts", f"heldout:dataset/{held_out}", *counts] if held_out else ["--prompts", "builtin"]
-        argv = ["--save_dir", save_dir, "--weight", weight, "--hidden_size", str(hidden_size),
-                *(["--lora_name", lora] if lora else []), *(["--tokenizer_path", tokenizer_path] if tokenizer_path
-                                                           else []),
+        lora_flags = ["--lora_name", lora] if lora else []
+        tokenizer_flags = ["--tokenizer_path", tokenizer_path] if tokenizer_path else []
+        argv = ["--save_dir", save_dir, "--weight", weight, "--hidden_size", str(hidden_size), *lora_flags,
+                *tokenizer_flags,
                 # plain greedy, as every stage's own held-out metric: a repetition penalty breaks digit steps
                 *chosen, "--temperature", "0", "--repetition_penalty", "1.0",
                 "--max_new_tokens", "24" if quick else "96", "--output", f"{save_dir}/summaries/samples_{name}.json",
@@ -69,7 +69,6 @@ def main(argv=None):
         start = time.time()
         eval_model.main(eval_argv)
         print(f"=== [{name}] {time.time() - start:.1f} s", flush=True)
-    sys.stdout.flush()
 
 
 if __name__ == "__main__":

@@ -251,3 +251,11 @@ def test_runtime_takes_the_offered_threads(tmp_path, monkeypatch):
         assert runtime.take_offered_threads() is None
     finally:
         torch.set_num_threads(before)
+
+
+def test_samples_skip_the_stages_that_were_not_run(tmp_path, capsys):
+    from scripts import sample_stages
+    sample_stages.main(["--save_dir", str(tmp_path), "--hidden_size", "64"])
+    printed = capsys.readouterr().out
+    assert printed.count("skipped") == len(sample_stages.HELD_OUT_SAMPLES)
+    assert "lora/lora_identity_64.pth does not exist" in printed and not list(tmp_path.iterdir())
