@@ -14,10 +14,10 @@ from collections import defaultdict
 
 import torch
 
-from model.data.chat import encode_chat
+from model.data.chat import SFTDataset
 from model.data.jsonl import iter_lines, location, parse_line
 from model.inference import load_model_for_inference
-from model.training.losses import next_token_losses
+from model.training.evaluation import chat_token_losses
 
 KINDS = ["sums worked digit by digit", "poems (next line, author)", "Shakespeare (next line, recitals)",
          "Chinese chats", "English chats"]
@@ -35,30 +35,29 @@ def kind_of(messages: list[dict]) -> str:
     return KINDS[3] if any("\u4e00" <= ch <= "\u9fff" for ch in question) else KINDS[4]
 
 
-def read_chats(path: str) -> list[list[dict]]:
-    chats = []
+def read_chats(path: str) -> dict[int, list[dict]]:
+    """Line number -> the chat's messages (to tell its kind; the tokens come from SFTDataset, as in train_lora)."""
+    chats = {}
     for number, raw in iter_lines(path):
         record, why = parse_line(raw)
         if why is None and not isinstance(record.get("conversations"), list):
             why = "no \"conversations\" list"
         if why is not None:
             raise SystemExit(f"{location(path, number)}: {why}")
-        chats.append(record["conversations"])
+        chats[number] = record["conversations"]
     return chats
 
 
 @torch.no_grad()
-def chat_losses(model, tokenizer, chats: list[list[dict]], max_seq_len: int) -> list[tuple[float, int] | None]:
-    """(summed loss over the assistant tokens, their number) per chat; None for a chat longer than max_seq_len."""
+def chat_losses(model, dataset: SFTDataset) -> list[tuple[float, int]]:
+    """(summed loss over the assistant tokens, their number) for each chat of the dataset."""
+    model.eval()
     results = []
-    for messages in chats:
-        ids, mask = encode_chat(tokenizer, messages)
-        if len(ids) > max_seq_len:
-            results.append(None)
-            continue
-        labels = torch.tensor([[token if keep else -100 for token, keep in zip(ids, mask)]])
-        losses, targets = next_token_losses(model(torch.tensor([ids])).logits, labels)
-        results.append((losses.sum().item(), int(targets.sum())))
+    for i in range(len(dataset)):
+        item = dataset[i]
+        losses, mask, _ = chat_token_losses(model, {"input_ids": item["input_ids"][None],
+                                                    "labels": item["labels"][None]})
+        results.append((losses.sum().item(), int(mask.sum())))
     return results
 
 
@@ -78,15 +77,14 @@ def main(argv=None):
     common = dict(weight=args.weight, save_dir=args.save_dir, hidden_size=args.hidden_size, dtype="float32",
                   device="cpu", verbose=False)
     base = load_model_for_inference(**common)
-    before = chat_losses(base.model, base.tokenizer, chats, args.max_seq_len)
-    adapted = load_model_for_inference(**common, lora_name=args.lora_name)
-    after = chat_losses(adapted.model, adapted.tokenizer, chats, args.max_seq_len)
+    dataset = SFTDataset(args.general_val_path, base.tokenizer, args.max_seq_len, show_progress=False)
+    before = chat_losses(base.model, dataset)
+    after = chat_losses(load_model_for_inference(**common, lora_name=args.lora_name).model, dataset)
 
     totals = defaultdict(lambda: [0, 0.0, 0.0, 0])  # kind -> chats, loss before, loss after, tokens
     rises = []
-    for messages, old, new in zip(chats, before, after):
-        if old is None:
-            continue
+    for line, old, new in zip(dataset.line_numbers, before, after):
+        messages = chats[int(line)]
         row = totals[kind_of(messages)]
         row[0], row[1], row[2], row[3] = row[0] + 1, row[1] + old[0], row[2] + new[0], row[3] + old[1]
         rises.append((new[0] - old[0], old[1], messages))
