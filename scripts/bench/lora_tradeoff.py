@@ -32,6 +32,7 @@ GRID = {
     "replay0.3": ["--replay_ratio", "0.3", "--epochs", "8"],
     "replay0.5": ["--replay_ratio", "0.5", "--epochs", "5"],
     "replay0.7": ["--replay_ratio", "0.7", "--epochs", "3"],
+    "replay0.7_8ep": ["--replay_ratio", "0.7", "--epochs", "8"],
     "replay0.5_8ep": ["--replay_ratio", "0.5", "--epochs", "8"],
     "replay0.5_12ep": ["--replay_ratio", "0.5", "--epochs", "12"],
     "replay0.5_lr2e-3": ["--replay_ratio", "0.5", "--epochs", "5", "--learning_rate", "2e-3"],
