@@ -11,9 +11,16 @@
 
 Three tasks, each answered by one call of a local tool (model/tools.py): arithmetic (calculator), unit conversion
 (convert_units) and capital cities (lookup_capital). Answers are computed by the tools themselves, so data and
-rewards cannot disagree. Held-out tasks are truly held out: a task (tool + arguments, whatever the wording of the
-question) goes to the _val files when a stable hash of it (sha256) falls in the held-out share, so no held-out
-country, sum or conversion appears in any training file, SFT or RL."""
+rewards cannot disagree.
+
+Sized for the demo's 4.6M model (docs/agent.md): the sums' operands run from 2 to 19, the numbers the reasoning model
+(where agent SFT starts) learned to copy, and each string argument is written with the space the question has before
+it (`{"expression": " 17 + 18"}`), so its tokens are the question's tokens: the tokenizer spells `17` after a quote
+with other tokens than ` 17` after a space. The tools and the rewards ignore that space.
+
+Held-out tasks are truly held out: a task (tool + arguments, whatever the wording of the question) goes to the _val
+files when a stable hash of it (sha256) falls in the held-out share, so no held-out country, sum or conversion
+appears in any training file, SFT or RL."""
 import argparse
 import hashlib
 import json
@@ -45,9 +52,7 @@ def random_task(rng: random.Random) -> tuple[str, str, dict]:
     kind = rng.choices(["calculator", "convert_units", "lookup_capital"], weights=[0.4, 0.35, 0.25])[0]
     if kind == "calculator":
         op = rng.choice(["+", "-", "*"])
-        a = rng.randint(2, 99)
-        b = rng.randint(2, 19) if op == "*" else rng.randint(2, 99)
-        expression = f"{a} {op} {b}"
+        expression = f"{rng.randint(2, 19)} {op} {rng.randint(2, 19)}"
         return rng.choice(CALC_QUESTIONS).format(e=expression), kind, {"expression": expression}
     if kind == "convert_units":
         a, b = rng.choice(CONVERSIONS)
@@ -58,6 +63,11 @@ def random_task(rng: random.Random) -> tuple[str, str, dict]:
     return rng.choice(CAPITAL_QUESTIONS).format(c=country), kind, {"country": country}
 
 
+def as_asked(arguments: dict) -> dict:
+    """The arguments as the model should write them: each string after a space, as in the question."""
+    return {key: " " + value if isinstance(value, str) else value for key, value in arguments.items()}
+
+
 def system_message() -> dict:
     return {"role": "system", "content": None, "functions": TOOL_SCHEMAS}
 
@@ -65,14 +75,14 @@ def system_message() -> dict:
 def sft_chat(question: str, name: str, arguments: dict, result: str) -> dict:
     return {"conversations": [
         system_message(), {"role": "user", "content": question},
-        {"role": "assistant", "content": "", "tool_calls": [{"name": name, "arguments": arguments}]},
+        {"role": "assistant", "content": "", "tool_calls": [{"name": name, "arguments": as_asked(arguments)}]},
         {"role": "tool", "content": result},
         {"role": "assistant", "content": f"The answer is {result}."}]}
 
 
 def rl_prompt(question: str, name: str, arguments: dict, result: str) -> dict:
     return {"conversations": [system_message(), {"role": "user", "content": question}], "answer": result,
-            "call": {"name": name, "arguments": arguments}, "task": name}
+            "call": {"name": name, "arguments": as_asked(arguments)}, "task": name}
 
 
 def build(seed: int, sft_count: int, rl_count: int, val_count: int, held_out_share: float) -> dict:

@@ -30,7 +30,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ORDER = ["clean", "tokenizer", "pretrain", "sft", "lora", "dpo", "teacher", "distill", "distill_ce", "reason", "grpo",
          "reward", "ppo", "agent_sft", "agent", "eval", "report"]
-# RLHF end to end (reward model -> PPO) and tool-using agent RL: a second, opt-in pipeline on top of the SFT model
+# RLHF end to end (reward model -> PPO) and tool-using agent RL: a second, opt-in pipeline on top of the demo models
 RL_STAGES = ["reward", "ppo", "agent_sft", "agent"]
 STAGE_GROUPS = {"demo": [s for s in ORDER if s not in RL_STAGES], "rl": RL_STAGES + ["report"], "all": ORDER}
 # The stages whose output each stage reads: with --jobs N a stage starts once these have finished (or were not asked
@@ -38,7 +38,7 @@ STAGE_GROUPS = {"demo": [s for s in ORDER if s not in RL_STAGES], "rl": RL_STAGE
 TRAINED = ["pretrain", "sft", "lora", "dpo", "distill", "distill_ce", "reason", "grpo"]
 NEEDS = {"pretrain": ["clean", "tokenizer"], "sft": ["pretrain"], "lora": ["sft"], "dpo": ["sft"],
          "teacher": ["clean", "tokenizer"], "distill": ["sft", "teacher"], "distill_ce": ["sft", "teacher"],
-         "reason": ["sft"], "grpo": ["reason"], "reward": ["sft"], "ppo": ["reward"], "agent_sft": ["sft"],
+         "reason": ["sft"], "grpo": ["reason"], "reward": ["sft"], "ppo": ["reward"], "agent_sft": ["reason"],
          "agent": ["agent_sft"], "eval": TRAINED, "report": [s for s in ORDER if s != "report"]}
 # Which ready stage starts first when several could: the longest chains first (the teacher, and reason -> grpo),
 # so that the short stages fill the gaps beside them instead of leaving one core idle at the end.
@@ -149,8 +149,9 @@ def build_recipe(out: str, quick: bool, recipe: str = "demo", data_dir: str = "d
                    f"{out}/reward_{hidden}.pth"),
         "ppo": ([[*launch, "train_ppo.py", *saving, "--reward_model", f"{out}/reward_{hidden}.pth", *data("dpo"),
                   *tokenizer, *size, *q, *ppo_flags]], f"{out}/ppo_{hidden}.pth"),
-        # the agent's chats carry the tools' schemas in the system prompt (~510 tokens): they need 768
-        "agent_sft": ([[*launch, "train_full_sft.py", *saving, "--from_weight", "full_sft",
+        # the agent's chats carry the tools' schemas in the system prompt (~510 tokens): they need 768. It starts from
+        # the reasoning model, which copies a prompt's numbers (from the SFT model no held-out call was right)
+        "agent_sft": ([[*launch, "train_full_sft.py", *saving, "--from_weight", "reason",
                         "--save_weight", "agent_sft", "--data_path", "dataset/demo_agent_sft.jsonl",
                         "--max_seq_len", "768", *tokenizer, *size, *q, *small_eval]], f"{out}/agent_sft_{hidden}.pth"),
         "agent": ([[*launch, "train_agent.py", *saving, "--from_weight", "agent_sft", *tokenizer, *size, *q,
@@ -333,7 +334,7 @@ def main(argv=None):
     parser.add_argument("--stages", default="demo",
                         help=f"comma list of stages from {ORDER}, or a group: demo (every stage but the RL ones, "
                              f"the default), rl ({', '.join(RL_STAGES)}: reward model, PPO and agent RL on top of the "
-                             f"demo's SFT model), all")
+                             f"demo's SFT and reasoning models), all")
     parser.add_argument("--force", action="store_true", help="rerun stages whose output already exists")
     parser.add_argument("--save_dir", default="out", help="where every stage writes (checkpoints, logs, report)")
     parser.add_argument("--quick", action="store_true", help="a few steps per stage with the nano model (smoke test)")
