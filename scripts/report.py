@@ -183,11 +183,18 @@ def side_by_side(runs: list) -> bool:
     return any(run.get("jobs", 1) > 1 for run in runs)
 
 
+def standing_runs(runs: list) -> list:
+    """The runs whose work still stands: a run every stage of which a later run redid (`--force`) is left out."""
+    return [run for i, run in enumerate(runs)
+            if not run.get("stages") or not set(run["stages"]) <= {s for later in runs[i + 1:]
+                                                                  for s in later.get("stages", [])}]
+
+
 def pipeline_minutes(pipeline_seconds: dict, runs: list) -> float | None:
     """The pipeline's wall time. Stages that ran one after another add up; under --jobs they overlapped, so the
-    runs' own wall times (summaries/machine.json) are the total instead."""
+    runs' own wall times (summaries/machine.json) are the total instead, less the runs later ones redid."""
     if side_by_side(runs):
-        return sum(run.get("wall_seconds", 0.0) for run in runs) / 60
+        return sum(run.get("wall_seconds", 0.0) for run in standing_runs(runs)) / 60
     return sum(pipeline_seconds.values()) / 60 if pipeline_seconds else None
 
 

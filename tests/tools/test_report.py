@@ -100,6 +100,12 @@ def test_pipeline_wall_time_adds_stages_up_only_when_they_ran_one_after_another(
     # side by side (--jobs 2) the two stages overlapped: two runs of 620 s and 100 s took 12 min, not 15
     assert report.pipeline_minutes(stages, [{"jobs": 2, "wall_seconds": 620.0}, {"jobs": 1, "wall_seconds": 100.0}]) \
         == 12.0
+    # a run whose every stage a later run redid (--force) no longer counts; one that a later run redid in part does
+    runs = [{"jobs": 2, "wall_seconds": 600.0, "stages": ["pretrain", "sft"]},
+            {"jobs": 2, "wall_seconds": 300.0, "stages": ["reward", "agent"]},
+            {"jobs": 2, "wall_seconds": 120.0, "stages": ["reward", "agent"]},
+            {"jobs": 2, "wall_seconds": 60.0, "stages": ["sft"]}]
+    assert report.pipeline_minutes(stages, runs) == 13.0
 
 
 DPO_SUMMARY = {"steps": 298, "reward_accuracy_before": 0.0, "reward_accuracy_after": 0.6,
