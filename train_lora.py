@@ -143,17 +143,17 @@ class ReplayMix(Dataset):
             self.own_rows = [[i] for i in range(len(own))]
             self.replay_per_epoch = round(len(own) * ratio / (1 - ratio))
             self.shared_room = max_seq_len
-        self.pool = np.arange(len(replay))  # the datasets already dropped chats longer than max_seq_len
         self.epoch, self.rows = None, []
         self.set_epoch(0)
 
-    # the stream of general chats: seeded permutations of the pool, one after another
+    # the stream of general chats: seeded permutations of all of them (the datasets already dropped chats longer
+    # than max_seq_len), one after another
     def _restart(self):
         self.cycle, self.position, self.pending = 0, 0, []
         self.permutation = self._permute(0)
 
     def _permute(self, cycle: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, cycle]).permutation(self.pool)
+        return np.random.default_rng([self.seed, cycle]).permutation(len(self.replay_lengths))
 
     def _refill(self):
         while len(self.pending) < self.WINDOW:
@@ -200,7 +200,7 @@ class ReplayMix(Dataset):
 
     def replayed_alone(self) -> int:
         """How many general chats are replayed in rows of their own (too long to share one)."""
-        return int((self.replay_lengths[self.pool] > self.shared_room).sum())
+        return int((self.replay_lengths > self.shared_room).sum())
 
     def set_epoch(self, epoch: int):
         """The rows of `epoch` (the general chats drawn continue from the previous epoch's)."""
