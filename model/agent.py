@@ -186,12 +186,13 @@ def rollout_logprobs(model, rollout: AgentRollout, temperature: float) -> tuple[
 
 # ================================================================================================ rewards
 
-_ANSWER = re.compile(r"answer is\s*(.+?)\s*$", re.DOTALL | re.IGNORECASE)
+_ANSWER = re.compile(r"answer is\s*:?\s*(.+?)\s*$", re.DOTALL | re.IGNORECASE)
 
 
 def extract_final_answer(text: str | None) -> str | None:
-    """What the final reply answers: the text after its last "answer is" ("The answer is 391." -> "391"), else an
-    <answer> block, else the whole reply; a trailing full stop is dropped (answers_match normalises the rest)."""
+    """What the final reply answers: the text after its last "answer is" and an optional colon ("The answer is 391."
+    and "The answer is:\n391" -> "391"), else an <answer> block, else the whole reply; a trailing full stop is dropped
+    (answers_match normalises the rest)."""
     if text is None:
         return None
     text = text.strip()

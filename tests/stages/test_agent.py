@@ -13,8 +13,8 @@ from tests import ROOT, TOKENIZER, torchrun
 
 
 def write_data(directory, rl_count=16, val_count=4):
-    build_agent_data.main(["--out_dir", str(directory), "--sft_count", "8", "--rl_count", str(rl_count),
-                           "--val_count", str(val_count)])
+    build_agent_data.main(["--out_dir", str(directory), "--sft_count", "8", "--short_count", "4",
+                           "--rl_count", str(rl_count), "--val_count", str(val_count)])
     return directory / "demo_agent.jsonl"
 
 
@@ -130,14 +130,14 @@ def test_shipped_demo_data_is_deterministic_held_out_and_readable(tmp_path):
             records = [json.loads(line) for line in f]
         keys = set()
         for r in records:
-            call = r.get("call") or r["conversations"][2]["tool_calls"][0]
+            call = r.get("call") or next(m for m in r["conversations"] if m.get("tool_calls"))["tool_calls"][0]
             keys.add(build_agent_data.task_key(call["name"], call["arguments"]))
         return keys
     train = tasks("demo_agent_sft.jsonl") | tasks("demo_agent.jsonl")
     held = tasks("demo_agent_val.jsonl") | tasks("demo_agent_sft_val.jsonl")
     assert held and not train & held
     for name in build_agent_data.FILES.values():
-        assert os.path.getsize(os.path.join(ROOT, "dataset", name)) < 1.1e6
+        assert os.path.getsize(os.path.join(ROOT, "dataset", name)) < 1.7e6
 
     from transformers import AutoTokenizer
 

@@ -224,3 +224,35 @@ def test_lora_forgetting_splits_the_same_loss_train_lora_reports(tmp_path, capsy
     assert before == pytest.approx(assistant_token_loss(model_without.eval(), dataset, runtime, 2, 512), abs=2e-4)
     assert before != pytest.approx(after, abs=1e-3)
     assert all(f"| {kind} | 1 |" in printed for kind in lora_forgetting.KINDS)
+
+
+def test_agent_copy_tells_a_model_that_reads_its_tool_from_one_that_does_not():
+    """Scripted models on the shipped held-out agent chats: one that repeats the tool message follows every swapped
+    result; one that always answers the data's true result never does."""
+    import re
+    import types
+
+    from transformers import AutoTokenizer
+
+    from scripts.bench import agent_copy
+    from tests import TOKENIZER
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
+    chats = agent_copy.read_chats(os.path.join(ROOT, "dataset", "demo_agent_sft_val.jsonl"))
+    swapped = agent_copy.swapped_results(chats, seed=0)
+    assert all(other is not None for other in swapped)
+
+    def scripted(answer_of):
+        def generate(x, **kwargs):
+            text = tokenizer.decode(x[0].tolist(), skip_special_tokens=False)
+            tool = re.findall(r"<\|im_start\|>tool\n(.*?)<\|im_end\|>", text, re.DOTALL)[-1]
+            reply = tokenizer.encode(f"The answer is {answer_of(tool, text)}.", add_special_tokens=False)
+            return torch.cat([x, torch.tensor([reply + [tokenizer.eos_token_id]])], dim=1)
+        return types.SimpleNamespace(model=types.SimpleNamespace(generate=generate), tokenizer=tokenizer,
+                                     device=torch.device("cpu"))
+
+    reader = agent_copy.measure(scripted(lambda tool, text: tool), chats, swapped, 24, 0)["all"]
+    assert reader["right_result_answered"] == reader["chats"] == reader["follows_tool"] == len(chats) == 120
+    truth = {c["messages"][1]["content"]: c["result"] for c in chats}
+    knower = agent_copy.measure(scripted(lambda tool, text: next(r for q, r in truth.items() if q in text)),
+                                chats, swapped, 24, 0)["all"]
+    assert knower["right_result_answered"] == knower["true_answer"] == 120 and "follows_tool" not in knower

@@ -145,6 +145,8 @@ def test_final_answer_extraction():
     assert extract_final_answer("Hmm. The answer is 2 m. So the answer is 3500 m.") == "3500 m"
     assert extract_final_answer("<answer>Paris</answer>") == "Paris"
     assert extract_final_answer("Paris.") == "Paris"
+    assert extract_final_answer("The answer is:\n-13") == "-13"  # a colon, the answer on its own line
+    assert extract_final_answer("The answer is: Mexico City.") == "Mexico City"
     assert extract_final_answer(None) is None
 
 
