@@ -21,8 +21,8 @@ with other tokens than ` 17` after a space. The tools and the rewards ignore tha
 
 The short chats teach the two copies an episode needs (question -> call, tool result -> answer) where they are cheap:
 packing puts them into the room each ~600-token chat with schemas leaves in its 768-token row, so 2,000 of them add
-a tenth to the rows of an epoch. Their tasks are drawn after the others, from their own seed, so the other files
-do not change with their count.
+a tenth to the rows of an epoch (and fill them: about a third more tokens). Their tasks are drawn after the others,
+from their own seed, so the other files do not change with their count.
 
 Held-out tasks are truly held out: a task (tool + arguments, whatever the wording of the question) goes to the _val
 files when a stable hash of it (sha256) falls in the held-out share, so no held-out country, sum or conversion

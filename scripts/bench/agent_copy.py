@@ -47,8 +47,11 @@ def read_chats(path: str) -> list[dict]:
     chats = []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
-            messages = json.loads(line)["conversations"]
-            call, result = messages[-3], messages[-2]
+            try:
+                messages = json.loads(line)["conversations"]
+                call, result = messages[-3], messages[-2]
+            except (ValueError, KeyError, IndexError, TypeError) as error:
+                raise SystemExit(f"{path}:{number}: not a chat line ({error})") from None
             if result.get("role") != "tool" or not call.get("tool_calls"):
                 raise SystemExit(f"{path}:{number}: not a chat ending with a tool call, its result and a reply")
             chats.append({"task": call["tool_calls"][0]["name"], "messages": messages[:-1],
