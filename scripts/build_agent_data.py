@@ -79,7 +79,8 @@ def system_message() -> dict:
 
 
 def sft_chat(question: str, name: str, arguments: dict, result: str, schemas: bool = True) -> dict:
-    return {"conversations": [system_message()] * schemas + [
+    system = [system_message()] if schemas else []
+    return {"conversations": system + [
         {"role": "user", "content": question},
         {"role": "assistant", "content": "", "tool_calls": [{"name": name, "arguments": as_asked(arguments)}]},
         {"role": "tool", "content": result},
