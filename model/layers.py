@@ -105,6 +105,11 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_
     for padding, packed documents or chunked prefill. None lets SDPA pick its flash kernel on CUDA."""
     q_len = q.shape[2]
     gqa = q.shape[1] != k.shape[1]
+    if q_len == 1 and q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        # Decoding against a cache: torch's CPU kernel is several times slower in bf16 than in fp32 at this shape
+        # (docs/benchmarks.md), and autocast would cast fp32 inputs straight back, so it is switched off here.
+        with torch.autocast("cpu", enabled=False):
+            return sdpa_attention(q.float(), k.float(), v.float(), attention_mask, dropout_p, scale).to(q.dtype)
     if attention_mask is None:
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale,
                                              is_causal=q_len > 1, enable_gqa=gqa)

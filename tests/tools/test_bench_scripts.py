@@ -256,3 +256,11 @@ def test_agent_copy_tells_a_model_that_reads_its_tool_from_one_that_does_not():
     knower = agent_copy.measure(scripted(lambda tool, text: next(r for q, r in truth.items() if q in text)),
                                 chats, swapped, 24, 0)["all"]
     assert knower["right_result_answered"] == knower["true_answer"] == 120 and "follows_tool" not in knower
+
+
+def test_attention_bench_times_each_shape_both_ways(capsys):
+    from scripts.bench import bench_attention
+    assert bench_attention.time_attention(torch.float32, 2, 1, 8, 4, 2, 8, backward=False, repeats=2) > 0
+    bench_attention.main(["--rounds", "1"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if "as fast" in line]
+    assert [line.split(":")[0] for line in lines] == ["decode", "decode", "training"]

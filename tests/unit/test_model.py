@@ -100,6 +100,24 @@ def test_kv_cache_decode_equals_full_forward_with_left_padding():
     assert cache.get_seq_length() == ids.shape[1]
 
 
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_bf16_decode_attention_runs_in_fp32_on_cpu(with_mask):
+    """One query against a cache under bf16 autocast: the attention is computed in fp32 (the CPU's bf16 kernel is
+    slower there), so it equals the fp32 result rounded once to bf16, and comes back in bf16."""
+    from model.layers import sdpa_attention
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, h, t, 16, generator=gen) for h, t in ((4, 1), (2, 9), (2, 9)))
+    mask = torch.ones(3, 1, 1, 9, dtype=torch.bool) if with_mask else None
+    if with_mask:
+        mask[0, ..., :4] = False  # a left-padded row
+    q16, k16, v16 = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    expected = sdpa_attention(q16.float(), k16.float(), v16.float(), mask).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sdpa_attention(q16, k16, v16, mask)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, expected)
+
+
 def test_chunked_prefill_with_cache_equals_full_forward():
     ours, _ = pair()
     ids = torch.randint(3, VOCAB, (2, 10))
