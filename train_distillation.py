@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer
 
-from model.data.packing import pad_collate
+from model.data.packing import pad_collate, training_batches
 from model.device import DTYPES, cast_weights, default_device
 from model.training.chat import load_chats_with_held_out
 from model.training.cli import (HelpFormatter, add_common_args, add_data_args, build_model, exit_on_user_error,
@@ -42,11 +42,14 @@ from model.training.tracking import write_summary
 from model.training.trainer import Trainer
 
 
+EVAL_CHATS_PER_BATCH = 16
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     on_gpu = default_device() == "cuda"
     # Supervised training on chats: SFT's learning rates (measured on the demo, docs/sft.md).
-    add_common_args(parser, "distill", new_student=True, from_weight="full_sft", batch_size=16,
+    add_common_args(parser, "distill", new_student=True, from_weight="full_sft", batch_size=8,
                     learning_rate=2e-4 if on_gpu else 1e-3, max_seq_len=1024 if on_gpu else 512, eval_interval=100,
                     save_interval=200)
     add_data_args(parser, "dataset/demo_sft.jsonl", "conversations jsonl (SFT format)", 0.05)
@@ -67,10 +70,13 @@ def parse_args(argv=None):
     g.add_argument("--kd_direction", default="forward", choices=["forward", "reverse"],
                    help="forward: KL(teacher || student), mass-covering; "
                         "reverse: KL(student || teacher), mode-seeking")
+    g.add_argument("--packing", type=int, default=1, choices=[0, 1],
+                   help="1: pack several chats per row of --max_seq_len tokens (block-diagonal attention, as SFT), "
+                        "student and teacher alike; --batch_size then counts rows. 0: one chat per row, padded")
     g.add_argument("--pad_to_multiple_of", type=int, default=64,
-                   help="pad each batch to a multiple of this many tokens (padding is masked out of the loss): "
-                        "a few batch shapes instead of one per length keep CPU memory flat (docs/distillation.md); "
-                        "1 pads to the batch's longest chat")
+                   help="with --packing 0: pad each batch to a multiple of this many tokens (padding is masked out "
+                        "of the loss): a few batch shapes instead of one per length keep CPU memory flat "
+                        "(docs/distillation.md); 1 pads to the batch's longest chat")
     args = parser.parse_args(argv)
     if not 0.0 <= args.alpha <= 1.0:
         parser.error(f"--alpha must be in [0, 1], got {args.alpha}")
@@ -138,9 +144,11 @@ def pad_to_multiple(batch: list[dict], pad_token_id: int, multiple: int, max_len
 def make_loss_fn(args, teacher):
     def loss_fn(model, batch):
         """alpha * CE(labels) + (1 - alpha) * T^2 * KL to the teacher, over the assistant tokens."""
-        out = model(batch["input_ids"], attention_mask=batch["attention_mask"])
+        # packed rows carry a block-diagonal mask and per-chat positions; teacher and student read the same batch
+        inputs = {"attention_mask": batch["attention_mask"], "position_ids": batch.get("position_ids")}
+        out = model(batch["input_ids"], **inputs)
         logits, labels, valid = target_positions(out.logits, batch["labels"])
-        metrics = {"tokens": batch["attention_mask"].sum()}
+        metrics = {"tokens": batch["tokens"] if "tokens" in batch else batch["attention_mask"].sum()}
         normaliser = batch.get("loss_normaliser")  # the step's target tokens: each weighs the same
         if args.alpha >= 1.0:  # plain SFT, the baseline: the teacher never runs
             loss = weighted_ce(logits, labels) if normaliser is None else \
@@ -148,7 +156,7 @@ def make_loss_fn(args, teacher):
             metrics["ce"] = loss.detach()
         else:
             with torch.no_grad():
-                teacher_logits = teacher(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                teacher_logits = teacher(batch["input_ids"], **inputs).logits
                 teacher_logits = teacher_logits[:, :-1][valid]
             loss, ce, kd = distillation_loss(logits, teacher_logits, labels, alpha=args.alpha,
                                              temperature=args.temperature, direction=args.kd_direction,
@@ -162,14 +170,24 @@ def make_loss_fn(args, teacher):
 def main(argv=None):
     args = parse_args(argv)
     runtime, tokenizer = start_stage(args)
-    train_set, val_set, _, _ = load_chats_with_held_out(args, tokenizer, runtime)
+    train_chats, val_set, _, _ = load_chats_with_held_out(args, tokenizer, runtime)
+    if args.packing:  # the demo's chats average 60 tokens: padded batches would be more than half padding
+        train_set, collate_fn = training_batches(train_chats, args, tokenizer.pad_token_id)
+        print0(f"packing: {len(train_chats):,} conversations -> {len(train_set):,} rows of up to {args.max_seq_len} "
+               f"tokens ({100 * train_set.fill_ratio():.1f}% full); --batch_size counts rows")
+    else:
+        train_set, collate_fn = train_chats, functools.partial(pad_to_multiple, pad_token_id=tokenizer.pad_token_id,
+                                                               multiple=args.pad_to_multiple_of,
+                                                               max_len=args.max_seq_len)
     model, source = build_model(args, vocab_size=len(tokenizer))
     model.to(runtime.device)
     teacher = None if args.teacher_weight == "none" else load_teacher(args, tokenizer, model, source, runtime)
     if args.alpha >= 1.0:
         print0("--alpha 1: CE only (the baseline); " + ("the teacher is only evaluated against, never run in "
                                                          "training" if teacher is not None else "no teacher"))
-    evaluate = make_padded_chat_evaluate(args, val_set, runtime, tokenizer.pad_token_id, teacher=teacher)
+    # held-out chats in batches of a fixed size, so the held-out numbers do not depend on how training batches
+    evaluate = make_padded_chat_evaluate(args, val_set, runtime, tokenizer.pad_token_id, teacher=teacher,
+                                         batch_size=EVAL_CHATS_PER_BATCH)
 
     trainer = Trainer(args, model, runtime, args.save_weight)
     before, teacher_loss = None, None
@@ -180,8 +198,7 @@ def main(argv=None):
     if not trainer.resumed:
         before = trainer.evaluate(evaluate, 0)
     after = trainer.fit(train_set, make_loss_fn(args, teacher), evaluate=evaluate, token_normalised=True,
-                        collate_fn=functools.partial(pad_to_multiple, pad_token_id=tokenizer.pad_token_id,
-                                                     multiple=args.pad_to_multiple_of, max_len=args.max_seq_len))
+                        collate_fn=collate_fn)
     # what the report card's "KD vs CE only" table names each run by
     settings = {"alpha": args.alpha, "temperature": args.temperature, "kd_direction": args.kd_direction,
                 "teacher": args.teacher_weight, **({"teacher_val_loss": teacher_loss} if teacher is not None else {})}

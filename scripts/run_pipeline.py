@@ -101,7 +101,8 @@ def build_recipe(out: str, quick: bool, recipe: str = "demo", data_dir: str = "d
     # memorised sum whatever the prompt; docs/grpo.md); 133 steps an epoch, under a minute each.
     reason_flags = data("reason") + tokenizer + (["--max_seq_len", "1024"] if gpu and not quick else []) + \
         (["--epochs", "8"] if not gpu and not quick else [])
-    distill_limit = ["--max_steps", "2000"] if gpu and not quick else []
+    # packed rows of 512 tokens hold ~8 demo chats: two a step are the 16 chats a step the padded batches had
+    distill_flags = ["--max_steps", "2000"] if gpu and not quick else ([] if quick else ["--batch_size", "2"])
     # The teacher must beat what the student reaches alone: in the demo it gets three passes over the SFT chats
     # (one left it worse than the CE-only student, docs/distillation.md); on MiniMind's large file one is plenty.
     teacher_sft_flags = ["--epochs", "1"] if gpu and not quick else ([] if quick else ["--epochs", "3"])
@@ -135,10 +136,10 @@ def build_recipe(out: str, quick: bool, recipe: str = "demo", data_dir: str = "d
                     f"{out}/teacher_sft_{teacher_hidden}.pth"),
         "distill": ([[*launch, "train_distillation.py", *saving, "--teacher_weight", "teacher_sft",
                       "--teacher_hidden_size", teacher_hidden, "--from_weight", "full_sft", *sft_data, *size,
-                      *distill_limit, *q]], f"{out}/distill_{hidden}.pth"),
+                      *distill_flags, *q]], f"{out}/distill_{hidden}.pth"),
         "distill_ce": ([[*launch, "train_distillation.py", *saving, "--teacher_weight", "teacher_sft",
                          "--teacher_hidden_size", teacher_hidden, "--from_weight", "full_sft", *sft_data, *size,
-                         *distill_limit, *q, "--alpha", "1", "--save_weight", "distill_ce"]],
+                         *distill_flags, *q, "--alpha", "1", "--save_weight", "distill_ce"]],
                        f"{out}/distill_ce_{hidden}.pth"),  # the same student on CE alone: the baseline KD must beat
         "reason": ([[*launch, "train_reason.py", *saving, "--from_weight",
                      "full_sft", *reason_flags, *size, *q, *small_eval]], f"{out}/reason_{hidden}.pth"),

@@ -102,17 +102,20 @@ def held_out_batches(dataset, batch_size: int, max_batches: int, runtime, collat
         yield {k: v.to(runtime.device) for k, v in batch.items()}
 
 
-def make_padded_chat_evaluate(args, val_set, runtime, pad_token_id: int, teacher=None, tag_ids=None):
+def make_padded_chat_evaluate(args, val_set, runtime, pad_token_id: int, teacher=None, tag_ids=None,
+                              batch_size: int | None = None):
     """Held-out evaluation of distillation and reasoning SFT on padded chat batches, per token like every held-out
     loss here (summed over the tokens, divided by their number, over all ranks): the CE on assistant tokens; with a
     teacher also KL(teacher || student) at T = 1 (the distance distillation closes, whatever --temperature or
-    --kd_direction trained it); with tag ids also the CE on those tag tokens."""
+    --kd_direction trained it); with tag ids also the CE on those tag tokens. `batch_size` chats per batch
+    (default --batch_size), at most --eval_batches batches."""
     collate = functools.partial(pad_collate, pad_token_id=pad_token_id)
+    batch_size = batch_size or args.batch_size
 
     def evaluate(model):
         # CE sum, KL sum, tag CE sum, target tokens, tag tokens
         totals = torch.zeros(5, dtype=torch.float64, device=runtime.device)
-        for batch in held_out_batches(val_set, args.batch_size, args.eval_batches, runtime, collate):
+        for batch in held_out_batches(val_set, batch_size, args.eval_batches, runtime, collate):
             logits = model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             logits, labels, valid = target_positions(logits, batch["labels"])
             ce = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none")

@@ -215,6 +215,47 @@ def test_padding_to_a_multiple_changes_the_shapes_not_the_loss(tmp_path, tokeniz
         assert results[multiple] == pytest.approx(results[1], rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.parametrize("teacher_kind", ["ours", "llama"])
+def test_packed_rows_give_the_padded_loss_for_student_and_teacher(tmp_path, tokenizer, teacher_kind):
+    """--packing 1 puts several chats in one row (block-diagonal mask, positions restarting per chat): the KD loss,
+    its CE and its KL are those of the same chats padded one per row, with our teacher and a transformers one."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from model.data.chat import SFTDataset
+    from model.data.packing import ChatCollate, PackedDataset
+    write_chats(tmp_path / "few.jsonl", 12)
+    data = SFTDataset(str(tmp_path / "few.jsonl"), tokenizer, 64, show_progress=False)
+    items = [data[i] for i in range(len(data))]
+    torch.manual_seed(0)
+    student = TinyMindForCausalLM(TinyMindConfig(vocab_size=len(tokenizer), **PRESETS["nano"])).eval()
+    if teacher_kind == "ours":
+        teacher = TinyMindForCausalLM(TinyMindConfig(vocab_size=len(tokenizer), **PRESETS["nano"])).eval()
+    else:
+        teacher = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                               num_hidden_layers=2, num_attention_heads=2,
+                                               num_key_value_heads=1)).eval()
+    args = distill.parse_args(base_args(tmp_path, tokenizer, extra=["--teacher_weight", "unused"]))
+    loss_fn = distill.make_loss_fn(args, teacher)
+    packed_rows = PackedDataset(data, max_seq_len=128, seed=0)
+    assert len(packed_rows) < len(items)  # several chats share a row
+    packed = ChatCollate(True, tokenizer.pad_token_id)([packed_rows[i] for i in range(len(packed_rows))])
+    padded = distill.pad_to_multiple(items, tokenizer.pad_token_id, 1, max_len=64)
+    with torch.no_grad():
+        (loss, parts), (padded_loss, padded_parts) = loss_fn(student, packed), loss_fn(student, padded)
+    assert parts["kd"].item() > 0 and packed["tokens"] == padded["attention_mask"].sum()
+    assert loss.item() == pytest.approx(padded_loss.item(), rel=1e-5)
+    for name in ("ce", "kd"):
+        assert parts[name].item() == pytest.approx(padded_parts[name].item(), rel=1e-5), name
+
+
+def test_held_out_numbers_do_not_depend_on_the_training_batches(tmp_path, tokenizer):
+    """The held-out loss and KL are measured on chats in batches of a fixed size, packed training or not."""
+    runs = [distill.main(base_args(tmp_path, tokenizer, steps=1, extra=[
+        "--teacher_weight", str(tmp_path / "out" / "full_sft_64.pth"), "--save_weight", name, *flags]))
+        for name, flags in (("packed", ["--batch_size", "1"]), ("padded", ["--packing", "0"]))]
+    assert runs[0]["before"] == pytest.approx(runs[1]["before"], abs=1e-6)
+
+
 class Untouchable(torch.nn.Module):
     """A teacher that fails the test the moment it is run."""
 
