@@ -13,8 +13,10 @@ The student minimises, averaged over the assistant tokens of SFT conversations,
 
 (--kd_direction reverse uses KL(student || teacher), mode-seeking, as in MiniLLM). Teacher and student must share
 the tokenizer (their logits are compared token id by token id); their sizes may differ. The teacher runs in
-eval mode without gradients, optionally in a lower dtype (--teacher_dtype). Writes out/distill_<hidden>.pth and
-out/logs/distill.jsonl. (MiniMind's "distill_reason", SFT on a reasoning model's replies, is train_reason.py.)
+eval mode without gradients, optionally in a lower dtype (--teacher_dtype). As in SFT, several chats share a row
+(--packing 1: block-diagonal attention, positions restarting per chat), and the teacher reads the same rows. Writes
+out/distill_<hidden>.pth and out/logs/distill.jsonl. (MiniMind's "distill_reason", SFT on a reasoning model's
+replies, is train_reason.py.)
 
 --alpha 1 (the last command) is the baseline KD has to beat: plain SFT (cross-entropy on the labels) of the same
 student on the same batches, in the same order, for the same steps. The teacher then never runs in training; it is
