@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer
 
-from model.data.packing import pad_collate, training_batches
+from model.data.packing import pad_collate
 from model.device import DTYPES, cast_weights, default_device
-from model.training.chat import load_chats_with_held_out
+from model.training.chat import chat_training_batches, load_chats_with_held_out
 from model.training.cli import (HelpFormatter, add_common_args, add_data_args, build_model, exit_on_user_error,
                                 start_stage)
 from model.training.evaluation import make_padded_chat_evaluate
@@ -174,9 +174,7 @@ def main(argv=None):
     runtime, tokenizer = start_stage(args)
     train_chats, val_set, _, _ = load_chats_with_held_out(args, tokenizer, runtime)
     if args.packing:  # the demo's chats average 60 tokens: padded batches would be more than half padding
-        train_set, collate_fn = training_batches(train_chats, args, tokenizer.pad_token_id)
-        print0(f"packing: {len(train_chats):,} conversations -> {len(train_set):,} rows of up to {args.max_seq_len} "
-               f"tokens ({100 * train_set.fill_ratio():.1f}% full); --batch_size counts rows")
+        train_set, collate_fn = chat_training_batches(train_chats, args, tokenizer.pad_token_id)
     else:
         train_set, collate_fn = train_chats, functools.partial(pad_to_multiple, pad_token_id=tokenizer.pad_token_id,
                                                                multiple=args.pad_to_multiple_of,

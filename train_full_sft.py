@@ -29,9 +29,9 @@ greedy replies to held-out prompts that follow the template and end with <|im_en
 """
 import argparse
 
-from model.data.packing import training_batches
 from model.device import default_device
-from model.training.chat import add_chat_data_args, held_out_prompts, load_chats_with_held_out, write_chat_summary
+from model.training.chat import (add_chat_data_args, chat_training_batches, held_out_prompts, load_chats_with_held_out,
+                                 write_chat_summary)
 from model.training.cli import HelpFormatter, add_common_args, build_model, exit_on_user_error, start_stage
 from model.training.evaluation import (assistant_token_loss, chat_token_losses, describe_metrics, end_of_turn_rate,
                                        generate_replies, print_changes)
@@ -75,10 +75,7 @@ def main(argv=None):
     args = parse_args(argv)
     runtime, tokenizer = start_stage(args)
     train_chats, val_chats, val_path, val_lines = load_chats_with_held_out(args, tokenizer, runtime)
-    train_set, collate_fn = training_batches(train_chats, args, tokenizer.pad_token_id)
-    if args.packing:
-        print0(f"packing: {len(train_chats):,} conversations -> {len(train_set):,} rows of up to {args.max_seq_len} "
-               f"tokens ({100 * train_set.fill_ratio():.1f}% full); --batch_size counts rows")
+    train_set, collate_fn = chat_training_batches(train_chats, args, tokenizer.pad_token_id)
 
     model, _ = build_model(args, vocab_size=len(tokenizer))
     prompts = held_out_prompts(val_path, args.eval_prompts, val_lines) if args.eval_prompts > 0 else []

@@ -2,6 +2,7 @@
 loading a chat file with its held-out split, held-out prompts, and the summary the report card reads."""
 from ..data.chat import SFTDataset, iter_conversations
 from ..data.jsonl import BadInput, default_val_path
+from ..data.packing import training_batches
 from .cli import add_data_args
 from .runtime import main_rank_first, print0
 from .tracking import before_after, write_summary
@@ -19,6 +20,16 @@ def add_chat_data_args(parser, data_path: str):
     g.add_argument("--max_new_tokens", type=int, default=128, help="reply length limit for those answers")
     g.add_argument("--show_replies", type=int, default=3, help="print this many of the final held-out replies")
     return g
+
+
+def chat_training_batches(chats: SFTDataset, args, pad_token_id: int):
+    """model.data.packing.training_batches (packed rows with --packing 1, else padded chats), saying how full the
+    packed rows are: SFT's and distillation's training set."""
+    dataset, collate_fn = training_batches(chats, args, pad_token_id)
+    if args.packing:
+        print0(f"packing: {len(chats):,} conversations -> {len(dataset):,} rows of up to {args.max_seq_len} tokens "
+               f"({100 * dataset.fill_ratio():.1f}% full); --batch_size counts rows")
+    return dataset, collate_fn
 
 
 def load_chat_dataset(path: str, tokenizer, args, runtime, what: str) -> SFTDataset:
