@@ -6,6 +6,7 @@ gives the same result, so a reward can check it.
     convert_units    {"value": 3.5, "from_unit": "km", "to_unit": "m"}    -> "3500 m"
     lookup_capital   {"country": "France"}                                -> "Paris"
 
+The `tool` message that carries a result reads "result: 391" (`run_tool`), and a refused call "error: why".
 A call the model writes is the block the chat template teaches (model/tokenizer_config.json; the same form
 scripts/serve_openai_api.py returns as OpenAI `tool_calls`):
 
@@ -240,16 +241,26 @@ def check_call(name: str, arguments: dict, tools: dict | None = None) -> str | N
     return None
 
 
+# A number at the start of a message is spelled with other tokens than after a space ("391" is `3` `9` `1`, "is 391"
+# is ` 3` `9` `1`): behind "result: " the tool message holds the very tokens the reply "The answer is 391." copies.
+RESULT_PREFIX = "result: "
+
+
 def run_tool(name: str, arguments: dict, tools: dict | None = None) -> str:
-    """The text of the `tool` message answering a call: the result, or "error: why" for a call that does not fit
-    the schema or that the tool refuses."""
+    """The text of the `tool` message answering a call: "result: <the result>", or "error: why" for a call that does
+    not fit the schema or that the tool refuses."""
     reason = check_call(name, arguments, tools)
     if reason is not None:
         return f"error: {reason}"
     try:
-        return (TOOLS if tools is None else tools)[name].function(**arguments)
+        return RESULT_PREFIX + (TOOLS if tools is None else tools)[name].function(**arguments)
     except ToolError as error:
         return f"error: {error}"
+
+
+def result_value(message: str) -> str:
+    """The result a `tool` message carries ("result: 391" -> "391"); any other text is returned as it is."""
+    return message.removeprefix(RESULT_PREFIX)
 
 
 # ================================================================================================ parsing model output

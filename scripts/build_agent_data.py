@@ -4,8 +4,8 @@
 
     dataset/demo_agent_sft.jsonl (+ _val)   tool-calling chats in MiniMind's format, for train_full_sft.py:
         system (content null, "functions": the tool schemas) / user question / assistant with "tool_calls" /
-        tool result / assistant "The answer is <result>."; then --short_count short chats: the same without the
-        system message (no schemas: ~95 tokens instead of ~600)
+        tool "result: <result>" / assistant "The answer is <result>."; then --short_count short chats: the same
+        without the system message (no schemas: ~95 tokens instead of ~600)
     dataset/demo_agent.jsonl (+ _val)       RL prompts for train_agent.py:
         {"conversations": [system with "functions", user], "answer": "<result>", "call": {"name", "arguments"},
          "task": "calculator" | "convert_units" | "lookup_capital"}
@@ -17,7 +17,8 @@ rewards cannot disagree.
 Sized for the demo's 4.6M model (docs/agent.md): the sums' operands run from 2 to 19, the numbers the reasoning model
 (where agent SFT starts) learned to copy, and each string argument is written with the space the question has before
 it (`{"expression": " 17 + 18"}`), so its tokens are the question's tokens: the tokenizer spells `17` after a quote
-with other tokens than ` 17` after a space. The tools and the rewards ignore that space.
+with other tokens than ` 17` after a space. The tools and the rewards ignore that space. For the same reason the
+tool's message reads "result: 35" (model/tools.py), so the answer's ` 3` `5` are already in it.
 
 The short chats teach the two copies an episode needs (question -> call, tool result -> answer) where they are cheap:
 packing puts them into the room each ~600-token chat with schemas leaves in its 768-token row, so 2,000 of them add
@@ -33,7 +34,7 @@ import json
 import os
 import random
 
-from model.tools import CAPITALS, TOOL_SCHEMAS, run_tool
+from model.tools import CAPITALS, TOOL_SCHEMAS, result_value, run_tool
 
 CALC_QUESTIONS = ["What is {e}?", "Calculate {e}.", "Compute {e}.", "What does {e} equal?"]
 CONVERT_QUESTIONS = ["Convert {v} {a} to {b}.", "What is {v} {a} in {b}?", "How many {b} is {v} {a}?"]
@@ -78,18 +79,19 @@ def system_message() -> dict:
     return {"role": "system", "content": None, "functions": TOOL_SCHEMAS}
 
 
-def sft_chat(question: str, name: str, arguments: dict, result: str, schemas: bool = True) -> dict:
+def sft_chat(question: str, name: str, arguments: dict, message: str, schemas: bool = True) -> dict:
+    """`message`: the tool's message ("result: 391"); the final reply copies its result."""
     system = [system_message()] if schemas else []
     return {"conversations": system + [
         {"role": "user", "content": question},
         {"role": "assistant", "content": "", "tool_calls": [{"name": name, "arguments": as_asked(arguments)}]},
-        {"role": "tool", "content": result},
-        {"role": "assistant", "content": f"The answer is {result}."}]}
+        {"role": "tool", "content": message},
+        {"role": "assistant", "content": f"The answer is {result_value(message)}."}]}
 
 
-def rl_prompt(question: str, name: str, arguments: dict, result: str) -> dict:
-    return {"conversations": [system_message(), {"role": "user", "content": question}], "answer": result,
-            "call": {"name": name, "arguments": as_asked(arguments)}, "task": name}
+def rl_prompt(question: str, name: str, arguments: dict, message: str) -> dict:
+    return {"conversations": [system_message(), {"role": "user", "content": question}],
+            "answer": result_value(message), "call": {"name": name, "arguments": as_asked(arguments)}, "task": name}
 
 
 def build(seed: int, sft_count: int, rl_count: int, val_count: int, held_out_share: float) -> dict:
@@ -106,8 +108,8 @@ def build(seed: int, sft_count: int, rl_count: int, val_count: int, held_out_sha
             raise SystemExit("error: could not draw enough distinct held-out tasks; lower --val_count or raise "
                              "--held_out_share")
         question, name, arguments = random_task(rng)
-        result = run_tool(name, arguments)
-        if result.startswith("error:"):
+        message = run_tool(name, arguments)
+        if message.startswith("error:"):
             continue
         if held_out(name, arguments, held_out_share):
             for split in ("rl_val", "sft_val"):  # RL's held-out prompts first: they are the measured ones
@@ -115,12 +117,12 @@ def build(seed: int, sft_count: int, rl_count: int, val_count: int, held_out_sha
                 if len(splits[split]) < val_count and key not in seen_val[split]:
                     seen_val[split].add(key)
                     make = rl_prompt if split == "rl_val" else sft_chat
-                    splits[split].append(make(question, name, arguments, result))
+                    splits[split].append(make(question, name, arguments, message))
                     break
         elif len(splits["sft"]) < sft_count and (len(splits["rl"]) >= rl_count or rng.random() < 0.6):
-            splits["sft"].append(sft_chat(question, name, arguments, result))
+            splits["sft"].append(sft_chat(question, name, arguments, message))
         elif len(splits["rl"]) < rl_count:
-            splits["rl"].append(rl_prompt(question, name, arguments, result))
+            splits["rl"].append(rl_prompt(question, name, arguments, message))
     return splits
 
 
@@ -130,9 +132,9 @@ def short_chats(seed: int, count: int, held_out_share: float) -> list[dict]:
     chats = []
     while len(chats) < count:
         question, name, arguments = random_task(rng)
-        result = run_tool(name, arguments)
-        if not result.startswith("error:") and not held_out(name, arguments, held_out_share):
-            chats.append(sft_chat(question, name, arguments, result, schemas=False))
+        message = run_tool(name, arguments)
+        if not message.startswith("error:") and not held_out(name, arguments, held_out_share):
+            chats.append(sft_chat(question, name, arguments, message, schemas=False))
     return chats
 
 

@@ -22,6 +22,7 @@ import torch
 from model.agent import extract_final_answer
 from model.data.chat import template_inputs
 from model.inference import load_model_for_inference
+from model.tools import result_value
 from model.training.rewards import answers_match
 
 KINDS = ("follows_tool", "true_answer", "neither")
@@ -67,7 +68,8 @@ def swapped_results(chats: list[dict], seed: int) -> list[str]:
         by_task[chat["task"]].append(chat["result"])
     swapped = []
     for chat in chats:
-        others = [r for r in by_task[chat["task"]] if not answers_match(r, chat["result"])]
+        own = result_value(chat["result"])
+        others = [r for r in by_task[chat["task"]] if not answers_match(result_value(r), own)]
         swapped.append(rng.choice(others) if others else None)
     return swapped
 
@@ -92,13 +94,13 @@ def measure(loaded, chats: list[dict], swapped: list[str], max_gen_len: int, sho
         tally = counts[chat["task"]]
         tally["chats"] += 1
         answer = extract_final_answer(final_reply(loaded, chat["messages"], chat["result"], max_gen_len))
-        tally["right_result_answered"] += answers_match(answer, chat["result"])
+        tally["right_result_answered"] += answers_match(answer, result_value(chat["result"]))
         if other is None:
             continue
         reply = final_reply(loaded, chat["messages"], other, max_gen_len)
         answer = extract_final_answer(reply)
-        kind = "follows_tool" if answers_match(answer, other) else \
-            "true_answer" if answers_match(answer, chat["result"]) else "neither"
+        kind = "follows_tool" if answers_match(answer, result_value(other)) else \
+            "true_answer" if answers_match(answer, result_value(chat["result"])) else "neither"
         tally["swapped"] += 1
         tally[kind] += 1
         if shown < show:

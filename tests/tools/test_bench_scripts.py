@@ -250,9 +250,10 @@ def test_agent_copy_tells_a_model_that_reads_its_tool_from_one_that_does_not():
         return types.SimpleNamespace(model=types.SimpleNamespace(generate=generate), tokenizer=tokenizer,
                                      device=torch.device("cpu"))
 
-    reader = agent_copy.measure(scripted(lambda tool, text: tool), chats, swapped, 24, 0)["all"]
+    from model.tools import result_value
+    reader = agent_copy.measure(scripted(lambda tool, text: result_value(tool)), chats, swapped, 24, 0)["all"]
     assert reader["right_result_answered"] == reader["chats"] == reader["follows_tool"] == len(chats) == 120
-    truth = {c["messages"][1]["content"]: c["result"] for c in chats}
+    truth = {c["messages"][1]["content"]: result_value(c["result"]) for c in chats}
     knower = agent_copy.measure(scripted(lambda tool, text: next(r for q, r in truth.items() if q in text)),
                                 chats, swapped, 24, 0)["all"]
     assert knower["right_result_answered"] == knower["true_answer"] == 120 and "follows_tool" not in knower

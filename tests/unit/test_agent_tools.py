@@ -13,7 +13,7 @@ from model.agent import (build_agent_rewards, episodes_to_rollout, extract_final
                          run_episodes, score_episodes, tool_turn_suffix)
 from model.data.chat import encode_chat, encode_prompt, template_inputs
 from model.tools import (TOOL_SCHEMAS, ToolError, calculate, check_call, convert_units, lookup_capital,
-                         parse_tool_calls, run_tool, same_call)
+                         parse_tool_calls, result_value, run_tool, same_call)
 from tests import TOKENIZER
 
 
@@ -74,8 +74,8 @@ def test_capital_lookup():
 
 
 def test_run_tool_checks_the_schema_and_reports_errors_as_text():
-    assert run_tool("lookup_capital", {"country": "Japan"}) == "Tokyo"
-    assert run_tool("convert_units", {"value": 1, "from_unit": "m", "to_unit": "cm"}) == "100 cm"
+    assert run_tool("lookup_capital", {"country": "Japan"}) == "result: Tokyo"
+    assert run_tool("convert_units", {"value": 1, "from_unit": "m", "to_unit": "cm"}) == "result: 100 cm"
     assert run_tool("weather", {}).startswith("error: unknown tool 'weather'")
     assert run_tool("calculator", {}) == "error: calculator: missing argument(s) expression"
     assert run_tool("calculator", {"expression": "1", "x": 2}) == "error: calculator: unexpected argument(s) x"
@@ -84,6 +84,21 @@ def test_run_tool_checks_the_schema_and_reports_errors_as_text():
     assert check_call("convert_units", {"value": True, "from_unit": "m", "to_unit": "cm"}) is not None  # not 1
     assert run_tool("calculator", {"expression": "1/0"}) == "error: division by zero"
     assert [s["name"] for s in TOOL_SCHEMAS] == ["calculator", "convert_units", "lookup_capital"]
+
+
+@pytest.mark.parametrize("name,arguments", [("calculator", {"expression": "17 * 23"}),
+                                            ("convert_units", {"value": 3.5, "from_unit": "km", "to_unit": "m"}),
+                                            ("lookup_capital", {"country": "France"})])
+def test_a_tool_message_spells_its_result_with_the_answers_tokens(tokenizer, name, arguments):
+    """The reply "The answer is 391." writes ` 3` `9` `1`; a message "391" would hold `3` `9` `1`, so the model
+    would have to map one spelling onto the other instead of copying (docs/agent.md)."""
+    message = run_tool(name, arguments)
+    value = result_value(message)
+    assert message == "result: " + value and result_value("error: no capital") == "error: no capital"
+    value_ids = tokenizer.encode(" " + value, add_special_tokens=False)
+    answer_ids = tokenizer.encode(f"The answer is {value}.", add_special_tokens=False)
+    message_ids = tokenizer.encode(f"<|im_start|>tool\n{message}<|im_end|>", add_special_tokens=False)
+    assert answer_ids[-len(value_ids) - 1:-1] == value_ids == message_ids[-len(value_ids) - 1:-1]
 
 
 def test_same_call_compares_like_a_grader():
@@ -199,9 +214,9 @@ def test_episode_tokens_and_loss_mask_equal_the_chat_template(tokenizer):
     call = item["columns"]["call"]
     episodes, calls = run_scripted(tokenizer, [item], [[canonical_call(call), "The answer is 391."]])
     episode = episodes[0]
-    assert len(calls) == 2 and episode.done and episode.tool_results == [["391"]]
+    assert len(calls) == 2 and episode.done and episode.tool_results == [["result: 391"]]
     conversation = item["prompt"] + [{"role": "assistant", "content": "", "tool_calls": [call]},
-                                     {"role": "tool", "content": "391"},
+                                     {"role": "tool", "content": "result: 391"},
                                      {"role": "assistant", "content": "The answer is 391."}]
     messages, tools = template_inputs(conversation)
     ids, mask = encode_chat(tokenizer, messages, tools=tools)
@@ -211,7 +226,7 @@ def test_episode_tokens_and_loss_mask_equal_the_chat_template(tokenizer):
     # the second turn was generated from exactly the prompt + first turn + the tool message + assistant header
     assert calls[1][0] == episode.ids[:len(calls[1][0])]
     assert tokenizer.decode(calls[1][0][len(item["prompt_ids"]):]) == \
-        canonical_call(call) + "<|im_end|>" + tool_turn_suffix(["391"])
+        canonical_call(call) + "<|im_end|>" + tool_turn_suffix(["result: 391"])
 
 
 def test_loss_mask_covers_only_the_policys_tokens(tokenizer):
@@ -224,7 +239,8 @@ def test_loss_mask_covers_only_the_policys_tokens(tokenizer):
     not_trained = [t for t, m, a in zip(tail, rollout.completion_mask[0].tolist(), rollout.attention_mask[0].tolist())
                    if a and not m]
     assert tokenizer.decode(trained) == turns[0] + "<|im_end|>" + turns[1] + "<|im_end|>"
-    assert tokenizer.decode(not_trained) == tool_turn_suffix(["391"])  # the tool result and the glue: attended only
+    # the tool result and the glue: attended only
+    assert tokenizer.decode(not_trained) == tool_turn_suffix(["result: 391"])
     assert rollout.prompt_mask.sum().item() == len(item["prompt_ids"])
     assert rollout.attention_mask.sum().item() == len(episode.ids) - len(item["prompt_ids"])
 
@@ -242,7 +258,7 @@ def test_batched_episodes_end_at_their_own_turns(tokenizer):
     assert [len(c) for c in calls] == [3, 2, 1]
     assert [len(e.turns) for e in episodes] == [1, 2, 3]
     assert episodes[2].hit_turn_limit and episodes[2].final_text is None and len(episodes[2].tool_results) == 2
-    assert episodes[1].tool_results == [["Lima"]]
+    assert episodes[1].tool_results == [["result: Lima"]]
     rewards, names, weights = build_agent_rewards(["tool_format", "tool_args", "final_answer"], None)
     table = score_episodes(episodes, rewards)
     # no call: format 0, args 0; right call + answer: all 1; looping right call: format 1, args 1, no answer
@@ -261,7 +277,7 @@ def test_malformed_and_wrong_calls_are_answered_and_scored(tokenizer):
                [wrong_tool, "The answer is 2000 m."]]
     episodes, _ = run_scripted(tokenizer, [item, item, item], scripts)
     assert episodes[0].tool_results == [["error: malformed tool call (not valid JSON)"]]
-    assert episodes[1].tool_results == [["200000 cm"]] and episodes[2].tool_results == [["2000"]]
+    assert episodes[1].tool_results == [["result: 200000 cm"]] and episodes[2].tool_results == [["result: 2000"]]
     rewards, _, _ = build_agent_rewards(["tool_format", "tool_args", "final_answer"], None)
     assert score_episodes(episodes, rewards).tolist() == [[0.0, 0.0, 1.0], [1.0, 0.5, 0.0], [1.0, 0.0, 1.0]]
 
