@@ -7,6 +7,7 @@ gives the same result, so a reward can check it.
     lookup_capital   {"country": "France"}                                -> "Paris"
 
 The `tool` message that carries a result reads "result: 391" (`run_tool`), and a refused call "error: why".
+
 A call the model writes is the block the chat template teaches (model/tokenizer_config.json; the same form
 scripts/serve_openai_api.py returns as OpenAI `tool_calls`):
 
