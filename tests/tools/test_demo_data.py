@@ -268,9 +268,6 @@ def test_identity_answers_name_tinymind():
         samples = load("demo_lora_identity", suffix)
         replies = [m["content"] for s in samples for m in s["conversations"] if m["role"] == "assistant"]
         assert sum("TinyMind" in reply for reply in replies) / len(replies) > 0.5
-        # the name stands after a space in Chinese replies too, so it is spelled with the English replies' tokens
-        chinese = [r for r in replies if "TinyMind" in r and re.search(r"[\u4e00-\u9fff]", r)]
-        assert chinese and not any(re.search(r"[\u4e00-\u9fff]TinyMind", r) for r in chinese)
 
 
 def test_some_sft_chats_are_multi_turn_and_some_have_a_system_message():
