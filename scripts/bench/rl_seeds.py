@@ -27,6 +27,8 @@ STAGES = {  # stage: (script, held-out metrics its eval records carry, the usual
     "ppo": ("train_ppo.py", ("score", "kl"), "out/full_sft_256.pth"),
     "agent": ("train_agent.py", ("success", "well_formed", "args_correct"), "out/agent_sft_256.pth"),
 }
+QUIET = {"grpo": ["--show_completions", "0"], "ppo": ["--show_completions", "0"],  # no samples printed at the end
+         "agent": ["--show_episodes", "0"]}
 
 
 def eval_curve(log_path: str, metrics: tuple) -> dict:
@@ -105,7 +107,7 @@ def main():
                 os.remove(log_path)  # a fresh run: its curve must not be mixed with an older one's
             command = [sys.executable, script, "--save_dir", args.save_dir, "--save_weight", name,
                        "--from_weight", args.from_weight, "--seed", str(seed), "--eval_interval",
-                       str(args.eval_interval), "--show_completions", "0", *shlex.split(args.extra)]
+                       str(args.eval_interval), *QUIET[args.stage], *shlex.split(args.extra)]
             print("===", " ".join(shlex.quote(c) for c in command), flush=True)
             subprocess.run(command, cwd=ROOT, check=True)
         curves[seed] = eval_curve(log_path, metrics)

@@ -265,3 +265,15 @@ def test_attention_bench_times_each_shape_both_ways(capsys):
     bench_attention.main(["--rounds", "1"])
     lines = [line for line in capsys.readouterr().out.splitlines() if "as fast" in line]
     assert [line.split(":")[0] for line in lines] == ["decode", "decode", "training"]
+
+
+@pytest.mark.parametrize("stage", ["grpo", "ppo", "agent"])
+def test_rl_seeds_passes_each_stage_only_flags_it_knows(stage):
+    """The flags rl_seeds adds to every run parse with the stage script's own parser (--show_completions is GRPO's
+    and PPO's; the agent's is --show_episodes)."""
+    import importlib
+
+    from scripts.bench import rl_seeds
+    script = importlib.import_module(rl_seeds.STAGES[stage][0].removesuffix(".py"))
+    args = script.parse_args(["--eval_interval", "5", *rl_seeds.QUIET[stage]])
+    assert args.eval_interval == 5
