@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import train_agent
+from model.tools import RESULT_PREFIX, result_value
 from scripts import build_agent_data, eval_toolcall
 from tests import ROOT, TOKENIZER, torchrun
 
@@ -148,7 +149,7 @@ def test_shipped_demo_data_is_deterministic_held_out_and_readable(tmp_path):
     messages, tools = template_inputs(chat)
     ids, mask = encode_chat(tokenizer, messages, tools=tools)
     trained = tokenizer.decode([t for t, m in zip(ids, mask) if m])
-    assert chat[3]["content"].startswith("result: ")
-    answer = chat[3]["content"].removeprefix("result: ")
+    assert chat[3]["content"] == RESULT_PREFIX + result_value(chat[3]["content"])
+    answer = result_value(chat[3]["content"])
     assert trained.startswith("<tool_call>\n{") and trained.endswith(f"The answer is {answer}.<|im_end|>")
     assert f"<|im_start|>tool\n{chat[3]['content']}<|im_end|>" not in trained
