@@ -39,6 +39,11 @@ GRID = {
     "replay0.5_attn": ["--replay_ratio", "0.5", "--epochs", "5", "--lora_targets", "q_proj,k_proj,v_proj,o_proj"],
     "replay0.5_r16": ["--replay_ratio", "0.5", "--epochs", "5", "--lora_r", "16", "--lora_alpha", "32"],
     "replay0.5_r16_8ep": ["--replay_ratio", "0.5", "--epochs", "8", "--lora_r", "16", "--lora_alpha", "32"],
+    "replay0.7_5ep": ["--replay_ratio", "0.7", "--epochs", "5"],
+    "replay0.5_8ep_drop0.1": ["--replay_ratio", "0.5", "--epochs", "8", "--lora_dropout", "0.1"],
+    "replay0.5_10ep_drop0.1": ["--replay_ratio", "0.5", "--epochs", "10", "--lora_dropout", "0.1"],
+    "replay0.5_r16_8ep_drop0.1": ["--replay_ratio", "0.5", "--epochs", "8", "--lora_r", "16", "--lora_alpha", "32",
+                                  "--lora_dropout", "0.1"],
 }
 TARGET_RISE_PCT, TARGET_RATE = 2.0, 0.95  # issue 20: general loss up at most 2%, identity keyword rate >= 95%
 
