@@ -140,6 +140,38 @@ def test_matches_peft_lora_linear(use_rslora):
     torch.testing.assert_close(ours.base_layer.weight, peft_layer.base_layer.weight, atol=1e-6, rtol=0)
 
 
+
+def test_dropout_in_training_matches_peft_given_the_same_random_state():
+    """The demo trains with --lora_dropout 0.1: the dropped inputs, the output and the adapter's gradients are
+    PEFT's when both layers draw their mask from the same generator state; in eval mode dropout is off."""
+    from peft import LoraConfig
+    from peft.tuners.lora.layer import Linear as PeftLinear
+
+    torch.manual_seed(0)
+    base = nn.Linear(16, 12)
+    ours = LoRALinear(copy.deepcopy(base), r=4, alpha=8, dropout=0.1)
+    nn.init.normal_(ours.lora_B.weight, generator=torch.Generator().manual_seed(3))
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1)
+    peft_layer = PeftLinear(copy.deepcopy(base), "default", config, r=4, lora_alpha=8, lora_dropout=0.1)
+    with torch.no_grad():
+        peft_layer.lora_A["default"].weight.copy_(ours.lora_A.weight)
+        peft_layer.lora_B["default"].weight.copy_(ours.lora_B.weight)
+    x = torch.randn(3, 7, 16)
+    outputs = []
+    for layer in (ours, peft_layer):
+        layer.train()
+        torch.manual_seed(5)
+        y = layer(x)
+        y.square().sum().backward()
+        outputs.append(y)
+    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-6, rtol=0)
+    assert not torch.allclose(outputs[0], base(x) + ours.scale * ours.lora_B(ours.lora_A(x)))  # dropout did drop
+    torch.testing.assert_close(ours.lora_A.weight.grad, peft_layer.lora_A["default"].weight.grad, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours.lora_B.weight.grad, peft_layer.lora_B["default"].weight.grad, atol=1e-5, rtol=0)
+    ours.eval()
+    peft_layer.eval()
+    torch.testing.assert_close(ours(x), peft_layer(x), atol=1e-6, rtol=0)
+
 def test_export_peft_loads_in_peft_and_reproduces_our_logits(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the test must never touch the network
     from peft import PeftModel
