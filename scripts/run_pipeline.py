@@ -98,7 +98,7 @@ def build_recipe(out: str, quick: bool, recipe: str = "demo", data_dir: str = "d
     # real data at the GPU recipe's sizes: each held-out split is big enough; MiniMind's identity set is small
     lora_flags = data("lora") + tokenizer + (["--keyword", "MiniMind", "--val_fraction", "0.1"] if gpu else [])
     # The demo's adapter: eight passes with half of every row replayed keep the general chats within the forgetting
-    # target, and dropout on the adapter's input keeps every seed naming TinyMind (docs/lora.md)
+    # target, and dropout on the adapter's input keeps the keyword rate steady from seed to seed (docs/lora.md)
     lora_flags += [] if gpu or quick else ["--epochs", "8", "--lora_dropout", "0.1"]
     # The demo's sums need eight passes before the model copies a prompt's numbers into its reasoning (one pass: a
     # memorised sum whatever the prompt; docs/grpo.md); 133 steps an epoch, under a minute each.
@@ -350,7 +350,7 @@ def main(argv=None):
                         help="every training stage's --dtype (default: each script picks for the device)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="stages run at once on the CPU demo, each on cores / jobs threads, each stage as soon as "
-                             "the stages it reads from are done (on 2 cores the demo is faster so: "
+                             "the stages it reads from are done (how much faster that is on 2 cores: "
                              "docs/README.md#stages-side-by-side). Every stage then writes its "
                              "output to <save_dir>/logs/pipeline_<stage>.log")
     parser.add_argument("--dry_run", action="store_true", help="print the commands without running them")
