@@ -142,8 +142,8 @@ def test_matches_peft_lora_linear(use_rslora):
 
 
 def test_dropout_in_training_matches_peft_given_the_same_random_state():
-    """The demo trains with --lora_dropout 0.1: the dropped inputs, the output and the adapter's gradients are
-    PEFT's when both layers draw their mask from the same generator state; in eval mode dropout is off."""
+    """The demo trains with --lora_dropout 0.1: the output and the adapter's gradients are PEFT's when both layers
+    draw their mask from the same generator state; in eval mode dropout is off."""
     from peft import LoraConfig
     from peft.tuners.lora.layer import Linear as PeftLinear
 
