@@ -176,6 +176,33 @@ def test_steps_reward_scores_the_share_of_right_steps():
         [1.0, 0.8, 0.0]
 
 
+def test_two_digit_sums_works_each_sum_once_and_keeps_grpo_and_held_out_sums_apart(tmp_path):
+    """The docs' experiment data: every reasoning sum worked once, GRPO's sums never worked, held-out sums in no
+    training file, and the shipped file's other examples kept."""
+    import json
+    import re
+
+    from scripts.bench.sum_errors import prompt_sum
+    from scripts.bench.two_digit_sums import build, is_two_operand_sum
+    counts = build(tmp_path, reason_sums=300, grpo_prompts=200, val_prompts=50, seed=1)
+
+    def read(name):
+        return [json.loads(line) for line in (tmp_path / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()]
+
+    worked = [re.match(r"<think>\nsolve: (\d+ [+-] \d+)", s["conversations"][-1]["content"])[1]
+              for s in read("demo_reason") if is_two_operand_sum(s)]
+    assert len(worked) == len(set(worked)) == 300
+    assert counts["reasoning examples"] == 300 + counts["kept from the shipped file"] > 1000
+
+    def asked(name):
+        return {"{} {} {}".format(*prompt_sum(s["conversations"][0]["content"].split("\n")[0])) for s in read(name)}
+
+    grpo, held_out = asked("demo_grpo"), asked("demo_grpo_val")
+    assert len(grpo) == 200 and len(held_out) == 50
+    assert not grpo & set(worked) and not held_out & (grpo | set(worked))
+    assert all(max(int(n) for n in s.split()[::2]) >= 20 for s in held_out)
+
+
 def test_lora_forgetting_splits_the_same_loss_train_lora_reports(tmp_path, capsys):
     """The split sums back to the general held-out loss train_lora.py measures (assistant_token_loss), before and
     after a (random) adapter; each chat lands in its kind."""

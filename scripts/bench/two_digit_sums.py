@@ -1,0 +1,83 @@
+"""Reasoning and GRPO data with two-digit sums, each worked once: the experiment of docs/grpo.md ("Two-digit sums").
+
+    python -m scripts.bench.two_digit_sums --out_dir /tmp/two_digit                 # 4,268 sums, as in the docs
+    python train_reason.py --from_weight full_sft --data_path /tmp/two_digit/demo_reason.jsonl --epochs 6
+    python -m scripts.bench.sum_errors --weight out/reason_256.pth --data_path /tmp/two_digit/demo_grpo_val.jsonl
+    python train_grpo.py --from_weight reason --data_path /tmp/two_digit/demo_grpo.jsonl --temperature 0.7 \\
+        --max_gen_len 64 --max_steps 40 --eval_interval 10
+
+The shipped dataset/demo_reason.jsonl works each of the 610 sums of operands 0..19 twice, and a model trained on it
+for 8 epochs recalls digit lines per sum instead of computing them. Here its two-operand sums are replaced by
+--reason_sums distinct sums of operands 0..99 (too many to recall), each worked once in a random phrasing; the
+three-number sums, poems and Shakespeare examples stay. GRPO's prompts are --grpo_prompts other training sums that
+no reply works, and the held-out prompts are sums held out of every file (the builder's hash, Sum.held_out) with
+an operand of 20 or more, one phrasing each. The shipped data is only read.
+"""
+import argparse
+import json
+import random
+import shutil
+from pathlib import Path
+
+from scripts.build_demo_data import Sum, chat, digit_sum_problem, random_sum_problem, with_format_hint
+
+DATASET = Path(__file__).resolve().parents[2] / "dataset"
+WORKED_SUM = "<think>\nsolve: "
+
+
+def is_two_operand_sum(sample: dict) -> bool:
+    reply = sample["conversations"][-1]["content"]
+    return reply.startswith(WORKED_SUM) and "\nstep: " not in reply
+
+
+def grpo_prompt(rng: random.Random, problem: Sum) -> dict:
+    question, lang = random_sum_problem(rng, problem)
+    return {"conversations": [{"role": "user", "content": with_format_hint(question.question, lang)}],
+            "answer": question.answer}
+
+
+def write_jsonl(path: Path, samples: list[dict]) -> None:
+    with path.open("w", encoding="utf-8", newline="\n") as f:
+        for sample in samples:
+            f.write(json.dumps(sample, ensure_ascii=False) + "\n")
+
+
+def build(out_dir: Path, reason_sums: int, grpo_prompts: int, val_prompts: int, seed: int) -> dict[str, int]:
+    rng = random.Random(seed)
+    sums = [Sum(a, "+", b) for a in range(100) for b in range(100)] + [Sum(a, "-", b) for a in range(100)
+                                                                          for b in range(a + 1)]
+    held_out = [s for s in sums if s.held_out() and max(s.a, s.b) >= 20]
+    train = [s for s in sums if not s.held_out()]
+    if reason_sums + grpo_prompts > len(train):
+        raise SystemExit(f"error: {reason_sums} + {grpo_prompts} sums asked for, {len(train)} training sums exist")
+    rng.shuffle(train)
+    with (DATASET / "demo_reason.jsonl").open(encoding="utf-8") as f:
+        kept = [sample for sample in map(json.loads, f) if not is_two_operand_sum(sample)]
+    reasoning = kept + [chat(*digit_sum_problem(rng, problem)) for problem in train[:reason_sums]]
+    rng.shuffle(reasoning)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out_dir / "demo_reason.jsonl", reasoning)
+    shutil.copy(DATASET / "demo_reason_val.jsonl", out_dir / "demo_reason_val.jsonl")
+    rng.shuffle(held_out)
+    write_jsonl(out_dir / "demo_grpo_val.jsonl", [grpo_prompt(rng, s) for s in held_out[:val_prompts]])
+    write_jsonl(out_dir / "demo_grpo.jsonl",
+                [grpo_prompt(rng, s) for s in train[reason_sums:reason_sums + grpo_prompts]])
+    return {"reasoning examples": len(reasoning), "kept from the shipped file": len(kept),
+            "GRPO prompts": grpo_prompts, "held-out prompts": min(val_prompts, len(held_out))}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out_dir", type=Path, required=True, help="where the four jsonl files are written")
+    parser.add_argument("--reason_sums", type=int, default=4268, help="distinct sums worked in demo_reason, each once")
+    parser.add_argument("--grpo_prompts", type=int, default=2080, help="GRPO training sums (none worked above)")
+    parser.add_argument("--val_prompts", type=int, default=242, help="held-out sums, one prompt each")
+    parser.add_argument("--seed", type=int, default=7, help="which sums and phrasings are drawn")
+    args = parser.parse_args()
+    for name, count in build(args.out_dir, args.reason_sums, args.grpo_prompts, args.val_prompts, args.seed).items():
+        print(f"{name}: {count:,}")
+    print(f"written to {args.out_dir}")
+
+
+if __name__ == "__main__":
+    main()
