@@ -46,6 +46,7 @@ from model.training.cli import HelpFormatter, add_common_args, build_model, exit
 from model.training.evaluation import (assistant_token_loss, chat_token_losses, describe_metrics, end_of_turn_rate,
                                        generate_replies, print_changes)
 from model.training.losses import with_aux_loss
+from model.training.neftune import add_embedding_noise
 from model.training.runtime import cleanup, print0
 from model.training.trainer import SupervisedSteps, Trainer
 
@@ -64,6 +65,9 @@ def parse_args(argv=None):
     g.add_argument("--lora_r", type=int, default=8, help="rank r of each update B A")
     g.add_argument("--lora_alpha", type=float, default=16, help="scale: the update is (alpha / r) B A")
     g.add_argument("--lora_dropout", type=float, default=0.0, help="dropout on the adapter's input")
+    g.add_argument("--neftune_noise_alpha", type=float, default=0.0,
+                   help="NEFTune: uniform noise of at most alpha / sqrt(length x hidden) on the input embeddings "
+                        "while training (0: off; measured on the demo in docs/lora.md)")
     g.add_argument("--lora_targets", default=",".join(DEFAULT_TARGETS),
                    help="comma-separated Linear names to adapt (e.g. q_proj,v_proj), 'all' (every projection, "
                         "MLA ones included), or one regular expression matched against the whole module name")
@@ -316,6 +320,8 @@ def main(argv=None):
                target_modules=lora_targets(args.lora_targets, model.config), use_rslora=bool(args.use_rslora),
                verbose=runtime.is_main)
     adapters = [p for p in model.parameters() if p.requires_grad]
+    if args.neftune_noise_alpha > 0:
+        add_embedding_noise(model.model.embed_tokens, args.neftune_noise_alpha)
     adapter_file = weight_path(os.path.join(args.save_dir, "lora"), args.lora_name, model.config)
 
     def evaluate(model):

@@ -146,6 +146,28 @@ def test_adapter_learns_the_identity_chats_without_hurting_the_general_ones_much
     assert results["general_loss_rise"] == pytest.approx(after["general_val_loss"] - before["general_val_loss"])
 
 
+def test_neftune_noise_changes_training_but_not_evaluation(trained, tmp_path):
+    """--neftune_noise_alpha reaches the model: from the same base and seed the adapter trains differently, while the
+    held-out metrics before training (eval mode, no noise) are the same as without it."""
+    runs = {}
+    for alpha in ("0", "10"):
+        out = tmp_path / f"alpha{alpha}"
+        out.mkdir()
+        for suffix in (".pth", ".json"):
+            source = trained["base_file"].with_suffix(suffix)
+            if source.exists():
+                (out / source.name).write_bytes(source.read_bytes())
+        args = lora_args(trained["root"], steps=4, extra=["--save_dir", str(out), "--neftune_noise_alpha", alpha])
+        results = train_lora.main(args)
+        runs[alpha] = results["before"], load_lora(TinyMindForCausalLM(TinyMindConfig(
+            vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)),
+            results["adapter"])
+    assert runs["0"][0] == runs["10"][0]
+    plain, noisy = (dict(model.named_parameters()) for _, model in (runs["0"], runs["10"]))
+    adapter_names = [name for name in plain if "lora_" in name]
+    assert adapter_names and any(not torch.equal(plain[n], noisy[n]) for n in adapter_names)
+
+
 def test_lora_on_a_moe_model_base_plus_adapter_is_the_trained_model(tmp_path):
     """The Trainer calls update_moe_biases after every step; in a LoRA run it must leave the aux-free router biases
     of the base as they are, since the adapter file holds only A/B. --bias_update_speed 0.05 makes any bias step
