@@ -6,12 +6,12 @@
     python train_grpo.py --from_weight reason --data_path /tmp/two_digit/demo_grpo.jsonl --temperature 0.7 \\
         --max_gen_len 64 --max_steps 40 --eval_interval 10
 
-The shipped dataset/demo_reason.jsonl works each of the 610 sums of operands 0..19 twice, and a model trained on it
-for 8 epochs recalls digit lines per sum instead of computing them. Here its two-operand sums are replaced by
---reason_sums distinct sums of operands 0..99 (too many to recall), each worked once in a random phrasing; the
-three-number sums, poems and Shakespeare examples stay. GRPO's prompts are --grpo_prompts other training sums that
-no reply works, and the held-out prompts are sums held out of every file (the builder's hash, Sum.held_out) with
-an operand of 20 or more, one phrasing each. The shipped data is only read.
+The shipped dataset/demo_reason.jsonl works each training sum of operands 0..19 twice (1,067 examples), and a model
+trained on it for 8 epochs recalls digit lines per sum instead of computing them. Here its two-operand sums are
+replaced by --reason_sums distinct sums of operands 0..99 (too many to recall), each worked once in a random
+phrasing; the three-number sums, poems and Shakespeare examples stay. GRPO's prompts are --grpo_prompts other
+training sums that no reply works, and the held-out prompts are sums held out of every file (the builder's hash,
+Sum.held_out) with an operand of 20 or more, one phrasing each. The shipped data is only read.
 """
 import argparse
 import json
