@@ -42,7 +42,8 @@ from model.device import default_device
 from model.lora import DEFAULT_TARGETS, MLA_TARGETS, apply_lora, remove_lora, save_lora
 from model.training.chat import (add_chat_data_args, held_out_prompts, load_chat_dataset, load_chats_with_held_out,
                                  write_chat_summary)
-from model.training.cli import HelpFormatter, add_common_args, build_model, exit_on_user_error, start_stage
+from model.training.cli import (NON_NEGATIVE, HelpFormatter, add_common_args, build_model, exit_on_user_error,
+                                start_stage)
 from model.training.evaluation import (assistant_token_loss, chat_token_losses, describe_metrics, end_of_turn_rate,
                                        generate_replies, print_changes)
 from model.training.losses import with_aux_loss
@@ -65,7 +66,7 @@ def parse_args(argv=None):
     g.add_argument("--lora_r", type=int, default=8, help="rank r of each update B A")
     g.add_argument("--lora_alpha", type=float, default=16, help="scale: the update is (alpha / r) B A")
     g.add_argument("--lora_dropout", type=float, default=0.0, help="dropout on the adapter's input")
-    g.add_argument("--neftune_noise_alpha", type=float, default=0.0,
+    g.add_argument("--neftune_noise_alpha", type=NON_NEGATIVE, default=0.0,
                    help="NEFTune: uniform noise of at most alpha / sqrt(length x hidden) on the input embeddings "
                         "while training (0: off; measured on the demo in docs/lora.md)")
     g.add_argument("--lora_targets", default=",".join(DEFAULT_TARGETS),

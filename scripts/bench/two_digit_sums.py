@@ -19,7 +19,8 @@ import random
 import shutil
 from pathlib import Path
 
-from scripts.build_demo_data import Sum, chat, digit_sum_problem, random_sum_problem, with_format_hint
+from scripts.build_demo_data import (Sum, chat, digit_sum_problem, random_sum_problem, with_format_hint,
+                                     write_jsonl)
 
 DATASET = Path(__file__).resolve().parents[2] / "dataset"
 WORKED_SUM = "<think>\nsolve: "
@@ -34,12 +35,6 @@ def grpo_prompt(rng: random.Random, problem: Sum) -> dict:
     question, lang = random_sum_problem(rng, problem)
     return {"conversations": [{"role": "user", "content": with_format_hint(question.question, lang)}],
             "answer": question.answer}
-
-
-def write_jsonl(path: Path, samples: list[dict]) -> None:
-    with path.open("w", encoding="utf-8", newline="\n") as f:
-        for sample in samples:
-            f.write(json.dumps(sample, ensure_ascii=False) + "\n")
 
 
 def build(out_dir: Path, reason_sums: int, grpo_prompts: int, val_prompts: int, seed: int) -> dict[str, int]:
