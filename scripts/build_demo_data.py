@@ -793,9 +793,10 @@ class Sum:
                 f"tens: {a_tens} - {b_tens} - {borrow} = {a_tens - b_tens - borrow}"]
 
 
-def all_sums() -> list[Sum]:
-    sums = [Sum(a, "+", b) for a in range(OPERAND_LIMIT) for b in range(OPERAND_LIMIT)]
-    sums += [Sum(a, "-", b) for a in range(OPERAND_LIMIT) for b in range(a + 1)]
+def all_sums(limit: int = OPERAND_LIMIT) -> list[Sum]:
+    """Every a + b, and a - b with a >= b, of operands below limit."""
+    sums = [Sum(a, "+", b) for a in range(limit) for b in range(limit)]
+    sums += [Sum(a, "-", b) for a in range(limit) for b in range(a + 1)]
     return sums
 
 

@@ -19,8 +19,8 @@ import random
 import shutil
 from pathlib import Path
 
-from scripts.build_demo_data import (Sum, chat, digit_sum_problem, random_sum_problem, with_format_hint,
-                                     write_jsonl)
+from scripts.build_demo_data import (Sum, all_sums, chat, digit_sum_problem, random_sum_problem,
+                                     with_format_hint, write_jsonl)
 
 DATASET = Path(__file__).resolve().parents[2] / "dataset"
 WORKED_SUM = "<think>\nsolve: "
@@ -39,8 +39,7 @@ def grpo_prompt(rng: random.Random, problem: Sum) -> dict:
 
 def build(out_dir: Path, reason_sums: int, grpo_prompts: int, val_prompts: int, seed: int) -> dict[str, int]:
     rng = random.Random(seed)
-    sums = [Sum(a, "+", b) for a in range(100) for b in range(100)] + [Sum(a, "-", b) for a in range(100)
-                                                                          for b in range(a + 1)]
+    sums = all_sums(limit=100)
     held_out = [s for s in sums if s.held_out() and max(s.a, s.b) >= 20]
     train = [s for s in sums if not s.held_out()]
     if reason_sums + grpo_prompts > len(train):

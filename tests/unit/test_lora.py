@@ -140,7 +140,6 @@ def test_matches_peft_lora_linear(use_rslora):
     torch.testing.assert_close(ours.base_layer.weight, peft_layer.base_layer.weight, atol=1e-6, rtol=0)
 
 
-
 def test_dropout_in_training_matches_peft_given_the_same_random_state():
     """The demo trains with --lora_dropout 0.1: the output and the adapter's gradients are PEFT's when both layers
     draw their mask from the same generator state; in eval mode dropout is off."""
@@ -171,6 +170,7 @@ def test_dropout_in_training_matches_peft_given_the_same_random_state():
     ours.eval()
     peft_layer.eval()
     torch.testing.assert_close(ours(x), peft_layer(x), atol=1e-6, rtol=0)
+
 
 def test_export_peft_loads_in_peft_and_reproduces_our_logits(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the test must never touch the network
