@@ -20,6 +20,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import textwrap
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 STAGES = {  # stage: (script, held-out metrics its eval records carry, the usual starting checkpoint)
@@ -72,7 +73,7 @@ def plot(rows: list, curves: dict, path: str, title: str, metrics: tuple):
         ax.set_ylabel(f"held-out {metric}")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle("\n".join(textwrap.wrap(title, 140)), fontsize=9)  # a long --extra would run off the figure
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

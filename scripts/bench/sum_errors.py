@@ -9,6 +9,7 @@ ones digits, `tens: ...` the tens digits and the carry, and the answer is the te
 digit of the ones. A reply is counted under the first of these that fails:
     correct        the final answer is right (whatever the steps)
     malformed      not in that shape at all
+    skipped        the sum restated, then a wrong answer with no digit steps (`two_digit_sums --quick_sums`' shape)
     copy           the restated operands are not the prompt's
     operation      + where the prompt takes away, or - where it adds
     ones / tens    a wrong line, given the restated sum
@@ -29,9 +30,10 @@ from model.model import TinyMindForCausalLM
 from model.training.rollouts import generate_rollout
 from model.training.runtime import init_runtime
 
-KINDS = ["correct", "malformed", "copy", "operation", "ones", "tens", "join"]
+KINDS = ["correct", "malformed", "skipped", "copy", "operation", "ones", "tens", "join"]
 WORKED = re.compile(r"solve: (\d+) ([+-]) (\d+)\nones: (\d+) [+-] (\d+) = (\d+)\ntens: (\d+) [+-] (\d+) [+-] (\d+) = "
                     r"(-?\d+)\n</think>\n<answer>\n(-?\d+)\n</answer>")
+QUICK = re.compile(r"solve: \d+ [+-] \d+\n</think>\n<answer>\n-?\d+\n</answer>")
 ADDS = re.compile(r"\+|more|又得到")
 
 
@@ -60,13 +62,20 @@ def worked_lines(reply: str):
     return tuple(numbers[:2]), match[2], tuple(numbers[2:5]), tuple(numbers[5:9]), numbers[9]
 
 
+def shape(reply: str) -> str:
+    """'worked' (digit steps), 'quick' (the sum restated, then the answer at once) or 'other'."""
+    return "worked" if WORKED.search(reply) else "quick" if QUICK.search(reply) else "other"
+
+
 def classify(question: str, reply: str) -> str:
     """The first wrong step of one reply (see KINDS)."""
     a, op, b = prompt_sum(question)
     lines = worked_lines(reply)
     if lines is None:
         answer = re.search(r"<answer>\s*(-?\d+)\s*</answer>", reply)
-        return "correct" if answer and int(answer[1]) == (a + b if op == "+" else a - b) else "malformed"
+        if answer and int(answer[1]) == (a + b if op == "+" else a - b):
+            return "correct"
+        return "skipped" if QUICK.search(reply) else "malformed"
     restated, restated_op, ones, tens, answer = lines
     if answer == (a + b if op == "+" else a - b):
         return "correct"
@@ -143,6 +152,10 @@ def main():
     print(f"{args.weight}: {len(items)} held-out prompts, {runtime.dtype}")
     for kind in KINDS:
         print(f"  {kind:<10} {counts[kind]:4d}  {counts[kind] / len(items):6.1%}")
+    shapes = Counter(shape(reply) for reply in replies)
+    right = Counter(shape(reply) for reply, kind in zip(replies, kinds) if kind == "correct")
+    print("  by shape: " + ", ".join(f"{name} {shapes[name]} ({right[name]} right)"
+                                    for name in ("worked", "quick", "other")))
     for kind in KINDS[1:]:
         shown = [(item, reply) for item, reply, k in zip(items, replies, kinds) if k == kind][:args.show]
         for item, reply in shown:
@@ -159,11 +172,12 @@ def sampled_accuracy(model, tokenizer, items: list[dict], args, runtime) -> tupl
                                 top_p=1.0, top_k=0, pad_token_id=tokenizer.pad_token_id,
                                 eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
     per_prompt = max(1, args.batch_size // args.samples)
-    correct = []
+    correct, worked = [], 0
     with runtime.autocast():
         for start in range(0, len(items), per_prompt):
             batch = items[start:start + per_prompt]
             texts = generate_rollout(model, tokenizer, batch, args.samples, sampling, runtime.device).texts
+            worked += sum(shape(text) == "worked" for text in texts)
             for i, item in enumerate(batch):
                 question = item["prompt"][-1]["content"].split("\n")[0]
                 correct.append([classify(question, text) == "correct"
@@ -171,7 +185,7 @@ def sampled_accuracy(model, tokenizer, items: list[dict], args, runtime) -> tupl
     pass1 = sum(map(sum, correct)) / (len(correct) * args.samples)
     pass_k = sum(map(any, correct)) / len(correct)
     print(f"  sampled (T {args.temperature}, {args.samples} per prompt): pass@1 {pass1:.1%}  "
-          f"pass@{args.samples} {pass_k:.1%}")
+          f"pass@{args.samples} {pass_k:.1%}  worked {worked / (len(correct) * args.samples):.1%}")
     return pass1, pass_k
 
 

@@ -138,10 +138,20 @@ def test_minimind_run_is_timed_from_its_step_lines(tmp_path):
     ("Find 6 + 17.", "solve: 6 + 17\nones: 6 + 7 = 13\ntens: 0 + 1 + 1 = 2\n</think>\n<answer>\n22\n</answer>",
      "join"),
     ("Find 6 + 17.", "<answer>\n22\n</answer>", "malformed"),
+    ("Find 36 + 17.", "solve: 36 + 17\n</think>\n<answer>\n53\n</answer>", "correct"),
+    ("Find 36 + 17.", "solve: 36 + 17\n</think>\n<answer>\n43\n</answer>", "skipped"),
 ])
 def test_sum_errors_names_the_first_wrong_step(question, reply, kind):
     from scripts.bench.sum_errors import classify
     assert classify(question, "<think>\n" + reply if reply.startswith("solve") else reply) == kind
+
+
+def test_sum_errors_tells_worked_replies_from_quick_ones():
+    from scripts.bench.sum_errors import shape
+    assert shape("<think>\nsolve: 6 + 17\nones: 6 + 7 = 13\ntens: 0 + 1 + 1 = 2\n</think>\n<answer>\n23\n</answer>") \
+        == "worked"
+    assert shape("<think>\nsolve: 6 + 17\n</think>\n<answer>\n23\n</answer>") == "quick"
+    assert shape("<think>\n6 + 17\n</think>\n<answer>\n23\n</answer>") == "other"
 
 
 def test_sum_errors_sampled_pass_at_1_is_the_mean_over_samples_and_pass_at_k_any(monkeypatch):
@@ -201,6 +211,40 @@ def test_two_digit_sums_works_each_sum_once_and_keeps_grpo_and_held_out_sums_apa
     assert len(grpo) == 200 and len(held_out) == 50
     assert not grpo & set(worked) and not held_out & (grpo | set(worked))
     assert all(max(int(n) for n in s.split()[::2]) >= 20 for s in held_out)
+
+
+def test_two_digit_sums_quick_sums_skip_the_steps_on_other_sums_and_leave_the_other_files_alone(tmp_path):
+    """--quick_sums adds replies that restate the sum and answer at once, on sums no other file holds; the GRPO and
+    held-out prompts and the worked replies are those of a build without them."""
+    import json
+    import re
+
+    from scripts.bench.sum_errors import prompt_sum, shape
+    from scripts.bench.two_digit_sums import build
+    build(tmp_path / "plain", reason_sums=300, grpo_prompts=200, val_prompts=50, seed=1)
+    build(tmp_path / "quick", reason_sums=300, grpo_prompts=200, val_prompts=50, seed=1, quick_sums=120)
+
+    def read(folder, name):
+        return (tmp_path / folder / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()
+
+    for name in ("demo_grpo", "demo_grpo_val", "demo_reason_val"):
+        assert read("plain", name) == read("quick", name)
+    added = sorted(set(read("quick", "demo_reason")) - set(read("plain", "demo_reason")))
+    assert sorted(read("quick", "demo_reason")) == sorted(read("plain", "demo_reason") + added)
+    replies = [json.loads(line)["conversations"][-1]["content"] for line in added]
+    assert len(added) == 120 and all(shape(reply) == "quick" for reply in replies)
+    quick = {re.match(r"<think>\nsolve: (\d+ [+-] \d+)\n", reply)[1] for reply in replies}
+    elsewhere = {"{} {} {}".format(*prompt_sum(json.loads(line)["conversations"][0]["content"].split("\n")[0]))
+                 for name in ("demo_grpo", "demo_grpo_val") for line in read("plain", name)}
+    worked = {m[1] for line in read("plain", "demo_reason")
+              if (m := re.search(r"<think>\\nsolve: (\d+ [+-] \d+)\\n", line))}
+    assert len(quick) == 120 and not quick & (elsewhere | worked) and len(worked) == 300
+    assert {sum_.split()[1] for sum_ in quick} == {"+", "-"}
+    build(tmp_path / "adds", reason_sums=300, grpo_prompts=200, val_prompts=50, seed=1, quick_sums=120, quick_op="+")
+    assert read("adds", "demo_grpo_val") == read("plain", "demo_grpo_val")
+    quick_adds = [re.search(r"<think>\\nsolve: \d+ ([+-]) \d+\\n</think>", line)
+                  for line in read("adds", "demo_reason")]
+    assert [m[1] for m in quick_adds if m] == ["+"] * 120
 
 
 def test_lora_forgetting_splits_the_same_loss_train_lora_reports(tmp_path, capsys):
