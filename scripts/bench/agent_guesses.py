@@ -18,6 +18,8 @@ import random
 import shutil
 from pathlib import Path
 
+from scripts.build_demo_data import write_jsonl
+
 DATASET = Path(__file__).resolve().parents[2] / "dataset"
 
 
@@ -42,8 +44,7 @@ def build(out_dir: Path, share: float, seed: int) -> dict[str, int]:
             chats[i] = answered_at_once(chat)
             changed += 1
     out_dir.mkdir(parents=True, exist_ok=True)
-    with (out_dir / "demo_agent_sft.jsonl").open("w", encoding="utf-8") as f:
-        f.writelines(json.dumps(chat, ensure_ascii=False) + "\n" for chat in chats)
+    write_jsonl(out_dir / "demo_agent_sft.jsonl", chats)
     shutil.copy(DATASET / "demo_agent_sft_val.jsonl", out_dir / "demo_agent_sft_val.jsonl")
     return {"chats": len(chats), "calculator chats answered at once": changed,
             "calculator chats": sum(calls(chat, "calculator") for chat in chats) + changed}

@@ -5,13 +5,17 @@
     python -m scripts.bench.sum_errors --weight out/reason_256.pth --data_path /tmp/two_digit/demo_grpo_val.jsonl
     python train_grpo.py --from_weight reason --data_path /tmp/two_digit/demo_grpo.jsonl --temperature 0.7 \\
         --max_gen_len 64 --max_steps 40 --eval_interval 10
+    python -m scripts.bench.two_digit_sums --out_dir /tmp/quick --quick_sums 600 --quick_op +   # "When the data
+        # lets the model skip its working": then reasoning as above, GRPO with --learning_rate 1e-4 --max_steps 60
 
 The shipped dataset/demo_reason.jsonl works each training sum of operands 0..19 twice (1,067 examples), and a model
 trained on it for 8 epochs recalls digit lines per sum instead of computing them. Here its two-operand sums are
 replaced by --reason_sums distinct sums of operands 0..99 (too many to recall), each worked once in a random
 phrasing; the three-number sums, poems and Shakespeare examples stay. GRPO's prompts are --grpo_prompts other
 training sums that no reply works, and the held-out prompts are sums held out of every file (the builder's hash,
-Sum.held_out) with an operand of 20 or more, one phrasing each. The shipped data is only read.
+Sum.held_out) with an operand of 20 or more, one phrasing each. --quick_sums adds replies to still other sums that
+restate the sum and answer at once, with no digit steps, so the model has two behaviours for GRPO to choose between.
+The shipped data is only read.
 """
 import argparse
 import json
