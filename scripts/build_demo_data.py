@@ -13,8 +13,9 @@ formats:
     demo_lora_domain.jsonl    conversations: author, dynasty and form of poems from 唐诗三百首 and 千家诗
     demo_dpo.jsonl            {"chosen": [...], "rejected": [...], "type": ...}: one prompt, a right and a plausible
                               wrong answer; "type" names how the wrong one was made (six kinds)
-    demo_reason.jsonl         conversations whose answers read "<think>\\n...\\n</think>\\n<answer>\\n...\\n</answer>"
-    demo_grpo.jsonl           {"conversations": [user], "answer": "..."}: small-number sums with checkable answers
+    demo_reason.jsonl         conversations whose answers read "<think>\\n...\\n</think>\\n<answer>\\n...\\n</answer>":
+                              two-digit sums worked digit by digit, some additions answered at once, poems
+    demo_grpo.jsonl           {"conversations": [user], "answer": "..."}: two-digit sums with checkable answers
     demo_grpo_champ.jsonl     the same format, competition maths from CHAMP (much harder; for GPU users)
 
 Every file has a held-out twin *_val.jsonl. Held-out items are picked by a hash of a stable key (a poem's text, a
@@ -66,8 +67,14 @@ TANG_POEMS_PER_POET = 45  # 全唐诗 sample: poets of 唐诗三百首 only, so 
 SONG_CI_PER_POET = 30  # 全宋词 sample: poets of 宋词三百首 only
 SHAKESPEARE_CHARS = 1_500_000  # play chunks are sampled down to about this many characters
 
-OPERAND_LIMIT = 20  # arithmetic operands are 0..19: a tiny model can learn these sums in minutes
-REASON_SUM_COPIES = 2  # demo_reason phrases every training sum this many times (column arithmetic, docs/grpo.md)
+OPERAND_LIMIT = 20  # SFT's arithmetic operands are 0..19: a tiny model can learn these sums in minutes
+REASON_SUM_COPIES = 2  # build_reason phrases every such sum this many times (column arithmetic, docs/grpo.md)
+# Reasoning and GRPO work on two-digit sums (operands 0..99: too many to recall one by one, so the digit steps must be
+# computed), split four ways so that no sum is in two roles: worked once in demo_reason, answered at once there
+# (additions only: the quick replies give GRPO a choice to make, docs/grpo.md), GRPO's prompts, GRPO's held-out set.
+TWO_DIGIT_LIMIT = 100
+REASON_SUMS, QUICK_ADDITIONS, GRPO_SUMS, GRPO_VAL_SUMS = 4268, 600, 2080, 242
+TWO_DIGIT_SEED = 7  # the draw measured in docs/grpo.md, kept so that the shipped files are the ones measured there
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -1380,18 +1387,64 @@ def build_reason(index: PoemIndex, shakespeare: ShakespeareIndex, rng: random.Ra
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def build_grpo(rng: random.Random) -> Split:
-    """Every sum in the four phrasings (bare / word problem x en / zh); the answer is the bare number."""
-    split = Split()
-    for problem in all_sums():
-        for lang in ("en", "zh"):
-            for worded in (False, True):
-                if worded and (problem.a == 0 or problem.b == 0):
-                    continue
-                question = sum_problem(rng, problem, lang, worded)
-                split.add({"conversations": [{"role": "user", "content": with_format_hint(question.question, lang)}],
-                           "answer": question.answer}, problem.held_out())
-    return split.shuffled(rng)
+WORKED_SUM = "<think>\nsolve: "
+
+
+def is_two_operand_sum(sample: dict) -> bool:
+    """A reply that works (or answers at once) 'a + b' or 'a - b', as opposed to a three-number sum or a poem."""
+    reply = sample["conversations"][-1]["content"]
+    return reply.startswith(WORKED_SUM) and "\nstep: " not in reply
+
+
+def quick_sum_problem(rng: random.Random, problem: Sum) -> tuple[str, str]:
+    """digit_sum_problem's prompt with a reply that restates the sum and skips its digit steps: the answer at once."""
+    question, lang = random_sum_problem(rng, problem)
+    return with_format_hint(question.question, lang), think_answer(f"solve: {problem.expression}", question.answer)
+
+
+def grpo_prompt(rng: random.Random, problem: Sum) -> dict:
+    question, lang = random_sum_problem(rng, problem)
+    return {"conversations": [{"role": "user", "content": with_format_hint(question.question, lang)}],
+            "answer": question.answer}
+
+
+def two_digit_sums(kept: list[dict], reason_sums: int, grpo_prompts: int, val_prompts: int, seed: int,
+                   quick_sums: int = 0, quick_op: str = "both") -> tuple[list[dict], list[dict], list[dict]]:
+    """(reasoning chats, GRPO prompts, GRPO's held-out prompts) over the two-digit sums: `kept` (the reasoning
+    chats that are not two-operand sums) plus `reason_sums` sums each worked once in a random phrasing and
+    `quick_sums` others (of `quick_op`: +, - or both) answered at once; GRPO's prompts are `grpo_prompts` further
+    training sums; its held-out prompts are sums held out of every file (Sum.held_out) with an operand of 20 or
+    more, one phrasing each. The quick replies come from a second generator, so every other line is that of a
+    build without them."""
+    rng = random.Random(seed)
+    sums = all_sums(limit=TWO_DIGIT_LIMIT)
+    held_out = [s for s in sums if s.held_out() and max(s.a, s.b) >= OPERAND_LIMIT]
+    train = [s for s in sums if not s.held_out()]
+    rng.shuffle(train)
+    rest = [s for s in train[reason_sums + grpo_prompts:] if quick_op in ("both", s.op)]
+    if reason_sums + grpo_prompts > len(train) or quick_sums > len(rest):
+        raise SystemExit(f"error: {reason_sums} + {grpo_prompts} + {quick_sums} ({quick_op}) sums asked for, "
+                         f"{len(train)} training sums exist")
+    reasoning = kept + [chat(*digit_sum_problem(rng, problem)) for problem in train[:reason_sums]]
+    rng.shuffle(reasoning)
+    if quick_sums:
+        quick_rng = random.Random(seed + 1)
+        reasoning += [chat(*quick_sum_problem(quick_rng, problem)) for problem in rest[:quick_sums]]
+        quick_rng.shuffle(reasoning)
+    rng.shuffle(held_out)
+    val = [grpo_prompt(rng, s) for s in held_out[:val_prompts]]
+    grpo = [grpo_prompt(rng, s) for s in train[reason_sums:reason_sums + grpo_prompts]]
+    return reasoning, grpo, val
+
+
+def build_reason_and_grpo(index: PoemIndex, shakespeare: ShakespeareIndex, rng: random.Random) -> tuple[Split, Split]:
+    """demo_reason and demo_grpo: build_reason's poems, Shakespeare lines and three-number sums (its held-out file
+    as it is), with its one-digit training sums replaced by the two-digit ones of two_digit_sums."""
+    reason = build_reason(index, shakespeare, rng)
+    kept = [sample for sample in reason.train if not is_two_operand_sum(sample)]
+    reasoning, grpo, grpo_val = two_digit_sums(kept, REASON_SUMS, GRPO_SUMS, GRPO_VAL_SUMS, TWO_DIGIT_SEED,
+                                               QUICK_ADDITIONS, "+")
+    return Split(train=reasoning, val=reason.val), Split(train=grpo, val=grpo_val)
 
 
 def build_champ(problems: list[dict], rng: random.Random) -> Split:
@@ -1454,8 +1507,8 @@ def main() -> None:
         "demo_lora_identity": build_identity(rng_for("identity")),
         "demo_lora_domain": build_domain(poem_index, rng_for("domain")),
         "demo_dpo": build_dpo(poem_index, shakespeare_index, corpus, rng_for("dpo")),
-        "demo_reason": build_reason(poem_index, shakespeare_index, rng_for("reason")),
-        "demo_grpo": build_grpo(rng_for("grpo")),
+        **dict(zip(("demo_reason", "demo_grpo"),
+                   build_reason_and_grpo(poem_index, shakespeare_index, rng_for("reason")))),
         "demo_grpo_champ": build_champ(champ, rng_for("champ")),
     }
     for name, split in outputs.items():

@@ -1,80 +1,42 @@
-"""Reasoning and GRPO data with two-digit sums, each worked once: the experiment of docs/grpo.md ("Two-digit sums").
+"""Variants of the demo's reasoning and GRPO data (two-digit sums): the experiments of docs/grpo.md.
 
-    python -m scripts.bench.two_digit_sums --out_dir /tmp/two_digit                 # 4,268 sums, as in the docs
+    python -m scripts.bench.two_digit_sums --out_dir /tmp/two_digit                 # no quick replies
     python train_reason.py --from_weight full_sft --data_path /tmp/two_digit/demo_reason.jsonl --epochs 6
     python -m scripts.bench.sum_errors --weight out/reason_256.pth --data_path /tmp/two_digit/demo_grpo_val.jsonl
     python train_grpo.py --from_weight reason --data_path /tmp/two_digit/demo_grpo.jsonl --temperature 0.7 \\
-        --max_gen_len 64 --max_steps 40 --eval_interval 10
-    python -m scripts.bench.two_digit_sums --out_dir /tmp/quick --quick_sums 600 --quick_op +   # "When the data
-        # lets the model skip its working": then reasoning as above, GRPO with --learning_rate 1e-4 --max_steps 60
+        --max_gen_len 64 --learning_rate 1e-4 --max_steps 60 --eval_interval 20
+    python -m scripts.bench.two_digit_sums --out_dir /tmp/quick --quick_sums 1400 --quick_op both
 
-The shipped dataset/demo_reason.jsonl works each training sum of operands 0..19 twice (1,067 examples), and a model
-trained on it for 8 epochs recalls digit lines per sum instead of computing them. Here its two-operand sums are
-replaced by --reason_sums distinct sums of operands 0..99 (too many to recall), each worked once in a random
-phrasing; the three-number sums, poems and Shakespeare examples stay. GRPO's prompts are --grpo_prompts other
-training sums that no reply works, and the held-out prompts are sums held out of every file (the builder's hash,
-Sum.held_out) with an operand of 20 or more, one phrasing each. --quick_sums adds replies to still other sums that
-restate the sum and answer at once, with no digit steps, so the model has two behaviours for GRPO to choose between.
-The shipped data is only read.
+The shipped dataset/demo_reason.jsonl works 4,268 two-digit sums once each and answers 600 other additions at once
+(scripts/build_demo_data.py, two_digit_sums); this script writes the same kind of files with other counts: its
+two-operand sums (worked or quick) are dropped and --reason_sums / --quick_sums others drawn, while the three-number
+sums, poems and Shakespeare examples stay. GRPO's prompts are --grpo_prompts other training sums, and the held-out
+prompts are sums held out of every file (Sum.held_out) with an operand of 20 or more, one phrasing each. The shipped
+data is only read. (The experiments in docs/grpo.md up to stop 27 drew from the earlier shipped file, whose other
+examples came in another order: the same counts now give other draws.)
 """
 import argparse
 import json
-import random
 import shutil
 from pathlib import Path
 
-from scripts.build_demo_data import (Sum, all_sums, chat, digit_sum_problem, random_sum_problem, think_answer,
-                                     with_format_hint, write_jsonl)
+from scripts.build_demo_data import is_two_operand_sum, two_digit_sums, write_jsonl
 
 DATASET = Path(__file__).resolve().parents[2] / "dataset"
-WORKED_SUM = "<think>\nsolve: "
-
-
-def is_two_operand_sum(sample: dict) -> bool:
-    reply = sample["conversations"][-1]["content"]
-    return reply.startswith(WORKED_SUM) and "\nstep: " not in reply
-
-
-def grpo_prompt(rng: random.Random, problem: Sum) -> dict:
-    question, lang = random_sum_problem(rng, problem)
-    return {"conversations": [{"role": "user", "content": with_format_hint(question.question, lang)}],
-            "answer": question.answer}
-
-
-def quick_sum_problem(rng: random.Random, problem: Sum) -> tuple[str, str]:
-    """digit_sum_problem's prompt with a reply that restates the sum and skips its digit steps: the answer at once."""
-    question, lang = random_sum_problem(rng, problem)
-    return with_format_hint(question.question, lang), think_answer(f"solve: {problem.expression}", question.answer)
 
 
 def build(out_dir: Path, reason_sums: int, grpo_prompts: int, val_prompts: int, seed: int,
           quick_sums: int = 0, quick_op: str = "both") -> dict[str, int]:
-    rng = random.Random(seed)
-    sums = all_sums(limit=100)
-    held_out = [s for s in sums if s.held_out() and max(s.a, s.b) >= 20]
-    train = [s for s in sums if not s.held_out()]
-    rng.shuffle(train)
-    rest = [s for s in train[reason_sums + grpo_prompts:] if quick_op in ("both", s.op)]
-    if reason_sums + grpo_prompts > len(train) or quick_sums > len(rest):
-        raise SystemExit(f"error: {reason_sums} + {grpo_prompts} + {quick_sums} ({quick_op}) sums asked for, "
-                         f"{len(train)} training sums exist")
     with (DATASET / "demo_reason.jsonl").open(encoding="utf-8") as f:
         kept = [sample for sample in map(json.loads, f) if not is_two_operand_sum(sample)]
-    reasoning = kept + [chat(*digit_sum_problem(rng, problem)) for problem in train[:reason_sums]]
-    rng.shuffle(reasoning)
-    if quick_sums:  # drawn from a second generator, so the other files stay those of --quick_sums 0
-        quick_rng = random.Random(seed + 1)
-        reasoning += [chat(*quick_sum_problem(quick_rng, problem)) for problem in rest[:quick_sums]]
-        quick_rng.shuffle(reasoning)
+    reasoning, grpo, val = two_digit_sums(kept, reason_sums, grpo_prompts, val_prompts, seed, quick_sums, quick_op)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl(out_dir / "demo_reason.jsonl", reasoning)
     shutil.copy(DATASET / "demo_reason_val.jsonl", out_dir / "demo_reason_val.jsonl")
-    rng.shuffle(held_out)
-    write_jsonl(out_dir / "demo_grpo_val.jsonl", [grpo_prompt(rng, s) for s in held_out[:val_prompts]])
-    write_jsonl(out_dir / "demo_grpo.jsonl",
-                [grpo_prompt(rng, s) for s in train[reason_sums:reason_sums + grpo_prompts]])
+    write_jsonl(out_dir / "demo_grpo_val.jsonl", val)
+    write_jsonl(out_dir / "demo_grpo.jsonl", grpo)
     return {"reasoning examples": len(reasoning), "kept from the shipped file": len(kept), "quick sums": quick_sums,
-            "GRPO prompts": grpo_prompts, "held-out prompts": min(val_prompts, len(held_out))}
+            "GRPO prompts": grpo_prompts, "held-out prompts": len(val)}
 
 
 def main():
