@@ -138,6 +138,27 @@ def short_chats(seed: int, count: int, held_out_share: float) -> list[dict]:
     return chats
 
 
+def answered_at_once(chat: dict) -> dict:
+    """The chat without its tool call and tool message: (system,) question, final reply."""
+    turns = chat["conversations"]
+    return {**chat, "conversations": [turns[0], turns[1], turns[-1]] if turns[0]["role"] == "system"
+            else [turns[0], turns[-1]]}
+
+
+def calls(chat: dict, tool: str) -> bool:
+    return any(call["name"] == tool for turn in chat["conversations"] for call in turn.get("tool_calls") or [])
+
+
+def with_guesses(chats: list[dict], share: float, seed: int) -> tuple[list[dict], int]:
+    """The chats with `share` of the calculator ones answered at once (answered_at_once), and how many were: the
+    model then has two ways to answer a sum, call the calculator or answer from memory, and agent RL, whose rewards
+    pay for the call and the right answer, has a choice to make (docs/agent.md)."""
+    rng = random.Random(seed)
+    changed = [answered_at_once(chat) if calls(chat, "calculator") and rng.random() < share else chat
+               for chat in chats]
+    return changed, sum(a is not b for a, b in zip(changed, chats))
+
+
 FILES = {"sft": "demo_agent_sft.jsonl", "sft_val": "demo_agent_sft_val.jsonl", "rl": "demo_agent.jsonl",
          "rl_val": "demo_agent_val.jsonl"}
 
@@ -154,6 +175,10 @@ def parse_args(argv=None):
     parser.add_argument("--short_count", type=int, default=2000,
                         help="tool-calling chats without the schemas, appended to demo_agent_sft.jsonl")
     parser.add_argument("--rl_count", type=int, default=600, help="RL prompts in demo_agent.jsonl")
+    parser.add_argument("--guess_share", type=float, default=0.0,
+                        help="share of the calculator chats in demo_agent_sft.jsonl answered without the tool (the "
+                             "pipeline's agent stages use 0.7: RL then has a choice to make; docs/agent.md)")
+    parser.add_argument("--guess_seed", type=int, default=7, help="which calculator chats --guess_share changes")
     parser.add_argument("--val_count", type=int, default=120, help="held-out lines in each _val file")
     parser.add_argument("--held_out_share", type=float, default=0.12,
                         help="share of all tasks (by sha256 of tool + arguments) reserved for the _val files")
@@ -164,6 +189,9 @@ def main(argv=None):
     args = parse_args(argv)
     splits = build(args.seed, args.sft_count, args.rl_count, args.val_count, args.held_out_share)
     splits["sft"] += short_chats(args.seed, args.short_count, args.held_out_share)
+    if args.guess_share:
+        splits["sft"], changed = with_guesses(splits["sft"], args.guess_share, args.guess_seed)
+        print(f"{changed} calculator chats of demo_agent_sft.jsonl answered without the tool")
     os.makedirs(args.out_dir, exist_ok=True)
     for split, records in splits.items():
         path = os.path.join(args.out_dir, FILES[split])

@@ -153,3 +153,25 @@ def test_shipped_demo_data_is_deterministic_held_out_and_readable(tmp_path):
     answer = result_value(chat[3]["content"])
     assert trained.startswith("<tool_call>\n{") and trained.endswith(f"The answer is {answer}.<|im_end|>")
     assert f"<|im_start|>tool\n{chat[3]['content']}<|im_end|>" not in trained
+
+
+def test_guess_share_drops_the_call_from_that_share_of_calculator_chats_only(tmp_path):
+    """--guess_share: the changed chats keep their question and final reply and lose the call and the tool's
+    message; every other chat, and every other file, is the shipped one."""
+    build_agent_data.main(["--out_dir", str(tmp_path), "--guess_share", "0.5", "--guess_seed", "3"])
+
+    def read(folder, name):
+        with open(os.path.join(folder, name), encoding="utf-8") as f:
+            return [json.loads(line) for line in f]
+    shipped = read(os.path.join(ROOT, "dataset"), "demo_agent_sft.jsonl")
+    built = read(tmp_path, "demo_agent_sft.jsonl")
+    assert len(built) == len(shipped)
+    changed = [(old, new) for old, new in zip(shipped, built) if old != new]
+    calculator = [chat for chat in shipped if build_agent_data.calls(chat, "calculator")]
+    assert 0.4 < len(changed) / len(calculator) < 0.6
+    for old, new in changed:
+        assert build_agent_data.calls(old, "calculator") and not any(t.get("tool_calls") for t in new["conversations"])
+        question = old["conversations"][1 if old["conversations"][0]["role"] == "system" else 0]
+        assert new["conversations"][-2:] == [question, old["conversations"][-1]]
+    for name in ("demo_agent_sft_val.jsonl", "demo_agent.jsonl", "demo_agent_val.jsonl"):
+        assert read(tmp_path, name) == read(os.path.join(ROOT, "dataset"), name)

@@ -348,24 +348,3 @@ def test_rl_seeds_passes_each_stage_only_flags_it_knows(stage):
     script = importlib.import_module(rl_seeds.STAGES[stage][0].removesuffix(".py"))
     args = script.parse_args(["--eval_interval", "5", *rl_seeds.QUIET[stage]])
     assert args.eval_interval == 5
-
-
-def test_agent_guesses_drops_the_call_from_a_share_of_calculator_chats_only(tmp_path):
-    """The changed chats keep their question and final reply and lose the call and the tool's message; every other
-    chat is the shipped one."""
-    import json
-
-    from scripts.bench.agent_guesses import DATASET, build, calls
-    counts = build(tmp_path, share=0.5, seed=3)
-    shipped = [json.loads(line) for line in (DATASET / "demo_agent_sft.jsonl").read_text(encoding="utf-8").splitlines()]
-    built = [json.loads(line) for line in (tmp_path / "demo_agent_sft.jsonl").read_text(encoding="utf-8").splitlines()]
-    assert len(built) == len(shipped)
-    changed = [(old, new) for old, new in zip(shipped, built) if old != new]
-    assert len(changed) == counts["calculator chats answered at once"]
-    assert 0.4 < len(changed) / counts["calculator chats"] < 0.6
-    for old, new in changed:
-        assert calls(old, "calculator") and not any(turn.get("tool_calls") for turn in new["conversations"])
-        assert [t["role"] for t in new["conversations"]][-2:] == ["user", "assistant"]
-        assert new["conversations"][-2:] == [old["conversations"][1 if old["conversations"][0]["role"] == "system"
-                                                                  else 0], old["conversations"][-1]]
-    assert (tmp_path / "demo_agent_sft_val.jsonl").read_bytes() == (DATASET / "demo_agent_sft_val.jsonl").read_bytes()
