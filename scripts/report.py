@@ -14,11 +14,14 @@ import glob
 import json
 import os
 import platform
+import re
+import statistics
 import subprocess
 import sys
 
 STAGE_ORDER = ["pretrain", "full_sft", "lora_identity", "dpo", "teacher_pretrain", "teacher_sft", "distill",
-               "distill_ce", "reason", "grpo"]
+               "distill_ce", "reason", "grpo", "grpo_seed1", "grpo_seed2"]
+SEED_RUN = re.compile(r"(?P<stage>.+)_seed\d+")  # a stage rerun with another seed (scripts/run_pipeline.py)
 BY_TYPE = "by_type/"  # DPO's held-out metrics per rejection type (by_type/<type>/<metric>): a table of their own
 
 
@@ -212,7 +215,8 @@ def report_card_figure(stages, logs, summaries, pipeline_seconds, runs=None):
     """One picture of the whole run: a panel per stage with its curves and its headline number before -> after.
     Losses are read on the left axis, fractions (rewards, accuracies) or the KL on the right one."""
     plt = pyplot()
-    panels = [s for s in stages if any("loss" in r or "reward" in r for r in logs.get(s, []))]
+    panels = [s for s in stages if any("loss" in r or "reward" in r for r in logs.get(s, [])) and not
+              ((run := SEED_RUN.fullmatch(s)) and run["stage"] in stages)]  # seed reruns: in the seeds table
     if not panels:
         return None
     columns = 3
@@ -421,6 +425,7 @@ def build_report(save_dir: str) -> str:
             lines.append(f"![{stage}]({os.path.relpath(image, save_dir)})")
     lines.append("")
 
+    lines += seed_lines(summaries)
     lines += dpo_by_type_lines(summaries.get("dpo", {}))
     lines += distillation_lines(summaries.get("distill"), summaries.get("distill_ce"))
     for stage in stages:
@@ -463,6 +468,34 @@ def samples_lines(samples: dict) -> list[str]:
             "Out of domain: an open prompt no demo data teaches; a model of a few million parameters trained on "
             "poems, Shakespeare and small sums is not expected to answer it.", "",
             "| stage | prompt | reference | answer | domain |", "|---|---|---|---|---|"] + rows + [""]
+
+
+def seed_lines(summaries: dict) -> list[str]:
+    """Each stage that was rerun with other seeds (<stage>_seed<N>): its headline number before and after every run,
+    their mean and spread, and the mean over the start, so that a gain can be told from seed noise."""
+    reruns = {}
+    for name in summaries:
+        if (run := SEED_RUN.fullmatch(name)) and run["stage"] in summaries:
+            reruns.setdefault(run["stage"], []).append(name)
+    rows = []
+    for stage in sorted(reruns, key=stage_sort_key):
+        names = [stage] + sorted(reruns[stage])
+        numbers = [headline(stage, summaries[name]) for name in names]
+        if any(n is None for n in numbers) or len({n[0] for n in numbers}) > 1:
+            continue
+        befores, afters = sorted({n[1] for n in numbers}), [n[2] for n in numbers]
+        mean, spread = statistics.mean(afters), statistics.stdev(afters)
+        before = f"{befores[0]:.4g}" if len(befores) == 1 else f"{befores[0]:.4g} .. {befores[-1]:.4g}"
+        ratio = f"{mean / befores[0]:.1f}x" if len(befores) == 1 and befores[0] > 0 else "-"
+        rows.append(f"| {stage} | {numbers[0][0]} | {before} | "
+                    + ", ".join(f"{a:.4g} ({name})" for a, name in zip(afters, names))
+                    + f" | {mean:.4g} ± {spread:.2g} | {min(afters) - max(befores):+.4g} | {ratio} |")
+    if not rows:
+        return []
+    return ["## Seeds", "", "The same stage from the same checkpoint with other seeds (sampling and data order): the "
+            "gain stands out from seed noise when the smallest one is well above zero. Before: greedy, so one number "
+            "for every run.", "", "| stage | metric | before | after, each run | mean ± sd | smallest gain | "
+            "mean / before |", "|---|---|---|---|---|---|---|"] + rows + [""]
 
 
 def dpo_by_type_lines(summary: dict) -> list[str]:

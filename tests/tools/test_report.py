@@ -206,3 +206,20 @@ def test_the_recorded_commit_says_when_the_code_differed_from_it(monkeypatch):
     assert report.git_commit() == "abc1234+changes"
     answers["rev-parse"] = ""
     assert report.git_commit() == "unknown"
+
+
+def test_seed_reruns_get_a_table_of_their_own_and_no_panel_of_their_own(tmp_path):
+    """<stage>_seed<N> runs sit beside the stage's own run in one row: each run's after, their mean and spread,
+    the smallest gain and the mean over the start; the card keeps one panel for the stage."""
+    runs = {"grpo": 0.87, "grpo_seed1": 0.91, "grpo_seed2": 0.92}
+    summaries = {name: {"accuracy_before": 0.25, "accuracy_after": after, "reward_before": 0.7,
+                        "reward_after": after + 0.5} for name, after in runs.items()}
+    write_run(tmp_path, summaries, {name: GRPO_LOG for name in runs})
+    text = report.build_report(str(tmp_path))
+    seeds = table_after(text, "## Seeds")
+    assert seeds[2] == ("| grpo | accuracy | 0.25 | 0.87 (grpo), 0.91 (grpo_seed1), 0.92 (grpo_seed2) | "
+                        "0.9 ± 0.026 | +0.62 | 3.6x |")
+    fig = report.report_card_figure(["grpo", "grpo_seed1", "grpo_seed2"], {n: GRPO_LOG for n in runs}, summaries,
+                                    {})
+    assert [ax.get_title().split("\n")[0] for ax in fig.axes if ax.get_title()] == ["grpo"]
+    assert report.seed_lines({"grpo_seed1": summaries["grpo_seed1"]}) == []  # no run of the stage itself
