@@ -241,6 +241,11 @@ def report_card_figure(stages, logs, summaries, pipeline_seconds, runs=None):
         numbers = headline(stage, summaries.get(stage, {}))
         if numbers:
             title += f"\n{numbers[0]} {numbers[1]:.3g} -> {numbers[2]:.3g}"
+            afters = [numbers[2]] + [n[2] for name, summary in summaries.items()
+                                     if (run := SEED_RUN.fullmatch(name)) and run["stage"] == stage
+                                     and (n := headline(stage, summary)) and n[0] == numbers[0]]
+            if len(afters) > 1:
+                title += f" ({len(afters)} seeds: {statistics.mean(afters):.3g} ± {statistics.stdev(afters):.2g})"
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("optimizer step", fontsize=7)
         ax.grid(alpha=0.3)

@@ -221,5 +221,6 @@ def test_seed_reruns_get_a_table_of_their_own_and_no_panel_of_their_own(tmp_path
                         "0.9 ± 0.026 | +0.62 | 3.6x |")
     fig = report.report_card_figure(["grpo", "grpo_seed1", "grpo_seed2"], {n: GRPO_LOG for n in runs}, summaries,
                                     {})
-    assert [ax.get_title().split("\n")[0] for ax in fig.axes if ax.get_title()] == ["grpo"]
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titles == ["grpo\naccuracy 0.25 -> 0.87 (3 seeds: 0.9 ± 0.026)"]
     assert report.seed_lines({"grpo_seed1": summaries["grpo_seed1"]}) == []  # no run of the stage itself
