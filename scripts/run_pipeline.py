@@ -122,10 +122,7 @@ def build_recipe(out: str, quick: bool, recipe: str = "demo", data_dir: str = "d
     # GRPO leaves the choice between working and answering at once where it was (docs/grpo.md)
     ppo_flags = ["--max_gen_len", "16", "--eval_samples", "8"] if quick else ([] if gpu else ["--max_steps", "64"])
     agent_flags = ["--num_generations", "2", "--max_gen_len", "24", "--eval_samples", "4"] if quick else \
-        ([] if gpu else ["--max_steps", "30", "--eval_interval", "15", "--learning_rate", "1e-4"])
-    # The agent's SFT chats answer 70% of the sums without the calculator, so that agent RL has a choice to make
-    # (with the call in every chat it had none: flat over 150 steps, docs/agent.md)
-    agent_data = f"{out}/data/agent"
+        ([] if gpu else ["--max_steps", "30"])
     agent_eval = ["--samples", "4", "--max_gen_len", "24"] if quick else []
     recipe = {
         "clean": ([[py, "clean_data.py", "--input", raw_corpus, "--output", corpus, *clean_flags]], corpus),
@@ -165,9 +162,8 @@ def build_recipe(out: str, quick: bool, recipe: str = "demo", data_dir: str = "d
                   *tokenizer, *size, *q, *ppo_flags]], f"{out}/ppo_{hidden}.pth"),
         # the agent's chats carry the tools' schemas in the system prompt (~510 tokens): they need 768. It starts from
         # the reasoning model, which copies a prompt's numbers (from the SFT model no held-out call was right)
-        "agent_sft": ([[py, "-m", "scripts.build_agent_data", "--out_dir", agent_data, "--guess_share", "0.7"],
-                       [*launch, "train_full_sft.py", *saving, "--from_weight", "reason",
-                        "--save_weight", "agent_sft", "--data_path", f"{agent_data}/demo_agent_sft.jsonl",
+        "agent_sft": ([[*launch, "train_full_sft.py", *saving, "--from_weight", "reason",
+                        "--save_weight", "agent_sft", "--data_path", "dataset/demo_agent_sft.jsonl",
                         "--max_seq_len", "768", *tokenizer, *size, *q, *small_eval]], f"{out}/agent_sft_{hidden}.pth"),
         "agent": ([[*launch, "train_agent.py", *saving, "--from_weight", "agent_sft", *tokenizer, *size, *q,
                     *agent_flags],
