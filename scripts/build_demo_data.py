@@ -1347,7 +1347,9 @@ def digit_sum_problem(rng: random.Random, problem: Sum) -> tuple[str, str]:
 
 def build_reason(index: PoemIndex, shakespeare: ShakespeareIndex, rng: random.Random) -> Split:
     split = Split()
-    for problem in all_sums():  # every training sum, REASON_SUM_COPIES phrasings; a held-out sum once, for val
+    # Every sum of operands 0..19, REASON_SUM_COPIES phrasings; a held-out sum once, for val. demo_reason swaps the
+    # training ones for two-digit sums (build_reason_and_grpo): their draws stay, so every other line is as measured.
+    for problem in all_sums():
         for _ in range(1 if problem.held_out() else REASON_SUM_COPIES):
             split.add(chat(*digit_sum_problem(rng, problem)), problem.held_out())
     seen = set()

@@ -28,8 +28,9 @@ import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The RL stages whose gain must stand out from seed noise run twice more, from the same checkpoint with other seeds
-# (<stage>_seed1, <stage>_seed2; the stage's own run keeps the scripts' default seed): the report shows the three.
+# In the demo, the RL stages whose gain must stand out from seed noise run twice more, from the same checkpoint with
+# other seeds (<stage>_seed1, <stage>_seed2; the stage's own run keeps the scripts' default seed): the report shows
+# the three side by side. The GPU recipe runs each stage once.
 EXTRA_SEEDS = {"grpo": [1, 2], "agent": [1, 2]}
 SEED_RUNS = {f"{stage}_seed{seed}": stage for stage, seeds in EXTRA_SEEDS.items() for seed in seeds}
 ORDER = ["clean", "tokenizer", "pretrain", "sft", "lora", "dpo", "teacher", "distill", "distill_ce", "reason", "grpo",
@@ -175,7 +176,7 @@ def build_recipe(out: str, quick: bool, recipe: str = "demo", data_dir: str = "d
                  f"{out}/summaries/samples_grpo.json"),
         "report": ([[py, "-m", "scripts.report", "--save_dir", out]], f"{out}/report.md"),
     }
-    for run, stage in SEED_RUNS.items():  # the stage's training command with another seed and weight name
+    for run, stage in SEED_RUNS.items() if not gpu else ():  # the stage's command with another seed and weight name
         seed = run.rsplit("_seed", 1)[1]
         recipe[run] = ([recipe[stage][0][0] + ["--seed", seed, "--save_weight", run]], f"{out}/{run}_{hidden}.pth")
     return recipe
