@@ -45,8 +45,8 @@ TRAINED = ["pretrain", "sft", "lora", "dpo", "distill", "distill_ce", "reason", 
 NEEDS = {"pretrain": ["clean", "tokenizer"], "sft": ["pretrain"], "lora": ["sft"], "dpo": ["sft"],
          "teacher": ["clean", "tokenizer"], "distill": ["sft", "teacher"], "distill_ce": ["sft", "teacher"],
          "reason": ["sft"], "grpo": ["reason"], "reward": ["sft"], "ppo": ["reward"], "agent_sft": ["reason"],
-         "agent": ["agent_sft"], "eval": TRAINED, "report": [s for s in ORDER if s != "report"],
-         **{run: ["reason" if stage == "grpo" else "agent_sft"] for run, stage in SEED_RUNS.items()}}
+         "agent": ["agent_sft"], "eval": TRAINED, "report": [s for s in ORDER if s != "report"]}
+NEEDS.update({run: NEEDS[stage] for run, stage in SEED_RUNS.items()})  # a seed rerun reads what its stage reads
 # Which ready stage starts first when several could: the longest chains first (the teacher, and reason -> grpo),
 # so that the short stages fill the gaps beside them instead of leaving one core idle at the end.
 PRIORITY = ["clean", "tokenizer", "pretrain", "teacher", "sft", "reason", "grpo", "grpo_seed1", "grpo_seed2",
