@@ -434,6 +434,8 @@ def build_report(save_dir: str) -> str:
     lines += dpo_by_type_lines(summaries.get("dpo", {}))
     lines += distillation_lines(summaries.get("distill"), summaries.get("distill_ce"))
     for stage in stages:
+        if (run := SEED_RUN.fullmatch(stage)) and run["stage"] in stages:
+            continue  # the same prompts as the stage's own run: its samples stand for the seeds
         samples.setdefault(stage, sample_rows({"samples": summaries.get(stage, {}).get("samples") or {}}))
     lines += samples_lines(samples)
     return "\n".join(lines)

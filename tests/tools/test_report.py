@@ -213,9 +213,11 @@ def test_seed_reruns_get_a_table_of_their_own_and_no_panel_of_their_own(tmp_path
     the smallest gain and the mean over the start; the card keeps one panel for the stage."""
     runs = {"grpo": 0.87, "grpo_seed1": 0.91, "grpo_seed2": 0.92}
     summaries = {name: {"accuracy_before": 0.25, "accuracy_after": after, "reward_before": 0.7,
-                        "reward_after": after + 0.5} for name, after in runs.items()}
+                        "reward_after": after + 0.5, "samples": {"What is 12 + 30?": f"42 ({name})"}}
+                 for name, after in runs.items()}
     write_run(tmp_path, summaries, {name: GRPO_LOG for name in runs})
     text = report.build_report(str(tmp_path))
+    assert [row.split(" | ")[0] for row in table_after(text, "## Samples")[2:]] == ["| grpo"]  # not once a seed
     seeds = table_after(text, "## Seeds")
     assert seeds[2] == ("| grpo | accuracy | 0.25 | 0.87 (grpo), 0.91 (grpo_seed1), 0.92 (grpo_seed2) | "
                         "0.9 ± 0.026 | +0.62 | 3.6x |")
