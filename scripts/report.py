@@ -20,7 +20,7 @@ import subprocess
 import sys
 
 STAGE_ORDER = ["pretrain", "full_sft", "lora_identity", "dpo", "teacher_pretrain", "teacher_sft", "distill",
-               "distill_ce", "reason", "grpo", "grpo_seed1", "grpo_seed2"]
+               "distill_ce", "reason", "grpo"]
 SEED_RUN = re.compile(r"(?P<stage>.+)_seed\d+")  # a stage rerun with another seed (scripts/run_pipeline.py)
 BY_TYPE = "by_type/"  # DPO's held-out metrics per rejection type (by_type/<type>/<metric>): a table of their own
 
@@ -30,8 +30,17 @@ def read_jsonl(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
+def rerun_of(name: str, stages) -> str | None:
+    """The stage `name` reruns with another seed (<stage>_seed<N>), when that stage is among `stages`; else None."""
+    run = SEED_RUN.fullmatch(name)
+    return run["stage"] if run and run["stage"] in stages else None
+
+
 def stage_sort_key(name):
-    return (STAGE_ORDER.index(name) if name in STAGE_ORDER else len(STAGE_ORDER), name)
+    """STAGE_ORDER's order, a seed rerun right after its stage, any other stage after them by name."""
+    run = SEED_RUN.fullmatch(name)
+    stage = run["stage"] if run else name
+    return (STAGE_ORDER.index(stage) if stage in STAGE_ORDER else len(STAGE_ORDER), name)
 
 
 # What each series measures, first match on its name wins: one axis per kind, so that a 0-60 token count or a -6 nat
@@ -215,8 +224,8 @@ def report_card_figure(stages, logs, summaries, pipeline_seconds, runs=None):
     """One picture of the whole run: a panel per stage with its curves and its headline number before -> after.
     Losses are read on the left axis, fractions (rewards, accuracies) or the KL on the right one."""
     plt = pyplot()
-    panels = [s for s in stages if any("loss" in r or "reward" in r for r in logs.get(s, [])) and not
-              ((run := SEED_RUN.fullmatch(s)) and run["stage"] in stages)]  # seed reruns: in the seeds table
+    panels = [s for s in stages if any("loss" in r or "reward" in r for r in logs.get(s, []))
+              and not rerun_of(s, stages)]  # seed reruns: in the seeds table
     if not panels:
         return None
     columns = 3
@@ -242,8 +251,8 @@ def report_card_figure(stages, logs, summaries, pipeline_seconds, runs=None):
         if numbers:
             title += f"\n{numbers[0]} {numbers[1]:.3g} -> {numbers[2]:.3g}"
             afters = [numbers[2]] + [n[2] for name, summary in summaries.items()
-                                     if (run := SEED_RUN.fullmatch(name)) and run["stage"] == stage
-                                     and (n := headline(stage, summary)) and n[0] == numbers[0]]
+                                     if rerun_of(name, [stage]) and (n := headline(stage, summary))
+                                     and n[0] == numbers[0]]
             if len(afters) > 1:
                 title += f" ({len(afters)} seeds: {statistics.mean(afters):.3g} ± {statistics.stdev(afters):.2g})"
         ax.set_title(title, fontsize=9)
@@ -434,7 +443,7 @@ def build_report(save_dir: str) -> str:
     lines += dpo_by_type_lines(summaries.get("dpo", {}))
     lines += distillation_lines(summaries.get("distill"), summaries.get("distill_ce"))
     for stage in stages:
-        if (run := SEED_RUN.fullmatch(stage)) and run["stage"] in stages:
+        if rerun_of(stage, stages):
             continue  # the same prompts as the stage's own run: its samples stand for the seeds
         samples.setdefault(stage, sample_rows({"samples": summaries.get(stage, {}).get("samples") or {}}))
     lines += samples_lines(samples)
@@ -482,8 +491,8 @@ def seed_lines(summaries: dict) -> list[str]:
     their mean and spread, and the mean over the start, so that a gain can be told from seed noise."""
     reruns = {}
     for name in summaries:
-        if (run := SEED_RUN.fullmatch(name)) and run["stage"] in summaries:
-            reruns.setdefault(run["stage"], []).append(name)
+        if stage := rerun_of(name, summaries):
+            reruns.setdefault(stage, []).append(name)
     rows = []
     for stage in sorted(reruns, key=stage_sort_key):
         names = [stage] + sorted(reruns[stage])

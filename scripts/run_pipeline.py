@@ -176,9 +176,11 @@ def build_recipe(out: str, quick: bool, recipe: str = "demo", data_dir: str = "d
                  f"{out}/summaries/samples_grpo.json"),
         "report": ([[py, "-m", "scripts.report", "--save_dir", out]], f"{out}/report.md"),
     }
-    for run, stage in SEED_RUNS.items() if not gpu else ():  # the stage's command with another seed and weight name
-        seed = run.rsplit("_seed", 1)[1]
-        recipe[run] = ([recipe[stage][0][0] + ["--seed", seed, "--save_weight", run]], f"{out}/{run}_{hidden}.pth")
+    for stage, seeds in EXTRA_SEEDS.items() if not gpu else ():  # its training command, another seed and name
+        for seed in seeds:
+            run = f"{stage}_seed{seed}"
+            recipe[run] = ([recipe[stage][0][0] + ["--seed", str(seed), "--save_weight", run]],
+                           f"{out}/{run}_{hidden}.pth")
     return recipe
 
 
