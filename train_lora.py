@@ -39,10 +39,10 @@ from torch.utils.data import Dataset
 from model.checkpoint import save_weights, weight_path
 from model.data.packing import ChatCollate, PackedDataset, training_batches
 from model.device import default_device
-from model.lora import DEFAULT_TARGETS, MLA_TARGETS, apply_lora, remove_lora, save_lora
+from model.lora import DEFAULT_TARGETS, MLA_TARGETS, apply_lora, lora_param_groups, remove_lora, save_lora
 from model.training.chat import (add_chat_data_args, held_out_prompts, load_chat_dataset, load_chats_with_held_out,
                                  write_chat_summary)
-from model.training.cli import (NON_NEGATIVE, HelpFormatter, add_common_args, build_model, exit_on_user_error,
+from model.training.cli import (NON_NEGATIVE, HelpFormatter, add_common_args, bounded, build_model, exit_on_user_error,
                                 start_stage)
 from model.training.evaluation import (assistant_token_loss, chat_token_losses, describe_metrics, end_of_turn_rate,
                                        generate_replies, print_changes)
@@ -69,6 +69,9 @@ def parse_args(argv=None):
     g.add_argument("--neftune_noise_alpha", type=NON_NEGATIVE, default=0.0,
                    help="NEFTune: uniform noise of at most alpha / sqrt(length x hidden) on the input embeddings "
                         "while training (0: off; measured on the demo in docs/lora.md)")
+    g.add_argument("--loraplus_lr_ratio", type=bounded(float, above=0.0), default=1.0,
+                   help="LoRA+: the B matrices learn at this multiple of --learning_rate (1: plain LoRA; the paper "
+                        "suggests 16; measured on the demo in docs/lora.md)")
     g.add_argument("--lora_targets", default=",".join(DEFAULT_TARGETS),
                    help="comma-separated Linear names to adapt (e.g. q_proj,v_proj), 'all' (every projection, "
                         "MLA ones included), or one regular expression matched against the whole module name")
@@ -331,7 +334,8 @@ def main(argv=None):
 
     # The Trainer writes the adapter (not the full model) as this stage's weights; its resume checkpoint keeps the
     # full state (base + adapters) beside the other stages', under the --save_weight name.
-    trainer = Trainer(args, model, runtime, args.save_weight, params=adapters, weights_file=adapter_file,
+    trainer = Trainer(args, model, runtime, args.save_weight, params=lora_param_groups(model, args.loraplus_lr_ratio),
+                      weights_file=adapter_file,
                       save_weights_fn=lambda trained: save_lora(trained, adapter_file))
     before = None if trainer.resumed else lora_metrics(model, tokenizer, own_val, general_val, prompts, runtime, args)
     if before is not None:

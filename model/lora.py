@@ -43,7 +43,8 @@ from .moe import MoEFeedForward
 
 __all__ = [
     "DEFAULT_TARGETS", "MLA_TARGETS", "LoRALinear", "apply_lora", "lora_layers", "lora_state_dict",
-    "lora_config_dict", "save_lora", "load_lora", "merge_lora", "unmerge_lora", "remove_lora", "export_peft",
+    "lora_config_dict", "lora_param_groups", "save_lora", "load_lora", "merge_lora", "unmerge_lora", "remove_lora",
+    "export_peft",
 ]
 
 # Dense attention + SwiGLU MLP projections (Llama/Qwen names). A TinyMind MoE layer's shared experts reuse the MLP
@@ -225,6 +226,16 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float =
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Only the adapter tensors: {"<module path>.lora_A.weight": [r, in], "<module path>.lora_B.weight": [out, r]}."""
     return {k: v for k, v in model.state_dict().items() if ".lora_A." in k or ".lora_B." in k}
+
+
+def lora_param_groups(model: nn.Module, loraplus_lr_ratio: float = 1.0) -> list[dict]:
+    """The trainable adapter parameters as optimizer groups: A matrices at the scheduled lr, B matrices at
+    `loraplus_lr_ratio` times it (LoRA+, Hayou et al. 2024: B starts at zero and A at random, and one shared lr
+    leaves B learning too slowly; PEFT's create_loraplus_optimizer). `lr_scale` is read by
+    model.training.engine.make_optimizer."""
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    return [{"params": [p for name, p in trainable if ".lora_B." not in name]},
+            {"params": [p for name, p in trainable if ".lora_B." in name], "lr_scale": loraplus_lr_ratio}]
 
 
 def lora_config_dict(model: nn.Module) -> dict:

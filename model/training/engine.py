@@ -22,25 +22,33 @@ FUSED_ADAMW_DEVICES = ("cuda", "cpu")
 
 def make_optimizer(model, params, learning_rate: float, weight_decay: float, device: torch.device):
     """AdamW; decay only weight matrices (norm gains and embeddings keep their scale). `params`: train only these
-    (e.g. LoRA adapters); None trains every parameter that requires a gradient."""
+    (e.g. LoRA adapters); None trains every parameter that requires a gradient. `params` may also be torch-style
+    groups, [{"params": [...], "lr_scale": s}, ...]: those parameters then step at s x the scheduled lr (LoRA+)."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    lr_scale = {}
     if params is not None:
-        wanted = {id(p) for p in params}
-        named = [(n, p) for n, p in named if id(p) in wanted]
-    seen, decay, no_decay = set(), [], []
+        params = list(params)
+        if params and isinstance(params[0], dict):
+            lr_scale = {id(p): group.get("lr_scale", 1.0) for group in params for p in group["params"]}
+        else:
+            lr_scale = {id(p): 1.0 for p in params}
+        named = [(n, p) for n, p in named if id(p) in lr_scale]
+    seen, grouped = set(), {(True, 1.0): [], (False, 1.0): []}  # these two always, as resume checkpoints expect
     for name, p in named:
         if id(p) in seen:
             continue  # tied weights appear twice
         seen.add(id(p))
-        (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        decays = p.dim() >= 2 and "embed" not in name
+        grouped.setdefault((decays, lr_scale.get(id(p), 1.0)), []).append(p)
+    groups = [{"params": ps, "weight_decay": weight_decay if decays else 0.0, "lr_scale": scale}
+              for (decays, scale), ps in sorted(grouped.items(), key=lambda kv: (not kv[0][0], kv[0][1]))]
     return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8,
                              fused=device.type in FUSED_ADAMW_DEVICES)
 
 
 def set_learning_rate(optimizer, lr: float):
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 class TorchEngine:

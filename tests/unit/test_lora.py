@@ -192,6 +192,55 @@ def test_export_peft_loads_in_peft_and_reproduces_our_logits(tmp_path, monkeypat
     torch.testing.assert_close(logits_of(peft_model, IDS), ours_logits, atol=1e-6, rtol=0)
 
 
+def test_loraplus_steps_match_peft_create_loraplus_optimizer(tmp_path, monkeypatch):
+    """Three AdamW steps with our LoRA+ groups (make_optimizer + the schedule's set_learning_rate) move every A and
+    B exactly as PEFT's create_loraplus_optimizer does from the same adapter and the same losses."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from peft import PeftModel
+    from peft.optimizers import create_loraplus_optimizer
+
+    from model.lora import lora_param_groups
+    from model.training.engine import make_optimizer, set_learning_rate
+
+    base = tiny_llama()
+    ours = apply_lora(copy.deepcopy(base), r=4, alpha=8)
+    randomize_lora(ours)
+    export_peft(ours, tmp_path, base_model_name_or_path="tiny-random-llama")
+    theirs = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path, is_trainable=True)
+    lr, ratio = 1e-2, 8.0
+    optimizer = make_optimizer(ours, lora_param_groups(ours, ratio), lr, 0.0, torch.device("cpu"))
+    set_learning_rate(optimizer, lr)
+    reference = create_loraplus_optimizer(theirs, torch.optim.AdamW, lr=lr, loraplus_lr_ratio=ratio,
+                                          betas=(0.9, 0.95), eps=1e-8)
+    assert sorted(g["lr"] for g in optimizer.param_groups if g["params"]) == [lr, lr * ratio]
+    for model, opt in ((ours, optimizer), (theirs, reference)):
+        for _ in range(3):
+            opt.zero_grad()
+            model(input_ids=IDS).logits.pow(2).mean().backward()
+            opt.step()
+    peft_tensors = {name.replace("base_model.model.", "").replace(".default", ""): p
+                    for name, p in theirs.named_parameters() if ".lora_" in name}
+    moved = lora_state_dict(ours)
+    assert moved.keys() == peft_tensors.keys()
+    for name, tensor in moved.items():  # steps of up to lr x ratio = 0.08; fused vs plain AdamW round apart
+        torch.testing.assert_close(tensor, peft_tensors[name].detach(), atol=2e-5, rtol=0)
+    b_moved = [m.lora_B.weight for m in lora_layers(ours).values()]
+    plain = apply_lora(copy.deepcopy(base), r=4, alpha=8)
+    randomize_lora(plain)
+    plain_opt = make_optimizer(plain, lora_param_groups(plain, 1.0), lr, 0.0, torch.device("cpu"))
+    for _ in range(3):
+        plain_opt.zero_grad()
+        plain(input_ids=IDS).logits.pow(2).mean().backward()
+        plain_opt.step()
+    b_plain = [m.lora_B.weight for m in lora_layers(plain).values()]
+    start = apply_lora(copy.deepcopy(base), r=4, alpha=8)
+    randomize_lora(start)
+    b_start = [m.lora_B.weight for m in lora_layers(start).values()]
+    # the ratio really is applied: B moved further than at ratio 1
+    assert sum((b - s).norm() for b, s in zip(b_moved, b_start)) > 2 * sum((b - s).norm()
+                                                                          for b, s in zip(b_plain, b_start))
+
+
 def test_save_load_round_trip_holds_only_adapter_tensors(tmp_path):
     model = apply_lora(tiny_llama(), r=4, alpha=8, dropout=0.1)
     randomize_lora(model)
