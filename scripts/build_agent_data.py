@@ -172,7 +172,7 @@ def parse_args(argv=None):
     parser.add_argument("--out_dir", default="dataset", help="directory the four jsonl files are written to")
     parser.add_argument("--seed", type=int, default=21, help="seed of the task generator (fixed: same files every run)")
     parser.add_argument("--sft_count", type=int, default=1000, help="tool-calling chats in demo_agent_sft.jsonl")
-    parser.add_argument("--short_count", type=int, default=2000,
+    parser.add_argument("--short_count", type=int, default=6000,
                         help="tool-calling chats without the schemas, appended to demo_agent_sft.jsonl")
     parser.add_argument("--rl_count", type=int, default=600, help="RL prompts in demo_agent.jsonl")
     parser.add_argument("--guess_share", type=float, default=0.0,

@@ -32,6 +32,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # other seeds (<stage>_seed1, <stage>_seed2; the stage's own run keeps the scripts' default seed): the report shows
 # the three side by side. The GPU recipe runs each stage once.
 EXTRA_SEEDS = {"grpo": [1, 2], "agent": [1, 2]}
+# share of the agent's SFT sums answered from memory, not with the calculator (build_agent_data --guess_share)
+AGENT_GUESS_SHARE = "0.3"
 SEED_RUNS = {f"{stage}_seed{seed}": stage for stage, seeds in EXTRA_SEEDS.items() for seed in seeds}
 ORDER = ["clean", "tokenizer", "pretrain", "sft", "lora", "dpo", "teacher", "distill", "distill_ce", "reason", "grpo",
          "grpo_seed1", "grpo_seed2", "reward", "ppo", "agent_sft", "agent", "agent_seed1", "agent_seed2", "eval",
@@ -123,7 +125,7 @@ def build_recipe(out: str, quick: bool, recipe: str = "demo", data_dir: str = "d
     # GRPO leaves the choice between working and answering at once where it was (docs/grpo.md)
     ppo_flags = ["--max_gen_len", "16", "--eval_samples", "8"] if quick else ([] if gpu else ["--max_steps", "64"])
     agent_flags = ["--num_generations", "2", "--max_gen_len", "24", "--eval_samples", "4"] if quick else \
-        ([] if gpu else ["--max_steps", "30"])
+        ([] if gpu else ["--max_steps", "30", "--learning_rate", "2e-5"])  # 5e-5 and up undo the copies
     agent_eval = ["--samples", "4", "--max_gen_len", "24"] if quick else []
     recipe = {
         "clean": ([[py, "clean_data.py", "--input", raw_corpus, "--output", corpus, *clean_flags]], corpus),
@@ -162,9 +164,13 @@ def build_recipe(out: str, quick: bool, recipe: str = "demo", data_dir: str = "d
         "ppo": ([[*launch, "train_ppo.py", *saving, "--reward_model", f"{out}/reward_{hidden}.pth", *data("dpo"),
                   *tokenizer, *size, *q, *ppo_flags]], f"{out}/ppo_{hidden}.pth"),
         # the agent's chats carry the tools' schemas in the system prompt (~510 tokens): they need 768. It starts from
-        # the reasoning model, which copies a prompt's numbers (from the SFT model no held-out call was right)
-        "agent_sft": ([[*launch, "train_full_sft.py", *saving, "--from_weight", "reason",
-                        "--save_weight", "agent_sft", "--data_path", "dataset/demo_agent_sft.jsonl",
+        # the reasoning model, which copies a prompt's numbers (from the SFT model no held-out call was right). Some
+        # calculator chats answer at once, so the agent may answer from memory or call: agent RL has a choice to
+        # make (on the shipped chats, which always call, it has none and gains nothing: docs/agent.md)
+        "agent_sft": ([[py, "-m", "scripts.build_agent_data", "--out_dir", f"{out}/data",
+                        "--guess_share", AGENT_GUESS_SHARE],
+                       [*launch, "train_full_sft.py", *saving, "--from_weight", "reason",
+                        "--save_weight", "agent_sft", "--data_path", f"{out}/data/demo_agent_sft.jsonl",
                         "--max_seq_len", "768", *tokenizer, *size, *q, *small_eval]], f"{out}/agent_sft_{hidden}.pth"),
         "agent": ([[*launch, "train_agent.py", *saving, "--from_weight", "agent_sft", *tokenizer, *size, *q,
                     *agent_flags],
