@@ -31,15 +31,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # In the demo, the RL stages whose gain must stand out from seed noise run twice more, from the same checkpoint with
 # other seeds (<stage>_seed1, <stage>_seed2; the stage's own run keeps the scripts' default seed): the report shows
 # the three side by side. The GPU recipe runs each stage once.
-EXTRA_SEEDS = {"grpo": [1, 2], "agent": [1, 2]}
+EXTRA_SEEDS = {"grpo": [1, 2], "reward": [1, 2], "ppo": [1, 2], "agent": [1, 2]}
 # share of the agent's SFT sums answered from memory, not with the calculator (build_agent_data --guess_share)
 AGENT_GUESS_SHARE = "0.3"
 SEED_RUNS = {f"{stage}_seed{seed}": stage for stage, seeds in EXTRA_SEEDS.items() for seed in seeds}
 ORDER = ["clean", "tokenizer", "pretrain", "sft", "lora", "dpo", "teacher", "distill", "distill_ce", "reason", "grpo",
-         "grpo_seed1", "grpo_seed2", "reward", "ppo", "agent_sft", "agent", "agent_seed1", "agent_seed2", "eval",
-         "report"]
+         "grpo_seed1", "grpo_seed2", "reward", "reward_seed1", "reward_seed2", "ppo", "ppo_seed1", "ppo_seed2",
+         "agent_sft", "agent", "agent_seed1", "agent_seed2", "eval", "report"]
 # RLHF end to end (reward model -> PPO) and tool-using agent RL: a second, opt-in pipeline on top of the demo models
-RL_STAGES = ["reward", "ppo", "agent_sft", "agent", "agent_seed1", "agent_seed2"]
+RL_STAGES = ["reward", "reward_seed1", "reward_seed2", "ppo", "ppo_seed1", "ppo_seed2", "agent_sft", "agent",
+             "agent_seed1", "agent_seed2"]
 STAGE_GROUPS = {"demo": [s for s in ORDER if s not in RL_STAGES], "rl": RL_STAGES + ["report"], "all": ORDER}
 # The stages whose output each stage reads: with --jobs N a stage starts once these have finished (or were not asked
 # for in this run: their output is then assumed to exist, as the sequential run assumes).
@@ -52,8 +53,8 @@ NEEDS.update({run: NEEDS[stage] for run, stage in SEED_RUNS.items()})  # a seed 
 # Which ready stage starts first when several could: the longest chains first (the teacher, and reason -> grpo),
 # so that the short stages fill the gaps beside them instead of leaving one core idle at the end.
 PRIORITY = ["clean", "tokenizer", "pretrain", "teacher", "sft", "reason", "grpo", "grpo_seed1", "grpo_seed2",
-            "agent_sft", "agent", "agent_seed1", "agent_seed2", "reward", "ppo", "distill", "distill_ce", "dpo", "lora",
-            "eval", "report"]
+            "agent_sft", "agent", "agent_seed1", "agent_seed2", "reward", "reward_seed1", "reward_seed2", "ppo",
+            "ppo_seed1", "ppo_seed2", "distill", "distill_ce", "dpo", "lora", "eval", "report"]
 
 
 # MiniMind's file for each stage (its dataset page on ModelScope / Hugging Face); none has a _val.jsonl twin, so each

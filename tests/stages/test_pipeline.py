@@ -49,14 +49,16 @@ def test_quick_pipeline_runs_every_stage_and_writes_the_report(tmp_path):
     printed = run_quick_pipeline(out, "--stages", "rl", "--jobs", "2")
     assert "=== [ppo] done in" in printed and (out / "logs" / "pipeline_agent.log").exists()
     for weights in ["reward_64.pth", "ppo_64.pth", "agent_sft_64.pth", "agent_64.pth", "agent_seed1_64.pth",
-                    "agent_seed2_64.pth", "grpo_seed1_64.pth", "grpo_seed2_64.pth"]:
+                    "agent_seed2_64.pth", "grpo_seed1_64.pth", "grpo_seed2_64.pth", "reward_seed2_64.pth",
+                    "ppo_seed2_64.pth"]:
         assert (out / weights).exists(), weights
     toolcall = json.loads((out / "summaries" / "agent_toolcall.json").read_text())
     assert toolcall, "eval_toolcall wrote nothing"
     report = (out / "report.md").read_text()
     assert "| reward |" in report and "| ppo |" in report and "| agent |" in report
-    # GRPO and agent RL, each from one checkpoint with three seeds, side by side
-    assert "## Seeds" in report and "(grpo_seed2)" in report and "(agent_seed2)" in report
+    # GRPO, the reward model, PPO and agent RL, each from one checkpoint with three seeds, side by side
+    assert "## Seeds" in report
+    assert all(f"({stage}_seed2)" in report for stage in ("grpo", "reward", "ppo", "agent"))
 
 
 def write_minimind_stand_ins(data_dir, lines_per_file=400):
@@ -116,8 +118,8 @@ def test_killed_training_stages_resume_unless_forced(recipe):
         stages = run_pipeline.build_recipe("out", quick=False, recipe=recipe, resume=resume)
         commands = [c for commands, _ in stages.values() for c in commands]
         training = [c for c in commands if any(part.startswith("train_") for part in c)]
-        # 14 stages' commands, and in the demo two more seeds of GRPO and of agent RL
-        assert len(training) == (18 if recipe == "demo" else 14)
+        # 14 stages' commands, and in the demo two more seeds of GRPO, the reward model, PPO and agent RL
+        assert len(training) == (22 if recipe == "demo" else 14)
         assert all(("--from_resume" in c) == resume for c in training)
         assert not any("--from_resume" in c for c in commands if c not in training)
 
