@@ -1,6 +1,6 @@
 """LoRA (model/lora.py) against its definition and against Hugging Face PEFT (the oracle, used only here).
 
-PEFT is imported inside the two tests that need it (about 5 s), so the rest of the file stays fast.
+PEFT is imported inside the tests that need it (about 5 s once), so the rest of the file stays fast.
 """
 import copy
 import json
