@@ -177,7 +177,8 @@ def parse_args(argv=None):
     parser.add_argument("--rl_count", type=int, default=600, help="RL prompts in demo_agent.jsonl")
     parser.add_argument("--guess_share", type=float, default=0.0,
                         help="share of the calculator chats in demo_agent_sft.jsonl answered without the tool, so "
-                             "that agent RL has a choice to make (0.7 in docs/agent.md's experiments)")
+                             "that agent RL has a choice to make (the demo pipeline's agent SFT uses 0.3; "
+                             "docs/agent.md)")
     parser.add_argument("--guess_seed", type=int, default=7, help="which calculator chats --guess_share changes")
     parser.add_argument("--val_count", type=int, default=120, help="held-out lines in each _val file")
     parser.add_argument("--held_out_share", type=float, default=0.12,

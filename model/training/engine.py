@@ -28,10 +28,8 @@ def make_optimizer(model, params, learning_rate: float, weight_decay: float, dev
     lr_scale = {}
     if params is not None:
         params = list(params)
-        if params and isinstance(params[0], dict):
-            lr_scale = {id(p): group.get("lr_scale", 1.0) for group in params for p in group["params"]}
-        else:
-            lr_scale = {id(p): 1.0 for p in params}
+        groups = params if params and isinstance(params[0], dict) else [{"params": params}]
+        lr_scale = {id(p): group.get("lr_scale", 1.0) for group in groups for p in group["params"]}
         named = [(n, p) for n, p in named if id(p) in lr_scale]
     seen, grouped = set(), {(True, 1.0): [], (False, 1.0): []}  # these two always, as resume checkpoints expect
     for name, p in named:
