@@ -15,10 +15,16 @@ so a number changes only when the model does. Reported per checkpoint, overall a
     called_tool   the episode called any tool at all
     turns         assistant turns per episode
 
---output writes {"<checkpoint>": {"overall": {...}, "per_task": {...}, "episodes": [...]}} as JSON.
+With several checkpoints, each after the first is compared with it task by task: the tasks it newly solves, those
+it newly fails, and the exact McNemar p of that split (the chance of one at least as uneven, were either checkpoint
+as likely to win each such task): whether a gain is more than the luck of which tasks were held out.
+
+--output writes {"<checkpoint>": {"overall": {...}, "per_task": {...}, "episodes": [...]}} as JSON, each episode
+with its "success", and "against_first" for the checkpoints after the first.
 """
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -65,7 +71,25 @@ def evaluate_checkpoint(loaded, items: list[dict], args) -> dict:
         per_task[task] = finish_metrics(episode_metrics(chosen))
     return {"overall": finish_metrics(sums), "per_task": per_task,
             "episodes": [{"question": e.prompt[-1]["content"], "turns": e.turns, "tool_results": e.tool_results,
-                          "answer": e.columns.get("answer"), "call": e.columns.get("call")} for e in episodes]}
+                          "answer": e.columns.get("answer"), "call": e.columns.get("call"),
+                          "success": bool(episode_metrics([e])["success"])} for e in episodes]}
+
+
+def mcnemar_exact_p(gained: int, lost: int) -> float:
+    """Two-sided exact McNemar test: were the tasks only one of two checkpoints solves split between them by a fair
+    coin, how likely is a split at least this uneven? (Binomial(gained + lost, 1/2); the same held-out tasks for
+    both, so the tasks both solve or both fail say nothing about which is better.)"""
+    n = gained + lost
+    tail = sum(math.comb(n, k) for k in range(min(gained, lost) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def paired_comparison(before: dict, after: dict) -> dict:
+    """Task by task, what `after` solves that `before` did not, and the reverse, with the exact McNemar p."""
+    pairs = [(b["success"], a["success"]) for b, a in zip(before["episodes"], after["episodes"], strict=True)]
+    gained = sum(1 for b, a in pairs if a and not b)
+    lost = sum(1 for b, a in pairs if b and not a)
+    return {"newly_solved": gained, "newly_failed": lost, "mcnemar_p": mcnemar_exact_p(gained, lost)}
 
 
 def main(argv=None):
@@ -91,6 +115,12 @@ def main(argv=None):
         for episode in result["episodes"][:args.show]:
             print(f"  episode | {episode['question']!r} -> {episode['turns']!r} (tools {episode['tool_results']!r}; "
                   f"reference {episode['answer']!r})")
+    names = list(results)
+    for name in names[1:]:  # several checkpoints: each against the first, on the same tasks
+        compared = paired_comparison(results[names[0]], results[name])
+        results[name]["against_first"] = compared
+        print(f"{name} against {names[0]}: {compared['newly_solved']} tasks newly solved, {compared['newly_failed']} "
+              f"newly failed (exact McNemar, two-sided p = {compared['mcnemar_p']:.3g})")
     if args.output:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         with open(args.output, "w", encoding="utf-8") as f:

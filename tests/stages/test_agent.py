@@ -116,6 +116,22 @@ def test_eval_toolcall_reports_the_same_metrics(tmp_path):
     for key in ("success", "well_formed", "args_correct", "called_tool"):
         assert overall[key] == pytest.approx(result["after"][key])  # greedy: the same episodes as training's eval
     assert json.loads(out.read_text())["agent_64"]["overall"] == overall
+    episodes = results["agent_64"]["episodes"]
+    assert sum(e["success"] for e in episodes) == pytest.approx(overall["success"] * len(episodes))
+
+
+def test_eval_toolcall_compares_checkpoints_task_by_task():
+    """Each checkpoint after the first: the tasks it alone solves, those only the first solves, the exact McNemar
+    p (a binomial(n, 1/2) tail, two-sided), here against values worked by hand."""
+    assert eval_toolcall.mcnemar_exact_p(5, 0) == pytest.approx(2 / 32)
+    assert eval_toolcall.mcnemar_exact_p(13, 4) == pytest.approx(2 * (1 + 17 + 136 + 680 + 2380) / 2 ** 17)
+    assert eval_toolcall.mcnemar_exact_p(3, 3) == 1.0 and eval_toolcall.mcnemar_exact_p(0, 0) == 1.0
+    before = {"episodes": [{"success": s} for s in (True, False, False, True, False)]}
+    after = {"episodes": [{"success": s} for s in (True, True, True, False, False)]}
+    assert eval_toolcall.paired_comparison(before, after) == {
+        "newly_solved": 2, "newly_failed": 1, "mcnemar_p": pytest.approx(1.0)}
+    with pytest.raises(ValueError):  # episodes of different task lists are not comparable
+        eval_toolcall.paired_comparison(before, {"episodes": after["episodes"][:4]})
 
 
 def test_shipped_demo_data_is_deterministic_held_out_and_readable(tmp_path):
