@@ -118,6 +118,16 @@ def test_eval_toolcall_reports_the_same_metrics(tmp_path):
     assert json.loads(out.read_text())["agent_64"]["overall"] == overall
     episodes = results["agent_64"]["episodes"]
     assert sum(e["success"] for e in episodes) == pytest.approx(overall["success"] * len(episodes))
+    # two checkpoints: the second against the first, task by task (a copy of the same weights: nothing differs)
+    weights = tmp_path / "out" / "agent_64.pth"
+    copy = tmp_path / "out" / "copy_64.pth"
+    copy.write_bytes(weights.read_bytes())
+    copy.with_suffix(".json").write_text(weights.with_suffix(".json").read_text())
+    both = eval_toolcall.main(["--weight", str(weights), str(copy), "--data_path",
+                               str(tmp_path / "demo_agent_val.jsonl"), "--samples", "2", "--max_turns", "2",
+                               "--max_gen_len", "6", "--device", "cpu", "--dtype", "float32"])
+    assert both["copy_64"]["against_first"] == {"newly_solved": 0, "newly_failed": 0, "mcnemar_p": 1.0}
+    assert "against_first" not in both["agent_64"]
 
 
 def test_eval_toolcall_compares_checkpoints_task_by_task():
