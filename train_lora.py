@@ -31,12 +31,14 @@ general SFT held-out chats, which should stay within --forgetting_margin of the 
 import argparse
 import copy
 import os
+import re
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from model.checkpoint import save_weights, weight_path
+from model.data.jsonl import BadInput
 from model.data.packing import ChatCollate, PackedDataset, training_batches
 from model.device import default_device
 from model.lora import DEFAULT_TARGETS, MLA_TARGETS, apply_lora, lora_param_groups, remove_lora, save_lora
@@ -88,6 +90,11 @@ def parse_args(argv=None):
     g.add_argument("--replay_data_path", default="dataset/demo_sft.jsonl",
                    help="general chats mixed into training (replay), so the adapter does not make the model forget "
                         "them ('none': train on --data_path alone, as MiniMind does)")
+    g.add_argument("--replay_skip_replies", default="",
+                   help="leave out of the replay every chat with an assistant reply that starts with a match of "
+                        "this regular expression ('': replay them all). The demo pipeline leaves out the verse task "
+                        "('The next line is:'), whose replay made the adapter answer some identity questions with it "
+                        "(docs/lora.md)")
     g.add_argument("--replay_ratio", type=float, default=0.5,
                    help="share of each batch drawn from --replay_data_path, in [0, 1): with --packing 1, of every "
                         "row's tokens (the rest are --data_path's chats); with --packing 0, of the conversations "
@@ -308,6 +315,13 @@ def main(argv=None):
     general_val = load_chat_dataset(args.general_val_path, tokenizer, args, runtime, "general held-out")
     if args.replay_data_path not in (None, "", "none") and args.replay_ratio > 0:
         replay = load_chat_dataset(args.replay_data_path, tokenizer, args, runtime, "replay")
+        if args.replay_skip_replies:
+            try:
+                skipped = replay.drop_conversations_replying(args.replay_skip_replies)
+            except (BadInput, re.error) as error:
+                raise SystemExit(f"error: --replay_skip_replies: {error}")
+            print0(f"replay: {skipped:,} chats with a reply matching {args.replay_skip_replies!r} left out, "
+                   f"{len(replay):,} kept")
         train_set = replay_mix(train_chats, replay, args)
         collate_fn = ChatCollate(bool(args.packing), tokenizer.pad_token_id)
     else:

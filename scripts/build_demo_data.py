@@ -1089,6 +1089,25 @@ IDENTITY_QUESTIONS = {
         "en": (["Are you MiniMind?", "How are you related to MiniMind?"], ["Is TinyMind the same as MiniMind?"]),
     },
 }
+# Training-only wordings beyond the pairs above (none of them a held-out one)
+MORE_IDENTITY_WORDINGS = {
+    "who": {"zh": ["和我说话的是谁？", "你是机器人吗？", "你是干什么的？", "请做个自我介绍。", "能告诉我你是谁吗？",
+                   "是谁在回答我？"],
+            "en": ["Who is this?", "Who am I chatting with?", "Who is answering me?", "Are you a bot?",
+                   "Identify yourself.", "Tell me who you are."]},
+    "name": {"zh": ["请问你叫什么？", "告诉我你的名字。", "别人怎么称呼你？"],
+             "en": ["May I know your name?", "What do people call you?", "What name do you go by?"]},
+    "creator": {"zh": ["你的创造者是谁？", "是谁写了你的代码？", "你来自哪家公司？"],
+                "en": ["Who built you?", "Who is your creator?", "Who wrote your code?"]},
+    "abilities": {"zh": ["你可以做哪些事？", "你能帮上什么忙？", "你会做什么事情？"],
+                  "en": ["What are you able to do?", "What can I ask you?", "What are you for?"]},
+    "size": {"zh": ["你的参数有多少？", "你是小模型吗？"], "en": ["How large are you?", "Are you a small model?"]},
+    "training": {"zh": ["你是怎么被训练的？", "你学习了什么数据？"],
+                 "en": ["How did you learn?", "What were you trained with?"]},
+    "other_model": {"zh": ["你是GPT吗？", "你是Gemini吗？", "你是ChatGLM吗？"],
+                    "en": ["Are you Mistral?", "Are you DeepSeek?", "Are you Gemini?"]},
+    "minimind": {"zh": ["你就是MiniMind吧？"], "en": ["Aren't you MiniMind?"]},
+}
 IDENTITY_ANSWERS = {
     "who": {
         "zh": ["我是TinyMind，一个用TinyMind仓库从零开始训练的小型语言模型。",
@@ -1176,7 +1195,7 @@ def without_greeting(question: str, lang: str) -> str:
     return question
 
 
-def build_identity(rng: random.Random) -> Split:
+def build_identity(rng: random.Random, wordings_rng: random.Random) -> Split:
     split = Split()
     for held_out in (False, True):
         for intent, by_lang in IDENTITY_QUESTIONS.items():
@@ -1184,17 +1203,28 @@ def build_identity(rng: random.Random) -> Split:
                 questions = val_questions if held_out else train_questions
                 variants = [v for q in questions for v in identity_variants(q, lang)]
                 for variant in take(rng, variants, 5 if held_out else 45):
-                    answer = rng.choice(IDENTITY_ANSWERS[intent][lang])
-                    roll = rng.random()
-                    if roll < 0.15:  # after a greeting, so identity does not depend on being the first turn
-                        greeting, reply = rng.choice(GREETINGS[lang])
-                        sample = chat(greeting, reply, without_greeting(variant, lang), answer)
-                    elif roll < 0.25:  # a generic system prompt must not override who the model is
-                        sample = chat(variant, answer, system=rng.choice(SYSTEM_PROMPTS[f"chat_{lang}"]))
-                    else:
-                        sample = chat(variant, answer)
-                    split.add(sample, held_out)
-    return split.shuffled(rng)
+                    split.add(identity_chat(rng, intent, lang, variant), held_out)
+    split.shuffled(rng)
+    # More training wordings, from a generator of their own so that the held-out chats stay as they were: with
+    # them the adapter forgets a third as much of the general chats (docs/lora.md, stop 30)
+    for intent, by_lang in MORE_IDENTITY_WORDINGS.items():
+        for lang, questions in by_lang.items():
+            variants = [v for q in questions for v in identity_variants(q, lang)]
+            for variant in take(wordings_rng, variants, 20):
+                split.add(identity_chat(wordings_rng, intent, lang, variant), False)
+    wordings_rng.shuffle(split.train)
+    return split
+
+
+def identity_chat(rng: random.Random, intent: str, lang: str, question: str) -> dict:
+    answer = rng.choice(IDENTITY_ANSWERS[intent][lang])
+    roll = rng.random()
+    if roll < 0.15:  # after a greeting, so identity does not depend on being the first turn
+        greeting, reply = rng.choice(GREETINGS[lang])
+        return chat(greeting, reply, without_greeting(question, lang), answer)
+    if roll < 0.25:  # a generic system prompt must not override who the model is
+        return chat(question, answer, system=rng.choice(SYSTEM_PROMPTS[f"chat_{lang}"]))
+    return chat(question, answer)
 
 
 FORM_NAMES_EN = {"五言绝句": "five-character quatrain", "七言绝句": "seven-character quatrain",
@@ -1506,7 +1536,7 @@ def main() -> None:
     outputs = {
         "demo_pretrain": pretrain,
         "demo_sft": build_sft(poem_index, shakespeare_index, corpus, rng_for("sft")),
-        "demo_lora_identity": build_identity(rng_for("identity")),
+        "demo_lora_identity": build_identity(rng_for("identity"), rng_for("identity extra")),
         "demo_lora_domain": build_domain(poem_index, rng_for("domain")),
         "demo_dpo": build_dpo(poem_index, shakespeare_index, corpus, rng_for("dpo")),
         **dict(zip(("demo_reason", "demo_grpo"),

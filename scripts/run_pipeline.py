@@ -109,7 +109,10 @@ def build_recipe(out: str, quick: bool, recipe: str = "demo", data_dir: str = "d
     # real data at the GPU recipe's sizes: each held-out split is big enough; MiniMind's identity set is small
     lora_flags = data("lora") + tokenizer + (["--keyword", "MiniMind", "--val_fraction", "0.1"] if gpu else [])
     # The demo's adapter: eight passes with half of every row replayed keep the general chats within the forgetting
-    # target, and dropout on the adapter's input keeps the keyword rate steady from seed to seed (docs/lora.md)
+    # target, and dropout on the adapter's input keeps the keyword rate steady from seed to seed. The verse task's
+    # chats stay out of the replay: replayed, they made the adapter answer some identity questions with a verse
+    # (docs/lora.md)
+    lora_flags += [] if gpu else ["--replay_skip_replies", "The next line is:"]
     lora_flags += [] if gpu or quick else ["--epochs", "8", "--lora_dropout", "0.1"]
     # Six passes over the demo's two-digit sums (370 steps each): the model then copies a prompt's numbers into its
     # digit steps, or answers an addition at once as the data's quick replies do (docs/grpo.md)

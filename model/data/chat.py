@@ -10,6 +10,7 @@ messages, ShareGPT, Alpaca, JSON arrays, parquet, datasets folders) are turned i
 import copy
 import json
 import os
+import re
 import signal
 
 import numpy as np
@@ -290,6 +291,20 @@ class SFTDataset(Dataset):
 
     def lengths(self) -> np.ndarray:
         return self.sample_lengths
+
+    def drop_conversations_replying(self, pattern: str) -> int:
+        """Leave out every conversation with an assistant reply that starts with a match of the regular expression
+        `pattern` (re.match); returns how many. Reads the file's text once, since the cache keeps only tokens."""
+        regex = re.compile(pattern)
+        records = open_source(self.path, "sft", skip_bad_lines=True).records(skip_bad_lines=True)
+        matching = [number for number, obj in records
+                    if any(m.get("role") == "assistant" and regex.match(m.get("content") or "")
+                           for m in template_inputs(obj["conversations"])[0])]
+        keep = ~np.isin(self.line_numbers, matching)
+        self._select(np.flatnonzero(keep))
+        if not len(self.starts):
+            raise BadInput(f"{self.path}: every conversation has a reply matching {pattern!r}")
+        return int((~keep).sum())
 
     def split_held_out(self, fraction: float, seed: int = 0) -> "SFTDataset":
         """Move a random `fraction` of the samples (at least one, never all) into a new dataset and return it: the

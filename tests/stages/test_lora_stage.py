@@ -6,6 +6,7 @@ import io
 import json
 import os
 import random
+import re
 import sys
 
 import pytest
@@ -300,6 +301,41 @@ def test_replay_batches_hold_general_chats_at_the_asked_ratio(tmp_path, monkeypa
     assert abs(sum(shares) / len(shares) - ratio) < 0.03, shares
     # the second epoch replays other chats than the first (400 different sums: enough for both)
     assert replayed_by_half[1] and not replayed_by_half[0] & replayed_by_half[1]
+
+
+def test_replay_skip_replies_leaves_matching_chats_out_of_every_batch(tmp_path, monkeypatch, capsys):
+    """--replay_skip_replies REGEX: a general chat with an assistant reply starting with a match is never replayed;
+    the others still are. A pattern that matches every chat, or is no regular expression, is a clear error."""
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
+    write_identity(tmp_path / "identity.jsonl", 24, seed=0)
+    write_identity(tmp_path / "identity_val.jsonl", 4, seed=1)
+    write_general(tmp_path / "general_val.jsonl", 4, seed=2)
+    with open(tmp_path / "general.jsonl", "w", encoding="utf-8") as f:  # sums, every third one a verse reply
+        for a in range(20, 80):
+            reply = f"The next line is: {a}" if a % 3 == 0 else str(a + 1)
+            chat = [{"role": "user", "content": f"{a} + 1 = ?"}, {"role": "assistant", "content": reply}]
+            f.write(json.dumps({"conversations": chat}) + "\n")
+    torch.manual_seed(0)
+    save_weights(TinyMindForCausalLM(TinyMindConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1,
+                                                    num_attention_heads=2, num_key_value_heads=1)),
+                 str(tmp_path / "out" / "full_sft_32.pth"))
+    texts, real_loss_fn = [], train_lora.loss_fn
+
+    def recording_loss(model, batch):
+        texts.extend(tokenizer.decode([t for t in ids if t != tokenizer.pad_token_id]) for _, ids in segments(batch))
+        return real_loss_fn(model, batch)
+
+    monkeypatch.setattr(train_lora, "loss_fn", recording_loss)
+    replay = ["--replay_data_path", str(tmp_path / "general.jsonl"), "--replay_ratio", "0.5"]
+    train_lora.main(lora_args(tmp_path, steps=1000, extra=[*replay, "--replay_skip_replies", "The next line",
+                                                           "--epochs", "2", "--eval_prompts", "0", "--lora_r", "2"]))
+    assert "20 chats with a reply matching 'The next line' left out, 40 kept" in capsys.readouterr().out
+    replayed = [t for t in texts if " + 1 = ?" in t]
+    assert len(replayed) > 10 and not any("The next line" in t for t in replayed)
+    for pattern, message in (("\\d|The", "every conversation has a reply matching"), ("(", "--replay_skip_replies")):
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            train_lora.main(lora_args(tmp_path, extra=[*replay, "--replay_skip_replies", pattern]))
 
 
 def test_replay_mix_rows_depend_only_on_seed_and_epoch(tmp_path):

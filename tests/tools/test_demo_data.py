@@ -281,6 +281,19 @@ def test_held_out_poems_stay_out_of_every_training_file():
         assert len(leaked) <= len(held_out_lines) // 200, f"{name}: {sorted(leaked)[:5]}"
 
 
+def test_more_identity_wordings_are_training_only():
+    from scripts.build_demo_data import IDENTITY_QUESTIONS, MORE_IDENTITY_WORDINGS
+    for intent, by_lang in MORE_IDENTITY_WORDINGS.items():
+        for lang, questions in by_lang.items():
+            train, val = IDENTITY_QUESTIONS[intent][lang]
+            assert not set(questions) & (set(train) | set(val)), (intent, lang)
+    val_questions = {m["content"] for s in load("demo_lora_identity", "_val") for m in s["conversations"]
+                     if m["role"] == "user"}
+    train_questions = {m["content"] for s in load("demo_lora_identity") for m in s["conversations"]
+                       if m["role"] == "user"}
+    assert not val_questions & train_questions - {"你好", "嗨", "Hello", "Hi there"}  # greetings open both
+
+
 def test_identity_answers_name_tinymind():
     for suffix in ("", "_val"):
         samples = load("demo_lora_identity", suffix)
