@@ -253,6 +253,14 @@ def segments(batch) -> list[tuple[int, list[int]]]:
     return found
 
 
+def save_tiny_sft_model(root):
+    """A one-layer, 32-wide SFT checkpoint at <root>/out/full_sft_32.pth, for tests of the replay batches."""
+    torch.manual_seed(0)
+    save_weights(TinyMindForCausalLM(TinyMindConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1,
+                                                    num_attention_heads=2, num_key_value_heads=1)),
+                 str(root / "out" / "full_sft_32.pth"))
+
+
 def test_replay_batches_hold_general_chats_at_the_asked_ratio(tmp_path, monkeypatch):
     """Through the real training loop: every batch train_lora's loss sees holds about --replay_ratio of its
     tokens from the replay file, and each epoch replays chats the previous one did not."""
@@ -266,10 +274,7 @@ def test_replay_batches_hold_general_chats_at_the_asked_ratio(tmp_path, monkeypa
                 chat = [{"role": "user", "content": f"{a} + {b} = ?"}, {"role": "assistant", "content": str(a + b)}]
                 f.write(json.dumps({"conversations": chat}) + "\n")
     write_general(tmp_path / "general_val.jsonl", 4, seed=2)
-    torch.manual_seed(0)
-    save_weights(TinyMindForCausalLM(TinyMindConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1,
-                                                    num_attention_heads=2, num_key_value_heads=1)),
-                 str(tmp_path / "out" / "full_sft_32.pth"))
+    save_tiny_sft_model(tmp_path)
     batches, real_loss_fn = [], train_lora.loss_fn
 
     def recording_loss(model, batch):
@@ -316,10 +321,7 @@ def test_replay_skip_replies_leaves_matching_chats_out_of_every_batch(tmp_path, 
             reply = f"The next line is: {a}" if a % 3 == 0 else str(a + 1)
             chat = [{"role": "user", "content": f"{a} + 1 = ?"}, {"role": "assistant", "content": reply}]
             f.write(json.dumps({"conversations": chat}) + "\n")
-    torch.manual_seed(0)
-    save_weights(TinyMindForCausalLM(TinyMindConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1,
-                                                    num_attention_heads=2, num_key_value_heads=1)),
-                 str(tmp_path / "out" / "full_sft_32.pth"))
+    save_tiny_sft_model(tmp_path)
     texts, real_loss_fn = [], train_lora.loss_fn
 
     def recording_loss(model, batch):
