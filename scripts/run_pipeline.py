@@ -59,6 +59,7 @@ PRIORITY = ["clean", "tokenizer", "pretrain", "teacher", "sft", "reason", "grpo"
 
 # MiniMind's file for each stage (its dataset page on ModelScope / Hugging Face); none has a _val.jsonl twin, so each
 # stage holds out a share of its file (--val_fraction). GRPO keeps our arithmetic set: its rewards are verifiable.
+SHIPPED_TOKENIZER = "model/tokenizer.json"  # the demo recipe's tokenizer stage writes here
 MINIMIND_FILES = {"pretrain": "pretrain_hq.jsonl", "sft": "sft_mini_512.jsonl", "lora": "lora_identity.jsonl",
                   "dpo": "dpo.jsonl", "reason": "r1_mix_1024.jsonl"}
 
@@ -92,7 +93,7 @@ def build_recipe(out: str, quick: bool, recipe: str = "demo", data_dir: str = "d
     size = ["--hidden_size", hidden]  # later stages find the checkpoint <stage>_<hidden>.pth by its width
     # The shipped tokenizer learned classical poems and Shakespeare (under 1 character per token on modern Chinese
     # prose); on MiniMind's data the GPU recipe learns its own, and every stage then uses it.
-    tokenizer_dir = f"{out}/tokenizer" if gpu else "model"
+    tokenizer_dir = f"{out}/tokenizer" if gpu else os.path.dirname(SHIPPED_TOKENIZER)
     tokenizer = ["--tokenizer_path", tokenizer_dir] if gpu else []
 
     def data(stage: str) -> list:  # the demo files are each script's default --data_path
@@ -366,7 +367,8 @@ def main(argv=None):
                         help=f"comma list of stages from {ORDER}, or a group: demo (every stage but the RL ones, "
                              f"the default), rl ({', '.join(RL_STAGES)}: reward model, PPO and agent RL on top of the "
                              f"demo's SFT and reasoning models), all")
-    parser.add_argument("--force", action="store_true", help="rerun stages whose output already exists")
+    parser.add_argument("--force", action="store_true",
+                        help="rerun stages whose output already exists (not the demo's shipped tokenizer)")
     parser.add_argument("--save_dir", default="out", help="where every stage writes (checkpoints, logs, report)")
     parser.add_argument("--quick", action="store_true", help="a few steps per stage with the nano model (smoke test)")
     parser.add_argument("--recipe", default="demo", choices=["demo", "minimind_gpu"],
@@ -416,6 +418,10 @@ def main(argv=None):
         if args.dry_run:
             for command in commands:
                 print(" ".join(shlex.quote(c) for c in command))
+            continue
+        if name == "tokenizer" and done_file == SHIPPED_TOKENIZER and os.path.exists(os.path.join(ROOT, done_file)):
+            # the repo's own tokenizer: every shipped test and number uses its ids, so --force does not retrain it
+            print(f"=== [{name}] skipped: {done_file} is the shipped tokenizer (scripts.train_tokenizer retrains it)")
             continue
         if stage_finished(done_file, save_dir) and not args.force and name != "report":
             print(f"=== [{name}] skipped: {done_file} exists (--force to rerun)")

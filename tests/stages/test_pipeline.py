@@ -265,3 +265,13 @@ def test_samples_skip_the_stages_that_were_not_run(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert printed.count("skipped") == len(sample_stages.HELD_OUT_SAMPLES)
     assert "lora/lora_identity_64.pth does not exist" in printed and not list(tmp_path.iterdir())
+
+
+def test_force_does_not_retrain_the_shipped_tokenizer(tmp_path, capsys):
+    """The demo recipe's tokenizer stage writes model/tokenizer.json, the one every shipped number and test uses:
+    --force reruns the stages named, but leaves that file as it is (a retrained one orders its merges differently)."""
+    shipped = os.path.join(ROOT, run_pipeline.SHIPPED_TOKENIZER)
+    before = open(shipped, "rb").read()
+    run_pipeline.main(["--stages", "tokenizer", "--force", "--save_dir", str(tmp_path / "out")])
+    assert "is the shipped tokenizer" in capsys.readouterr().out
+    assert open(shipped, "rb").read() == before
