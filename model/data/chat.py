@@ -45,11 +45,17 @@ def iter_conversations(path: str, lines: set | None = None):
     """The "conversations" of each record of a chat file, in any format formats.py reads (only of `lines`, if
     given: a held-out split's line or record numbers). Bad records are skipped: the dataset that read the file
     first has stopped at or reported them."""
-    for number, obj in open_source(path, "sft", skip_bad_lines=True).records(skip_bad_lines=True):
+    for number, messages in iter_numbered_conversations(path):
         if lines is None or number in lines:
-            messages, _ = template_inputs(obj["conversations"])
-            # an assistant turn that only calls tools may have no content; readers of replies get ""
-            yield [m if m.get("content") is not None else {**m, "content": ""} for m in messages]
+            yield messages
+
+
+def iter_numbered_conversations(path: str):
+    """(line or record number, "conversations") of each good record of a chat file, as iter_conversations."""
+    for number, obj in open_source(path, "sft", skip_bad_lines=True).records(skip_bad_lines=True):
+        messages, _ = template_inputs(obj["conversations"])
+        # an assistant turn that only calls tools may have no content; readers of replies get ""
+        yield number, [m if m.get("content") is not None else {**m, "content": ""} for m in messages]
 
 
 def encode_chat(tokenizer, messages: list[dict], **template_kwargs) -> tuple[list[int], list[int]]:
@@ -296,10 +302,8 @@ class SFTDataset(Dataset):
         """Leave out every conversation with an assistant reply that starts with a match of the regular expression
         `pattern` (re.match); returns how many. Reads the file's text once, since the cache keeps only tokens."""
         regex = re.compile(pattern)
-        records = open_source(self.path, "sft", skip_bad_lines=True).records(skip_bad_lines=True)
-        matching = [number for number, obj in records
-                    if any(m.get("role") == "assistant" and regex.match(m.get("content") or "")
-                           for m in template_inputs(obj["conversations"])[0])]
+        matching = [number for number, messages in iter_numbered_conversations(self.path)
+                    if any(m["role"] == "assistant" and regex.match(m["content"]) for m in messages)]
         keep = ~np.isin(self.line_numbers, matching)
         self._select(np.flatnonzero(keep))
         if not len(self.starts):
